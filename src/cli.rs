@@ -1,0 +1,184 @@
+//! The command line. Every subcommand reads the same `IDENTITY_*`
+//! configuration as the server.
+
+use std::{
+    io::{BufReader, Write},
+    path::PathBuf,
+    process::ExitCode,
+};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use secrecy::ExposeSecret;
+
+use crate::{
+    config::Config,
+    domain::{Caller, Scope, generate_api_key, import},
+    server, storage, telemetry,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "identity",
+    version,
+    about = "gRPC identity service for the move from legacy JWT login to Clerk"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gRPC server (applies database migrations first unless IDENTITY_MIGRATE_ON_START=false).
+    Serve,
+    /// Apply database migrations and exit (for a deployment's migration job).
+    Migrate,
+    /// Load legacy users (id, email, password_hash) from CSV or JSON Lines.
+    ImportUsers {
+        /// The file to read; `-` reads standard input.
+        file: PathBuf,
+        /// The input format; guessed from the file extension when omitted.
+        #[arg(long, value_enum)]
+        format: Option<FormatArg>,
+    },
+    /// Generate an API key and print the configuration line that admits it.
+    GenApiKey {
+        /// A name for the caller, recorded in the audit log.
+        #[arg(long)]
+        name: String,
+        /// Comma-separated scopes: verify, migrate, admin.
+        #[arg(long, value_delimiter = ',', default_value = "verify")]
+        scopes: Vec<ScopeArg>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum FormatArg {
+    Csv,
+    Jsonl,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ScopeArg {
+    Verify,
+    Migrate,
+    Admin,
+}
+
+impl From<ScopeArg> for Scope {
+    fn from(value: ScopeArg) -> Self {
+        match value {
+            ScopeArg::Verify => Scope::Verify,
+            ScopeArg::Migrate => Scope::Migrate,
+            ScopeArg::Admin => Scope::Admin,
+        }
+    }
+}
+
+/// Runs a parsed command line; the binary's `main` calls only this.
+pub async fn run(cli: Cli) -> ExitCode {
+    if let Command::GenApiKey { name, scopes } = &cli.command {
+        return gen_api_key(name, scopes);
+    }
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("configuration error: {err}");
+            return ExitCode::from(78); // EX_CONFIG
+        }
+    };
+    telemetry::init_logging(config.log_format, &config.log_level);
+    let result = match cli.command {
+        Command::Serve => serve(config).await,
+        Command::Migrate => migrate(config).await,
+        Command::ImportUsers { file, format } => import_users(config, file, format).await,
+        Command::GenApiKey { .. } => Ok(ExitCode::SUCCESS),
+    };
+    result.unwrap_or_else(|message| {
+        tracing::error!("{message}");
+        eprintln!("error: {message}");
+        ExitCode::FAILURE
+    })
+}
+
+async fn serve(config: Config) -> Result<ExitCode, String> {
+    let running = server::start(config).await.map_err(|e| e.to_string())?;
+    let mut running = running;
+    tokio::select! {
+        _ = server::shutdown_signal() => {
+            tracing::info!("signal received");
+            running.shutdown().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        result = running.wait() => result.map(|()| ExitCode::SUCCESS).map_err(|e| format!("server failed: {e}")),
+    }
+}
+
+async fn migrate(config: Config) -> Result<ExitCode, String> {
+    let url = config.database_url.expose_secret();
+    storage::connect(url, &config.database, true).await.map_err(|e| {
+        format!(
+            "migration of {} failed: {}",
+            storage::redact_url(url),
+            crate::grpc::error_chain(&e)
+        )
+    })?;
+    tracing::info!(database = %storage::redact_url(url), "migrations applied");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn import_users(config: Config, file: PathBuf, format: Option<FormatArg>) -> Result<ExitCode, String> {
+    let format = match format {
+        Some(FormatArg::Csv) => import::ImportFormat::Csv,
+        Some(FormatArg::Jsonl) => import::ImportFormat::JsonLines,
+        None => import::ImportFormat::from_path(&file)
+            .ok_or("cannot tell the format from the file name; pass --format csv or --format jsonl")?,
+    };
+    let url = config.database_url.expose_secret();
+    let storage = storage::connect(url, &config.database, config.migrate_on_start)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot open {}: {}",
+                storage::redact_url(url),
+                crate::grpc::error_chain(&e)
+            )
+        })?;
+    let report = if file.as_os_str() == "-" {
+        let stdin = std::io::stdin();
+        import::import_users(storage.as_ref(), &Caller::cli(), stdin.lock(), format).await
+    } else {
+        let reader = std::fs::File::open(&file).map_err(|e| format!("cannot open {}: {e}", file.display()))?;
+        import::import_users(storage.as_ref(), &Caller::cli(), BufReader::new(reader), format).await
+    }
+    .map_err(|e| e.to_string())?;
+    let mut out = std::io::stdout().lock();
+    for error in &report.errors {
+        let _ = writeln!(out, "line {}: {}", error.line, error.message);
+    }
+    let _ = writeln!(
+        out,
+        "imported {} users, rejected {} rows",
+        report.imported,
+        report.errors.len()
+    );
+    Ok(if report.errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+fn gen_api_key(name: &str, scopes: &[ScopeArg]) -> ExitCode {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        eprintln!("error: --name must be letters, digits, '-', '_' or '.'");
+        return ExitCode::from(64);
+    }
+    let mut scopes: Vec<Scope> = scopes.iter().map(|s| Scope::from(*s)).collect();
+    scopes.sort();
+    scopes.dedup();
+    let (key, line) = generate_api_key(name, &scopes);
+    println!("API key (give it to the caller; it is not stored anywhere):\n  {key}");
+    println!("Configuration entry (add to IDENTITY_API_KEYS, entries separated by ';'):\n  {line}");
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,17 @@
+//! Transport-free domain logic: validated types, the caller model, and the
+//! services the gRPC adapters call.
+
+mod audit;
+mod auth_mode;
+mod caller;
+mod error;
+mod ids;
+pub mod import;
+mod users;
+
+pub use audit::{AuditLog, AuditOutcome, AuditPage, AuditPageRequest};
+pub use auth_mode::{AuthMode, AuthModeState, AuthModes};
+pub use caller::{ApiKey, ApiKeyRegistry, Caller, Scope, generate_api_key};
+pub use error::DomainError;
+pub use ids::{ClerkUserId, Email, UserId};
+pub use users::{MigrationState, User, UserDirectory};

@@ -1,0 +1,57 @@
+//! Caller authentication: `authorization: Bearer <api key>` metadata checked
+//! against the configured key hashes before a handler runs.
+
+use std::sync::Arc;
+
+use tonic::{Request, Status, service::Interceptor};
+
+use crate::domain::{ApiKeyRegistry, Caller};
+
+/// Checks the API key and stores the [`Caller`] in the request extensions.
+/// With no keys configured (loopback development only) every call is the
+/// development caller.
+#[derive(Debug, Clone)]
+pub struct ApiKeyInterceptor {
+    keys: Arc<ApiKeyRegistry>,
+}
+
+impl ApiKeyInterceptor {
+    pub fn new(keys: Arc<ApiKeyRegistry>) -> Self {
+        Self { keys }
+    }
+}
+
+impl Interceptor for ApiKeyInterceptor {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let caller = if self.keys.is_empty() {
+            Caller::development()
+        } else {
+            let header = request.metadata().get("authorization").ok_or_else(|| {
+                Status::unauthenticated("missing API key: send `authorization: Bearer <key>` metadata")
+            })?;
+            let value = header
+                .to_str()
+                .map_err(|_| Status::unauthenticated("malformed authorization metadata"))?;
+            let key = value
+                .strip_prefix("Bearer ")
+                .or_else(|| value.strip_prefix("bearer "))
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .ok_or_else(|| Status::unauthenticated("authorization metadata must be `Bearer <key>`"))?;
+            self.keys
+                .authenticate(key)
+                .ok_or_else(|| Status::unauthenticated("unknown API key"))?
+        };
+        request.extensions_mut().insert(caller);
+        Ok(request)
+    }
+}
+
+/// The caller the interceptor admitted.
+pub fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("missing API key"))
+}

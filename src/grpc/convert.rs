@@ -1,0 +1,136 @@
+//! Conversions between protobuf messages and domain types.
+
+use chrono::{DateTime, Utc};
+
+use crate::{
+    domain::{AuditOutcome, AuthMode, ClerkUserId, DomainError, Email, MigrationState, User, UserId},
+    pb,
+    storage::{AuditRecord, MappingKey, MappingRecord, UserKey},
+};
+
+pub fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: at.timestamp(),
+        nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// A client's timestamp; `field` names it when it is out of range.
+pub fn from_timestamp(field: &'static str, ts: &prost_types::Timestamp) -> Result<DateTime<Utc>, DomainError> {
+    u32::try_from(ts.nanos)
+        .ok()
+        .filter(|n| *n < 1_000_000_000)
+        .and_then(|nanos| DateTime::from_timestamp(ts.seconds, nanos))
+        .ok_or_else(|| DomainError::invalid(field, "is not a valid timestamp"))
+}
+
+pub fn user(user: User) -> pb::User {
+    pb::User {
+        user_id: user.id.to_string(),
+        email: user.email.unwrap_or_default(),
+        clerk_user_id: user.clerk_user_id.unwrap_or_default(),
+        migration_state: migration_state(user.migration_state) as i32,
+        has_legacy_password: user.has_legacy_password,
+        created_at: Some(timestamp(user.created_at)),
+        updated_at: Some(timestamp(user.updated_at)),
+    }
+}
+
+pub fn migration_state(state: MigrationState) -> pb::MigrationState {
+    match state {
+        MigrationState::LegacyOnly => pb::MigrationState::LegacyOnly,
+        MigrationState::Migrated => pb::MigrationState::Migrated,
+        MigrationState::ClerkNative => pb::MigrationState::ClerkNative,
+    }
+}
+
+pub fn mapping(mapping: MappingRecord) -> pb::UserMapping {
+    pb::UserMapping {
+        user_id: mapping.user_id.to_string(),
+        clerk_user_id: mapping.clerk_user_id.to_string(),
+        created_at: Some(timestamp(mapping.created_at)),
+        updated_at: Some(timestamp(mapping.updated_at)),
+    }
+}
+
+pub fn audit_event(event: AuditRecord) -> pb::AuditEvent {
+    pb::AuditEvent {
+        id: event.id,
+        occurred_at: Some(timestamp(event.occurred_at)),
+        caller: event.caller,
+        action: event.action,
+        user_id: event.user_id.map(|id| id.to_string()).unwrap_or_default(),
+        outcome: match event.outcome {
+            AuditOutcome::Success => pb::AuditOutcome::Success,
+            AuditOutcome::Failure => pb::AuditOutcome::Failure,
+        } as i32,
+        detail: event.detail,
+    }
+}
+
+pub fn auth_mode(mode: AuthMode) -> pb::AuthMode {
+    match mode {
+        AuthMode::Dual => pb::AuthMode::Dual,
+        AuthMode::ClerkOnly => pb::AuthMode::ClerkOnly,
+        AuthMode::LegacyOnly => pb::AuthMode::LegacyOnly,
+    }
+}
+
+pub fn auth_mode_from(field: &'static str, raw: i32) -> Result<AuthMode, DomainError> {
+    match pb::AuthMode::try_from(raw) {
+        Ok(pb::AuthMode::Dual) => Ok(AuthMode::Dual),
+        Ok(pb::AuthMode::ClerkOnly) => Ok(AuthMode::ClerkOnly),
+        Ok(pb::AuthMode::LegacyOnly) => Ok(AuthMode::LegacyOnly),
+        Ok(pb::AuthMode::Unspecified) => Err(DomainError::invalid(
+            field,
+            "must be set (AUTH_MODE_DUAL, AUTH_MODE_CLERK_ONLY or AUTH_MODE_LEGACY_ONLY)",
+        )),
+        Err(_) => Err(DomainError::invalid(field, "is not a known auth mode")),
+    }
+}
+
+pub fn user_key(lookup: Option<pb::get_user_request::Lookup>) -> Result<UserKey, DomainError> {
+    use pb::get_user_request::Lookup;
+    match lookup {
+        Some(Lookup::UserId(id)) => Ok(UserKey::Id(UserId::parse("user_id", &id)?)),
+        Some(Lookup::ClerkUserId(id)) => Ok(UserKey::ClerkUserId(ClerkUserId::parse("clerk_user_id", &id)?)),
+        Some(Lookup::Email(email)) => Ok(UserKey::Email(Email::parse("email", &email)?)),
+        None => Err(DomainError::invalid(
+            "lookup",
+            "set one of user_id, clerk_user_id or email",
+        )),
+    }
+}
+
+pub fn mapping_key(lookup: Option<pb::get_mapping_request::Lookup>) -> Result<MappingKey, DomainError> {
+    use pb::get_mapping_request::Lookup;
+    match lookup {
+        Some(Lookup::UserId(id)) => Ok(MappingKey::UserId(UserId::parse("user_id", &id)?)),
+        Some(Lookup::ClerkUserId(id)) => Ok(MappingKey::ClerkUserId(ClerkUserId::parse("clerk_user_id", &id)?)),
+        None => Err(DomainError::invalid("lookup", "set one of user_id or clerk_user_id")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_timestamps_are_invalid_not_panics() {
+        for ts in [
+            prost_types::Timestamp {
+                seconds: i64::MAX,
+                nanos: 0,
+            },
+            prost_types::Timestamp { seconds: 0, nanos: -1 },
+            prost_types::Timestamp {
+                seconds: 0,
+                nanos: 2_000_000_000,
+            },
+        ] {
+            assert!(from_timestamp("since", &ts).is_err());
+        }
+        let now = Utc::now();
+        assert_eq!(from_timestamp("since", &timestamp(now)).unwrap(), now);
+    }
+}

@@ -1,0 +1,131 @@
+//! `identity.v1.MigrationService` adapter.
+
+use tonic::{Request, Response, Status};
+
+use super::{caller, convert, to_status};
+use crate::{
+    domain::{AuditLog, AuditPageRequest, AuthModes, ClerkUserId, DomainError, UserDirectory, UserId},
+    pb::{self, migration_service_server::MigrationService},
+};
+
+#[derive(Debug, Clone)]
+pub struct MigrationApi {
+    users: UserDirectory,
+    modes: AuthModes,
+    audit: AuditLog,
+}
+
+impl MigrationApi {
+    pub fn new(users: UserDirectory, modes: AuthModes, audit: AuditLog) -> Self {
+        Self { users, modes, audit }
+    }
+}
+
+#[tonic::async_trait]
+impl MigrationService for MigrationApi {
+    #[tracing::instrument(name = "MigrationService/LinkUser", skip_all)]
+    async fn link_user(&self, request: Request<pb::LinkUserRequest>) -> Result<Response<pb::LinkUserResponse>, Status> {
+        let caller = caller(&request)?;
+        let body = request.into_inner();
+        let user_id = UserId::parse("user_id", &body.user_id).map_err(to_status)?;
+        let clerk_user_id = ClerkUserId::parse("clerk_user_id", &body.clerk_user_id).map_err(to_status)?;
+        let mapping = self
+            .users
+            .link(&caller, user_id, &clerk_user_id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::LinkUserResponse {
+            mapping: Some(convert::mapping(mapping)),
+        }))
+    }
+
+    #[tracing::instrument(name = "MigrationService/UnlinkUser", skip_all)]
+    async fn unlink_user(
+        &self,
+        request: Request<pb::UnlinkUserRequest>,
+    ) -> Result<Response<pb::UnlinkUserResponse>, Status> {
+        let caller = caller(&request)?;
+        let user_id = UserId::parse("user_id", &request.into_inner().user_id).map_err(to_status)?;
+        let removed = self.users.unlink(&caller, user_id).await.map_err(to_status)?;
+        Ok(Response::new(pb::UnlinkUserResponse {
+            removed: Some(convert::mapping(removed)),
+        }))
+    }
+
+    #[tracing::instrument(name = "MigrationService/GetMapping", skip_all)]
+    async fn get_mapping(
+        &self,
+        request: Request<pb::GetMappingRequest>,
+    ) -> Result<Response<pb::GetMappingResponse>, Status> {
+        let caller = caller(&request)?;
+        let key = convert::mapping_key(request.into_inner().lookup).map_err(to_status)?;
+        let mapping = self.users.get_mapping(&caller, &key).await.map_err(to_status)?;
+        Ok(Response::new(pb::GetMappingResponse {
+            mapping: Some(convert::mapping(mapping)),
+        }))
+    }
+
+    #[tracing::instrument(name = "MigrationService/GetAuthMode", skip_all)]
+    async fn get_auth_mode(
+        &self,
+        request: Request<pb::GetAuthModeRequest>,
+    ) -> Result<Response<pb::GetAuthModeResponse>, Status> {
+        let caller = caller(&request)?;
+        let state = self.modes.get(&caller).await.map_err(to_status)?;
+        Ok(Response::new(pb::GetAuthModeResponse {
+            mode: convert::auth_mode(state.mode) as i32,
+            updated_at: state.updated_at.map(convert::timestamp),
+            updated_by: state.updated_by,
+        }))
+    }
+
+    #[tracing::instrument(name = "MigrationService/SetAuthMode", skip_all)]
+    async fn set_auth_mode(
+        &self,
+        request: Request<pb::SetAuthModeRequest>,
+    ) -> Result<Response<pb::SetAuthModeResponse>, Status> {
+        let caller = caller(&request)?;
+        let mode = convert::auth_mode_from("mode", request.into_inner().mode).map_err(to_status)?;
+        let previous = self.modes.set(&caller, mode).await.map_err(to_status)?;
+        Ok(Response::new(pb::SetAuthModeResponse {
+            mode: convert::auth_mode(mode) as i32,
+            previous_mode: convert::auth_mode(previous) as i32,
+        }))
+    }
+
+    #[tracing::instrument(name = "MigrationService/ListAuditEvents", skip_all)]
+    async fn list_audit_events(
+        &self,
+        request: Request<pb::ListAuditEventsRequest>,
+    ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
+        let caller = caller(&request)?;
+        let page_request = audit_page_request(request.into_inner()).map_err(to_status)?;
+        let page = self.audit.list(&caller, page_request).await.map_err(to_status)?;
+        Ok(Response::new(pb::ListAuditEventsResponse {
+            events: page.events.into_iter().map(convert::audit_event).collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+}
+
+fn audit_page_request(body: pb::ListAuditEventsRequest) -> Result<AuditPageRequest, DomainError> {
+    Ok(AuditPageRequest {
+        user_id: (!body.user_id.is_empty())
+            .then(|| UserId::parse("user_id", &body.user_id))
+            .transpose()?,
+        action: (!body.action.is_empty()).then_some(body.action),
+        since: body
+            .since
+            .as_ref()
+            .map(|t| convert::from_timestamp("since", t))
+            .transpose()?,
+        until: body
+            .until
+            .as_ref()
+            .map(|t| convert::from_timestamp("until", t))
+            .transpose()?,
+        page_size: u32::try_from(body.page_size)
+            .map_err(|_| DomainError::invalid("page_size", "must not be negative"))?,
+        page_token: body.page_token,
+    })
+}

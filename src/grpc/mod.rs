@@ -1,0 +1,13 @@
+//! The gRPC transport: thin adapters that convert requests into domain
+//! types, call the domain services and map the result back.
+
+mod auth;
+mod convert;
+mod identity;
+mod migration;
+mod status;
+
+pub use auth::{ApiKeyInterceptor, caller};
+pub use identity::IdentityApi;
+pub use migration::MigrationApi;
+pub use status::{error_chain, to_status};

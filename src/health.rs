@@ -1,0 +1,73 @@
+//! `grpc.health.v1`: SERVING for "" and each service while the database
+//! answers, NOT_SERVING while it does not or while the server drains.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::watch;
+use tonic::server::NamedService;
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::{
+    grpc::{IdentityApi, MigrationApi},
+    pb::{identity_service_server::IdentityServiceServer, migration_service_server::MigrationServiceServer},
+    storage::Storage,
+};
+
+/// The names health answers for: the whole server and each service.
+pub(crate) const SERVICE_NAMES: [&str; 3] = [
+    "",
+    <IdentityServiceServer<IdentityApi> as NamedService>::NAME,
+    <MigrationServiceServer<MigrationApi> as NamedService>::NAME,
+];
+
+pub(crate) async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
+    for name in SERVICE_NAMES {
+        reporter.set_service_status(name, status).await;
+    }
+}
+
+/// Pings the database every `interval` and reports the result, until `stop` flips.
+pub(crate) async fn watch_database(
+    reporter: HealthReporter,
+    storage: Arc<dyn Storage>,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut healthy: Option<bool> = None;
+    loop {
+        let ok = match tokio::time::timeout(interval.max(Duration::from_secs(1)), storage.ping()).await {
+            Ok(Ok(())) => true,
+            Ok(Err(err)) => {
+                if healthy != Some(false) {
+                    tracing::warn!(error = %err, "database health check failed; reporting NOT_SERVING");
+                }
+                false
+            }
+            Err(_) => {
+                if healthy != Some(false) {
+                    tracing::warn!("database health check timed out; reporting NOT_SERVING");
+                }
+                false
+            }
+        };
+        if healthy != Some(ok) {
+            if ok && healthy.is_some() {
+                tracing::info!("database reachable again; reporting SERVING");
+            }
+            set_all(
+                &reporter,
+                if ok {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                },
+            )
+            .await;
+            healthy = Some(ok);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! The identity service: one gRPC service that verifies bearer tokens from
+//! the legacy JWT login and from Clerk, maps legacy users to Clerk users and
+//! runs the migration between them.
+//!
+//! Layout: [`grpc`] is the transport, [`domain`] the rules, [`storage`] the
+//! databases, [`config`] the environment, [`server`] wires them together.
+
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod grpc;
+mod health;
+pub mod server;
+pub mod storage;
+pub mod telemetry;
+
+/// Code generated from `proto/identity/v1`.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("identity.v1");
+
+    /// Encoded descriptors of the service's protos, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("identity_descriptor");
+}

@@ -1,0 +1,210 @@
+//! Wires configuration, storage, domain services and the gRPC transport
+//! into a running server, and takes it down gracefully.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use secrecy::ExposeSecret;
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic_health::ServingStatus;
+
+use crate::{
+    config::Config,
+    domain::{AuditLog, AuthModes, UserDirectory},
+    grpc::{ApiKeyInterceptor, IdentityApi, MigrationApi},
+    health,
+    pb::{self, identity_service_server::IdentityServiceServer, migration_service_server::MigrationServiceServer},
+    storage::{self, Storage, redact_url},
+};
+
+/// Why the server could not start; each message says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open the database at {url}: {source}")]
+    Database { url: String, source: storage::StorageError },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot build server reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// A server running in the background (what tests and `serve` hold).
+#[derive(Debug)]
+pub struct RunningServer {
+    /// The address actually bound (useful with port 0).
+    pub addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+    grace: Duration,
+}
+
+impl RunningServer {
+    /// Stops accepting calls, lets in-flight calls finish within the grace
+    /// period, then returns.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let mut task = self.task;
+        match tokio::time::timeout(self.grace, &mut task).await {
+            Ok(Ok(Ok(()))) => tracing::info!("server stopped"),
+            Ok(Ok(Err(err))) => tracing::error!(error = %err, "server stopped with an error"),
+            Ok(Err(err)) => tracing::error!(error = %err, "server task failed"),
+            Err(_) => {
+                tracing::warn!(grace = ?self.grace, "in-flight calls did not finish within the grace period; aborting them");
+                task.abort();
+            }
+        }
+    }
+
+    /// Waits until the server stops on its own (it only does on error).
+    pub async fn wait(&mut self) -> Result<(), String> {
+        match (&mut self.task).await {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(err) => Err(err.to_string()),
+        }
+    }
+}
+
+/// Opens the database (applying migrations when configured), binds the
+/// listener and serves in the background.
+pub async fn start(config: Config) -> Result<RunningServer, StartError> {
+    let url = config.database_url.expose_secret().to_owned();
+    let storage = storage::connect(&url, &config.database, config.migrate_on_start)
+        .await
+        .map_err(|source| StartError::Database {
+            url: redact_url(&url),
+            source,
+        })?;
+    start_with_storage(config, storage).await
+}
+
+/// Like [`start`], with storage that is already open.
+pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Result<RunningServer, StartError> {
+    for name in &config.unknown_variables {
+        tracing::warn!(variable = %name, "ignoring unknown configuration variable");
+    }
+    if config.api_keys.is_empty() {
+        tracing::warn!(
+            addr = %config.listen_addr,
+            "no API keys configured: development mode, every caller has every scope (loopback only)"
+        );
+    }
+
+    let users = UserDirectory::new(storage.clone());
+    let modes = AuthModes::new(storage.clone());
+    let audit = AuditLog::new(storage.clone());
+    if let Err(err) = modes.refresh().await {
+        tracing::warn!(error = %err, "cannot read the auth mode yet; using the default until the next refresh");
+    }
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    health::set_all(&reporter, ServingStatus::NotServing).await;
+    tokio::spawn(health::watch_database(
+        reporter.clone(),
+        storage.clone(),
+        config.health_interval,
+        stop_rx.clone(),
+    ));
+    tokio::spawn(refresh_auth_mode(
+        modes.clone(),
+        config.settings_refresh,
+        stop_rx.clone(),
+    ));
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let interceptor = ApiKeyInterceptor::new(Arc::new(config.api_keys.clone()));
+    let limit = config.max_request_bytes;
+    let identity = IdentityServiceServer::new(IdentityApi::new(users.clone())).max_decoding_message_size(limit);
+    let migration =
+        MigrationServiceServer::new(MigrationApi::new(users, modes, audit)).max_decoding_message_size(limit);
+
+    let listener = TcpListener::bind(config.listen_addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.listen_addr,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: config.listen_addr,
+        source,
+    })?;
+
+    let mut shutdown_rx = stop_rx;
+    let drain_reporter = reporter.clone();
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(InterceptedService::new(identity, interceptor.clone()))
+        .add_service(InterceptedService::new(migration, interceptor));
+    let task = tokio::spawn(
+        router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = shutdown_rx.changed().await;
+            // Tell load balancers first, then stop accepting.
+            health::set_all(&drain_reporter, ServingStatus::NotServing).await;
+            tracing::info!("shutting down: draining in-flight calls");
+        }),
+    );
+    tracing::info!(%addr, database = %redact_url(config.database_url.expose_secret()), "identity service listening");
+    Ok(RunningServer {
+        addr,
+        stop: stop_tx,
+        task,
+        grace: config.shutdown_grace,
+    })
+}
+
+/// Keeps this replica's auth mode in step with the database.
+async fn refresh_auth_mode(modes: AuthModes, every: Duration, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        let before = modes.current();
+        match modes.refresh().await {
+            Ok(state) if state.mode != before => {
+                tracing::info!(from = %before, to = %state.mode, "auth mode changed by another replica");
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!(error = %err, "cannot refresh the auth mode; keeping the last known one"),
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %err, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+}

@@ -1,0 +1,66 @@
+use std::fmt;
+
+/// What went wrong in storage, already classified. Database error text is
+/// kept as a source for the log and never shown to a client.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("conflict: {0}")]
+    Conflict(Conflict),
+    #[error("database unavailable")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("database error")]
+    Other(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Which uniqueness rule a write broke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Conflict {
+    /// A user with this id or email already exists.
+    UserExists,
+    /// The user is already linked to a Clerk user.
+    UserAlreadyLinked,
+    /// The Clerk user is already linked to another user.
+    ClerkUserTaken,
+}
+
+impl fmt::Display for Conflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::UserExists => "a user with this id or email already exists",
+            Self::UserAlreadyLinked => "user is already linked to a Clerk user",
+            Self::ClerkUserTaken => "Clerk user is already linked to another user",
+        })
+    }
+}
+
+/// The one place where sqlx errors are translated. `on_unique` names the
+/// conflict a unique violation means for the statement at hand.
+pub(crate) fn classify(err: sqlx::Error, on_unique: Option<Conflict>) -> StorageError {
+    match &err {
+        sqlx::Error::Database(db) => {
+            if db.is_unique_violation()
+                && let Some(conflict) = on_unique
+            {
+                return StorageError::Conflict(conflict);
+            }
+            if db.is_foreign_key_violation() {
+                return StorageError::NotFound("user");
+            }
+            // SQLite reports a locked/busy database; PostgreSQL reports
+            // connection-class (08xxx), shutdown (57Pxx) and too-many-connections.
+            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            if code.starts_with("08") || code.starts_with("57P") || code == "53300" || code == "5" || code == "6" {
+                return StorageError::Unavailable(Box::new(err));
+            }
+            StorageError::Other(Box::new(err))
+        }
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => StorageError::Unavailable(Box::new(err)),
+        _ => StorageError::Other(Box::new(err)),
+    }
+}

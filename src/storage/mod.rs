@@ -1,0 +1,216 @@
+//! Persistence behind one trait, with a SQLite implementation (the embedded
+//! default) and a PostgreSQL one (production). Both pass the same
+//! conformance suite in `tests/integration/storage_conformance.rs`.
+
+mod error;
+mod postgres;
+mod sqlite;
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+pub use error::{Conflict, StorageError};
+pub use postgres::PostgresStorage;
+pub use sqlite::SqliteStorage;
+
+use crate::domain::{AuditOutcome, ClerkUserId, Email, UserId};
+
+pub type StorageResult<T> = Result<T, StorageError>;
+
+/// How to find a user.
+#[derive(Debug, Clone)]
+pub enum UserKey {
+    Id(UserId),
+    ClerkUserId(ClerkUserId),
+    Email(Email),
+}
+
+/// How to find a mapping.
+#[derive(Debug, Clone)]
+pub enum MappingKey {
+    UserId(UserId),
+    ClerkUserId(ClerkUserId),
+}
+
+/// A row of `users`, as far as this service cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRecord {
+    pub id: UserId,
+    pub email: Option<String>,
+    pub clerk_user_id: Option<String>,
+    /// Created through Clerk, never had a legacy login.
+    pub clerk_native: bool,
+    pub has_password: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A legacy user to insert (the import command).
+#[derive(Debug, Clone)]
+pub struct NewLegacyUser {
+    pub id: UserId,
+    pub email: Email,
+    pub password_hash: Option<String>,
+}
+
+/// A row of `user_clerk_mappings`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MappingRecord {
+    pub user_id: UserId,
+    pub clerk_user_id: ClerkUserId,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// An audit event to append, in the same transaction as the change it records.
+#[derive(Debug, Clone)]
+pub struct NewAuditEvent {
+    pub caller: String,
+    pub action: String,
+    pub user_id: Option<UserId>,
+    pub outcome: AuditOutcome,
+    pub detail: String,
+}
+
+/// A stored audit event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    pub id: i64,
+    pub occurred_at: DateTime<Utc>,
+    pub caller: String,
+    pub action: String,
+    pub user_id: Option<UserId>,
+    pub outcome: AuditOutcome,
+    pub detail: String,
+}
+
+/// Filters and paging for the audit log. Results are newest first.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub user_id: Option<UserId>,
+    pub action: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    /// Only events with an id below this one (the paging cursor).
+    pub before_id: Option<i64>,
+    pub limit: u32,
+}
+
+/// A value of the settings table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingRecord {
+    pub value: String,
+    pub updated_at: DateTime<Utc>,
+    pub updated_by: String,
+}
+
+/// Everything the service stores. Implementations translate their database's
+/// errors into [`StorageError`] in one place.
+#[async_trait]
+pub trait Storage: Send + Sync + fmt::Debug {
+    /// Cheap round trip, for health checks.
+    async fn ping(&self) -> StorageResult<()>;
+
+    async fn find_user(&self, key: &UserKey) -> StorageResult<Option<UserRecord>>;
+
+    /// Inserts a legacy user; [`Conflict::UserExists`] when the id or email is taken.
+    async fn insert_legacy_user(&self, user: &NewLegacyUser) -> StorageResult<()>;
+
+    /// Writes the mapping row and `users.clerk_user_id` in one transaction,
+    /// together with the audit event.
+    async fn link_user(
+        &self,
+        user_id: UserId,
+        clerk_user_id: &ClerkUserId,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<MappingRecord>;
+
+    /// Removes the mapping and clears `users.clerk_user_id` in one
+    /// transaction, together with the audit event. Returns what was removed.
+    async fn unlink_user(&self, user_id: UserId, audit: &NewAuditEvent) -> StorageResult<MappingRecord>;
+
+    async fn find_mapping(&self, key: &MappingKey) -> StorageResult<Option<MappingRecord>>;
+
+    async fn get_setting(&self, key: &str) -> StorageResult<Option<SettingRecord>>;
+
+    /// Sets a setting and appends the audit event in one transaction;
+    /// returns the previous value.
+    async fn put_setting(&self, key: &str, value: &str, audit: &NewAuditEvent) -> StorageResult<Option<SettingRecord>>;
+
+    /// Appends an audit event on its own (failures, whose change rolled back).
+    async fn append_audit(&self, event: &NewAuditEvent) -> StorageResult<()>;
+
+    async fn list_audit(&self, query: &AuditQuery) -> StorageResult<Vec<AuditRecord>>;
+}
+
+/// Database connection settings.
+#[derive(Debug, Clone)]
+pub struct DatabaseOptions {
+    pub max_connections: u32,
+    pub acquire_timeout: Duration,
+}
+
+impl Default for DatabaseOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Which backend a URL selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn from_url(url: &str) -> Option<Self> {
+        if url.starts_with("sqlite:") {
+            Some(Self::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(Self::Postgres)
+        } else {
+            None
+        }
+    }
+}
+
+/// Opens the database a URL names; `migrate` applies pending migrations first.
+pub async fn connect(url: &str, options: &DatabaseOptions, migrate: bool) -> StorageResult<Arc<dyn Storage>> {
+    match Backend::from_url(url) {
+        Some(Backend::Sqlite) => {
+            let storage = SqliteStorage::connect(url, options).await?;
+            if migrate {
+                storage.migrate().await?;
+            }
+            Ok(Arc::new(storage))
+        }
+        Some(Backend::Postgres) => {
+            let storage = PostgresStorage::connect(url, options).await?;
+            if migrate {
+                storage.migrate().await?;
+            }
+            Ok(Arc::new(storage))
+        }
+        None => Err(StorageError::Other(
+            "database URL must start with sqlite: or postgres://".into(),
+        )),
+    }
+}
+
+/// A database URL with its password replaced, for logs.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("*****"));
+            parsed.to_string()
+        }
+        Ok(parsed) => parsed.to_string(),
+        Err(_) => "<unparseable database URL>".to_owned(),
+    }
+}

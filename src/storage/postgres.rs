@@ -1,0 +1,359 @@
+//! The PostgreSQL backend: the application's own database, native UUID and
+//! TIMESTAMPTZ. Migrations take sqlx's advisory lock, so replicas starting
+//! together apply them once.
+
+use std::{str::FromStr, time::Duration};
+
+use async_trait::async_trait;
+use sqlx::{
+    PgPool, Row,
+    postgres::{PgConnectOptions, PgPoolOptions, PgRow},
+};
+use uuid::Uuid;
+
+use super::{
+    AuditQuery, AuditRecord, Conflict, DatabaseOptions, MappingKey, MappingRecord, NewAuditEvent, NewLegacyUser,
+    SettingRecord, Storage, StorageError, StorageResult, UserKey, UserRecord, error::classify,
+};
+use crate::domain::{AuditOutcome, ClerkUserId, UserId};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+#[derive(Debug, Clone)]
+pub struct PostgresStorage {
+    pool: PgPool,
+}
+
+fn db_err(err: sqlx::Error) -> StorageError {
+    classify(err, None)
+}
+
+fn parse_clerk(raw: &str) -> StorageResult<ClerkUserId> {
+    ClerkUserId::parse("clerk_user_id", raw)
+        .map_err(|e| StorageError::Other(format!("stored Clerk id is malformed: {e}").into()))
+}
+
+fn user_from_row(row: &PgRow) -> StorageResult<UserRecord> {
+    Ok(UserRecord {
+        id: UserId::from_uuid(row.try_get("id").map_err(db_err)?),
+        email: row.try_get("email").map_err(db_err)?,
+        clerk_user_id: row.try_get("clerk_user_id").map_err(db_err)?,
+        clerk_native: row.try_get("clerk_native").map_err(db_err)?,
+        has_password: row.try_get("has_password").map_err(db_err)?,
+        created_at: row.try_get("created_at").map_err(db_err)?,
+        updated_at: row.try_get("updated_at").map_err(db_err)?,
+    })
+}
+
+fn mapping_from_row(row: &PgRow) -> StorageResult<MappingRecord> {
+    let clerk: String = row.try_get("clerk_user_id").map_err(db_err)?;
+    Ok(MappingRecord {
+        user_id: UserId::from_uuid(row.try_get("user_id").map_err(db_err)?),
+        clerk_user_id: parse_clerk(&clerk)?,
+        created_at: row.try_get("created_at").map_err(db_err)?,
+        updated_at: row.try_get("updated_at").map_err(db_err)?,
+    })
+}
+
+fn setting_from_row(row: &PgRow) -> StorageResult<SettingRecord> {
+    Ok(SettingRecord {
+        value: row.try_get("value").map_err(db_err)?,
+        updated_at: row.try_get("updated_at").map_err(db_err)?,
+        updated_by: row.try_get("updated_by").map_err(db_err)?,
+    })
+}
+
+fn audit_from_row(row: &PgRow) -> StorageResult<AuditRecord> {
+    let user_id: Option<Uuid> = row.try_get("user_id").map_err(db_err)?;
+    let outcome: String = row.try_get("outcome").map_err(db_err)?;
+    Ok(AuditRecord {
+        id: row.try_get("id").map_err(db_err)?,
+        occurred_at: row.try_get("occurred_at").map_err(db_err)?,
+        caller: row.try_get("caller").map_err(db_err)?,
+        action: row.try_get("action").map_err(db_err)?,
+        user_id: user_id.map(UserId::from_uuid),
+        outcome: AuditOutcome::from_db(&outcome)
+            .ok_or_else(|| StorageError::Other(format!("unknown audit outcome {outcome:?}").into()))?,
+        detail: row.try_get("detail").map_err(db_err)?,
+    })
+}
+
+async fn insert_audit(conn: &mut sqlx::PgConnection, event: &NewAuditEvent) -> StorageResult<()> {
+    sqlx::query(
+        "INSERT INTO identity_audit_events (caller, action, user_id, outcome, detail)
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(&event.caller)
+    .bind(&event.action)
+    .bind(event.user_id.map(|id| *id.as_uuid()))
+    .bind(event.outcome.as_db())
+    .bind(&event.detail)
+    .execute(conn)
+    .await
+    .map_err(db_err)?;
+    Ok(())
+}
+
+const USER_COLUMNS: &str = "id, email::text AS email, clerk_user_id, clerk_native,
+    (password_hash IS NOT NULL AND password_hash::text <> '') AS has_password,
+    created_at::timestamptz AS created_at, updated_at::timestamptz AS updated_at";
+/// Mapping columns; the casts accept an application table created with the
+/// seed's plain TIMESTAMP columns.
+const MAPPING_COLUMNS: &str =
+    "user_id, clerk_user_id, created_at::timestamptz AS created_at, updated_at::timestamptz AS updated_at";
+
+impl PostgresStorage {
+    pub async fn connect(url: &str, options: &DatabaseOptions) -> StorageResult<Self> {
+        let connect = PgConnectOptions::from_str(url)
+            .map_err(|e| StorageError::Other(Box::new(e)))?
+            .application_name("identity");
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections.max(1))
+            .acquire_timeout(options.acquire_timeout)
+            .idle_timeout(Some(Duration::from_secs(300)))
+            .connect_with(connect)
+            .await
+            .map_err(|e| StorageError::Unavailable(Box::new(e)))?;
+        Ok(Self { pool })
+    }
+
+    /// Applies pending migrations under sqlx's advisory lock.
+    pub async fn migrate(&self) -> StorageResult<()> {
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|e| StorageError::Other(Box::new(e)))
+    }
+}
+
+#[async_trait]
+impl Storage for PostgresStorage {
+    async fn ping(&self) -> StorageResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(|e| StorageError::Unavailable(Box::new(e)))
+    }
+
+    async fn find_user(&self, key: &UserKey) -> StorageResult<Option<UserRecord>> {
+        let row = match key {
+            UserKey::Id(id) => {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {USER_COLUMNS} FROM users WHERE id = $1"
+                )))
+                .bind(*id.as_uuid())
+                .fetch_optional(&self.pool)
+                .await
+            }
+            UserKey::ClerkUserId(clerk) => {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {USER_COLUMNS} FROM users WHERE clerk_user_id = $1"
+                )))
+                .bind(clerk.as_str().to_owned())
+                .fetch_optional(&self.pool)
+                .await
+            }
+            UserKey::Email(email) => {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {USER_COLUMNS} FROM users WHERE lower(email) = lower($1) ORDER BY created_at LIMIT 1"
+                )))
+                .bind(email.as_str().to_owned())
+                .fetch_optional(&self.pool)
+                .await
+            }
+        }
+        .map_err(db_err)?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    async fn insert_legacy_user(&self, user: &NewLegacyUser) -> StorageResult<()> {
+        // The application's table may not have a unique email constraint, so
+        // check case-insensitively under the same transaction.
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('identity.users.email'), hashtext(lower($1)))")
+            .bind(user.email.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let taken: Option<Uuid> = sqlx::query_scalar("SELECT id FROM users WHERE lower(email) = lower($1) LIMIT 1")
+            .bind(user.email.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        if taken.is_some() {
+            return Err(StorageError::Conflict(Conflict::UserExists));
+        }
+        sqlx::query("INSERT INTO users (id, email, password_hash) VALUES ($1, $2, $3)")
+            .bind(*user.id.as_uuid())
+            .bind(user.email.as_str())
+            .bind(user.password_hash.as_deref())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| classify(e, Some(Conflict::UserExists)))?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn link_user(
+        &self,
+        user_id: UserId,
+        clerk_user_id: &ClerkUserId,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<MappingRecord> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        let linked: Option<Option<String>> =
+            sqlx::query_scalar("SELECT clerk_user_id FROM users WHERE id = $1 FOR UPDATE")
+                .bind(*user_id.as_uuid())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        match linked {
+            None => return Err(StorageError::NotFound("user")),
+            Some(Some(_)) => return Err(StorageError::Conflict(Conflict::UserAlreadyLinked)),
+            Some(None) => {}
+        }
+        let existing: Option<String> =
+            sqlx::query_scalar("SELECT clerk_user_id FROM user_clerk_mappings WHERE user_id = $1")
+                .bind(*user_id.as_uuid())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        if existing.is_some() {
+            return Err(StorageError::Conflict(Conflict::UserAlreadyLinked));
+        }
+        let row = sqlx::query(
+            "INSERT INTO user_clerk_mappings (user_id, clerk_user_id, created_at, updated_at)
+             VALUES ($1, $2, now(), now())
+             RETURNING user_id, clerk_user_id, created_at::timestamptz AS created_at, updated_at::timestamptz AS updated_at",
+        )
+        .bind(*user_id.as_uuid())
+        .bind(clerk_user_id.as_str())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+        sqlx::query("UPDATE users SET clerk_user_id = $1, updated_at = now() WHERE id = $2")
+            .bind(clerk_user_id.as_str())
+            .bind(*user_id.as_uuid())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db_err)?;
+        mapping_from_row(&row)
+    }
+
+    async fn unlink_user(&self, user_id: UserId, audit: &NewAuditEvent) -> StorageResult<MappingRecord> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        let row = sqlx::query(
+            "DELETE FROM user_clerk_mappings WHERE user_id = $1
+             RETURNING user_id, clerk_user_id, created_at::timestamptz AS created_at, updated_at::timestamptz AS updated_at",
+        )
+        .bind(*user_id.as_uuid())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let removed = row
+            .as_ref()
+            .map(mapping_from_row)
+            .transpose()?
+            .ok_or(StorageError::NotFound("mapping"))?;
+        sqlx::query("UPDATE users SET clerk_user_id = NULL, updated_at = now() WHERE id = $1")
+            .bind(*user_id.as_uuid())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(removed)
+    }
+
+    async fn find_mapping(&self, key: &MappingKey) -> StorageResult<Option<MappingRecord>> {
+        let row = match key {
+            MappingKey::UserId(id) => {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {MAPPING_COLUMNS} FROM user_clerk_mappings WHERE user_id = $1"
+                )))
+                .bind(*id.as_uuid())
+                .fetch_optional(&self.pool)
+                .await
+            }
+            MappingKey::ClerkUserId(clerk) => {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {MAPPING_COLUMNS} FROM user_clerk_mappings WHERE clerk_user_id = $1"
+                )))
+                .bind(clerk.as_str().to_owned())
+                .fetch_optional(&self.pool)
+                .await
+            }
+        }
+        .map_err(db_err)?;
+        row.as_ref().map(mapping_from_row).transpose()
+    }
+
+    async fn get_setting(&self, key: &str) -> StorageResult<Option<SettingRecord>> {
+        let row = sqlx::query("SELECT value, updated_at, updated_by FROM identity_settings WHERE key = $1")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(setting_from_row).transpose()
+    }
+
+    async fn put_setting(&self, key: &str, value: &str, audit: &NewAuditEvent) -> StorageResult<Option<SettingRecord>> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        // Serialise writers of the same key so `previous` is exact.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('identity.settings'), hashtext($1))")
+            .bind(key)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let previous = sqlx::query("SELECT value, updated_at, updated_by FROM identity_settings WHERE key = $1")
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err)?
+            .as_ref()
+            .map(setting_from_row)
+            .transpose()?;
+        sqlx::query(
+            "INSERT INTO identity_settings (key, value, updated_at, updated_by) VALUES ($1, $2, now(), $3)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at, updated_by = excluded.updated_by",
+        )
+        .bind(key)
+        .bind(value)
+        .bind(&audit.caller)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(previous)
+    }
+
+    async fn append_audit(&self, event: &NewAuditEvent) -> StorageResult<()> {
+        let mut conn = self.pool.acquire().await.map_err(db_err)?;
+        insert_audit(&mut conn, event).await
+    }
+
+    async fn list_audit(&self, query: &AuditQuery) -> StorageResult<Vec<AuditRecord>> {
+        let rows = sqlx::query(
+            "SELECT id, occurred_at, caller, action, user_id, outcome, detail FROM identity_audit_events
+             WHERE ($1::uuid IS NULL OR user_id = $1)
+               AND ($2::text IS NULL OR action = $2)
+               AND ($3::timestamptz IS NULL OR occurred_at >= $3)
+               AND ($4::timestamptz IS NULL OR occurred_at < $4)
+               AND ($5::bigint IS NULL OR id < $5)
+             ORDER BY id DESC LIMIT $6",
+        )
+        .bind(query.user_id.map(|id| *id.as_uuid()))
+        .bind(query.action.as_deref())
+        .bind(query.since)
+        .bind(query.until)
+        .bind(query.before_id)
+        .bind(i64::from(query.limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(audit_from_row).collect()
+    }
+}

@@ -1,0 +1,351 @@
+//! The embedded SQLite backend: ids as UUID text, timestamps as Unix
+//! microseconds, write transactions taken with `BEGIN IMMEDIATE` so two
+//! writers serialise instead of failing half way.
+
+use std::{str::FromStr, time::Duration};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::{
+    Row, SqlitePool,
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous},
+};
+use uuid::Uuid;
+
+use super::{
+    AuditQuery, AuditRecord, Conflict, DatabaseOptions, MappingKey, MappingRecord, NewAuditEvent, NewLegacyUser,
+    SettingRecord, Storage, StorageError, StorageResult, UserKey, UserRecord, error::classify,
+};
+use crate::domain::{AuditOutcome, ClerkUserId, UserId};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+#[derive(Debug, Clone)]
+pub struct SqliteStorage {
+    pool: SqlitePool,
+}
+
+fn db_err(err: sqlx::Error) -> StorageError {
+    classify(err, None)
+}
+
+fn micros(at: DateTime<Utc>) -> i64 {
+    at.timestamp_micros()
+}
+
+fn from_micros(value: i64) -> StorageResult<DateTime<Utc>> {
+    DateTime::from_timestamp_micros(value)
+        .ok_or_else(|| StorageError::Other(format!("timestamp out of range: {value}").into()))
+}
+
+fn parse_uuid(raw: &str) -> StorageResult<UserId> {
+    Uuid::parse_str(raw)
+        .map(UserId::from_uuid)
+        .map_err(|e| StorageError::Other(format!("stored id is not a UUID: {e}").into()))
+}
+
+fn parse_clerk(raw: &str) -> StorageResult<ClerkUserId> {
+    ClerkUserId::parse("clerk_user_id", raw)
+        .map_err(|e| StorageError::Other(format!("stored Clerk id is malformed: {e}").into()))
+}
+
+const USER_COLUMNS: &str = "id, email, clerk_user_id, clerk_native, password_hash IS NOT NULL AND password_hash <> '' AS has_password, created_at, updated_at";
+
+fn user_from_row(row: &SqliteRow) -> StorageResult<UserRecord> {
+    let id: String = row.try_get("id").map_err(db_err)?;
+    Ok(UserRecord {
+        id: parse_uuid(&id)?,
+        email: row.try_get("email").map_err(db_err)?,
+        clerk_user_id: row.try_get("clerk_user_id").map_err(db_err)?,
+        clerk_native: row.try_get("clerk_native").map_err(db_err)?,
+        has_password: row.try_get("has_password").map_err(db_err)?,
+        created_at: from_micros(row.try_get("created_at").map_err(db_err)?)?,
+        updated_at: from_micros(row.try_get("updated_at").map_err(db_err)?)?,
+    })
+}
+
+fn mapping_from_row(row: &SqliteRow) -> StorageResult<MappingRecord> {
+    let user_id: String = row.try_get("user_id").map_err(db_err)?;
+    let clerk: String = row.try_get("clerk_user_id").map_err(db_err)?;
+    Ok(MappingRecord {
+        user_id: parse_uuid(&user_id)?,
+        clerk_user_id: parse_clerk(&clerk)?,
+        created_at: from_micros(row.try_get("created_at").map_err(db_err)?)?,
+        updated_at: from_micros(row.try_get("updated_at").map_err(db_err)?)?,
+    })
+}
+
+fn audit_from_row(row: &SqliteRow) -> StorageResult<AuditRecord> {
+    let user_id: Option<String> = row.try_get("user_id").map_err(db_err)?;
+    let outcome: String = row.try_get("outcome").map_err(db_err)?;
+    Ok(AuditRecord {
+        id: row.try_get("id").map_err(db_err)?,
+        occurred_at: from_micros(row.try_get("occurred_at").map_err(db_err)?)?,
+        caller: row.try_get("caller").map_err(db_err)?,
+        action: row.try_get("action").map_err(db_err)?,
+        user_id: user_id.as_deref().map(parse_uuid).transpose()?,
+        outcome: AuditOutcome::from_db(&outcome)
+            .ok_or_else(|| StorageError::Other(format!("unknown audit outcome {outcome:?}").into()))?,
+        detail: row.try_get("detail").map_err(db_err)?,
+    })
+}
+
+async fn insert_audit(conn: &mut sqlx::SqliteConnection, event: &NewAuditEvent) -> StorageResult<()> {
+    sqlx::query(
+        "INSERT INTO identity_audit_events (occurred_at, caller, action, user_id, outcome, detail)
+         VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(micros(Utc::now()))
+    .bind(&event.caller)
+    .bind(&event.action)
+    .bind(event.user_id.map(|id| id.to_string()))
+    .bind(event.outcome.as_db())
+    .bind(&event.detail)
+    .execute(conn)
+    .await
+    .map_err(db_err)?;
+    Ok(())
+}
+
+impl SqliteStorage {
+    pub async fn connect(url: &str, options: &DatabaseOptions) -> StorageResult<Self> {
+        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+        let connect = SqliteConnectOptions::from_str(url)
+            .map_err(|e| StorageError::Other(Box::new(e)))?
+            .create_if_missing(true)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+        let connect = if in_memory {
+            connect
+        } else {
+            connect
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+        };
+        // Every connection to `:memory:` would be a database of its own.
+        let max = if in_memory { 1 } else { options.max_connections.max(1) };
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(connect)
+            .await
+            .map_err(|e| StorageError::Unavailable(Box::new(e)))?;
+        Ok(Self { pool })
+    }
+
+    pub async fn migrate(&self) -> StorageResult<()> {
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|e| StorageError::Other(Box::new(e)))
+    }
+
+    async fn begin_write(&self) -> StorageResult<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)
+    }
+}
+
+#[async_trait]
+impl Storage for SqliteStorage {
+    async fn ping(&self) -> StorageResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(|e| StorageError::Unavailable(Box::new(e)))
+    }
+
+    async fn find_user(&self, key: &UserKey) -> StorageResult<Option<UserRecord>> {
+        let (sql, value) = match key {
+            UserKey::Id(id) => (format!("SELECT {USER_COLUMNS} FROM users WHERE id = ?"), id.to_string()),
+            UserKey::ClerkUserId(clerk) => (
+                format!("SELECT {USER_COLUMNS} FROM users WHERE clerk_user_id = ?"),
+                clerk.as_str().to_owned(),
+            ),
+            UserKey::Email(email) => (
+                format!("SELECT {USER_COLUMNS} FROM users WHERE email = ? COLLATE NOCASE ORDER BY created_at LIMIT 1"),
+                email.as_str().to_owned(),
+            ),
+        };
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(value)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    async fn insert_legacy_user(&self, user: &NewLegacyUser) -> StorageResult<()> {
+        let now = micros(Utc::now());
+        sqlx::query("INSERT INTO users (id, email, password_hash, created_at, updated_at) VALUES (?, ?, ?, ?, ?)")
+            .bind(user.id.to_string())
+            .bind(user.email.as_str())
+            .bind(user.password_hash.as_deref())
+            .bind(now)
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| classify(e, Some(Conflict::UserExists)))?;
+        Ok(())
+    }
+
+    async fn link_user(
+        &self,
+        user_id: UserId,
+        clerk_user_id: &ClerkUserId,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<MappingRecord> {
+        let mut tx = self.begin_write().await?;
+        let linked: Option<Option<String>> = sqlx::query_scalar("SELECT clerk_user_id FROM users WHERE id = ?")
+            .bind(user_id.to_string())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        match linked {
+            None => return Err(StorageError::NotFound("user")),
+            Some(Some(_)) => return Err(StorageError::Conflict(Conflict::UserAlreadyLinked)),
+            Some(None) => {}
+        }
+        let now = Utc::now();
+        sqlx::query(
+            "INSERT INTO user_clerk_mappings (id, user_id, clerk_user_id, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(Uuid::new_v4().to_string())
+        .bind(user_id.to_string())
+        .bind(clerk_user_id.as_str())
+        .bind(micros(now))
+        .bind(micros(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+        sqlx::query("UPDATE users SET clerk_user_id = ?, updated_at = ? WHERE id = ?")
+            .bind(clerk_user_id.as_str())
+            .bind(micros(now))
+            .bind(user_id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(MappingRecord {
+            user_id,
+            clerk_user_id: clerk_user_id.clone(),
+            created_at: from_micros(micros(now))?,
+            updated_at: from_micros(micros(now))?,
+        })
+    }
+
+    async fn unlink_user(&self, user_id: UserId, audit: &NewAuditEvent) -> StorageResult<MappingRecord> {
+        let mut tx = self.begin_write().await?;
+        let row = sqlx::query(
+            "DELETE FROM user_clerk_mappings WHERE user_id = ? RETURNING user_id, clerk_user_id, created_at, updated_at",
+        )
+        .bind(user_id.to_string())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let removed = row
+            .as_ref()
+            .map(mapping_from_row)
+            .transpose()?
+            .ok_or(StorageError::NotFound("mapping"))?;
+        sqlx::query("UPDATE users SET clerk_user_id = NULL, updated_at = ? WHERE id = ?")
+            .bind(micros(Utc::now()))
+            .bind(user_id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(removed)
+    }
+
+    async fn find_mapping(&self, key: &MappingKey) -> StorageResult<Option<MappingRecord>> {
+        let query = match key {
+            MappingKey::UserId(id) => sqlx::query(
+                "SELECT user_id, clerk_user_id, created_at, updated_at FROM user_clerk_mappings WHERE user_id = ?",
+            )
+            .bind(id.to_string()),
+            MappingKey::ClerkUserId(clerk) => sqlx::query(
+                "SELECT user_id, clerk_user_id, created_at, updated_at FROM user_clerk_mappings WHERE clerk_user_id = ?",
+            )
+            .bind(clerk.as_str().to_owned()),
+        };
+        let row = query.fetch_optional(&self.pool).await.map_err(db_err)?;
+        row.as_ref().map(mapping_from_row).transpose()
+    }
+
+    async fn get_setting(&self, key: &str) -> StorageResult<Option<SettingRecord>> {
+        let row = sqlx::query("SELECT value, updated_at, updated_by FROM identity_settings WHERE key = ?")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        row.map(|row| {
+            Ok(SettingRecord {
+                value: row.try_get("value").map_err(db_err)?,
+                updated_at: from_micros(row.try_get("updated_at").map_err(db_err)?)?,
+                updated_by: row.try_get("updated_by").map_err(db_err)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn put_setting(&self, key: &str, value: &str, audit: &NewAuditEvent) -> StorageResult<Option<SettingRecord>> {
+        let mut tx = self.begin_write().await?;
+        let previous = sqlx::query("SELECT value, updated_at, updated_by FROM identity_settings WHERE key = ?")
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err)?
+            .map(|row| {
+                Ok::<_, StorageError>(SettingRecord {
+                    value: row.try_get("value").map_err(db_err)?,
+                    updated_at: from_micros(row.try_get("updated_at").map_err(db_err)?)?,
+                    updated_by: row.try_get("updated_by").map_err(db_err)?,
+                })
+            })
+            .transpose()?;
+        sqlx::query(
+            "INSERT INTO identity_settings (key, value, updated_at, updated_by) VALUES (?, ?, ?, ?)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at, updated_by = excluded.updated_by",
+        )
+        .bind(key)
+        .bind(value)
+        .bind(micros(Utc::now()))
+        .bind(&audit.caller)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(previous)
+    }
+
+    async fn append_audit(&self, event: &NewAuditEvent) -> StorageResult<()> {
+        let mut conn = self.pool.acquire().await.map_err(db_err)?;
+        insert_audit(&mut conn, event).await
+    }
+
+    async fn list_audit(&self, query: &AuditQuery) -> StorageResult<Vec<AuditRecord>> {
+        let rows = sqlx::query(
+            "SELECT id, occurred_at, caller, action, user_id, outcome, detail FROM identity_audit_events
+             WHERE (?1 IS NULL OR user_id = ?1)
+               AND (?2 IS NULL OR action = ?2)
+               AND (?3 IS NULL OR occurred_at >= ?3)
+               AND (?4 IS NULL OR occurred_at < ?4)
+               AND (?5 IS NULL OR id < ?5)
+             ORDER BY id DESC LIMIT ?6",
+        )
+        .bind(query.user_id.map(|id| id.to_string()))
+        .bind(query.action.as_deref())
+        .bind(query.since.map(micros))
+        .bind(query.until.map(micros))
+        .bind(query.before_id)
+        .bind(i64::from(query.limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(audit_from_row).collect()
+    }
+}

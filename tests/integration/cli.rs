@@ -1,0 +1,256 @@
+//! The binary as an operator runs it: serve with graceful shutdown,
+//! configuration errors, migrate, import-users and gen-api-key.
+
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use identity::{
+    domain::{Email, UserId},
+    storage::UserKey,
+};
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+
+use crate::common::{Backend, TestDb};
+
+const BIN: &str = env!("CARGO_BIN_EXE_identity");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn command(db_url: &str) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("IDENTITY_DATABASE_URL", db_url);
+    command
+}
+
+async fn wait_serving(addr: &str) -> bool {
+    for _ in 0..100 {
+        if let Ok(channel) = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            let status = HealthClient::new(channel)
+                .check(HealthCheckRequest { service: String::new() })
+                .await;
+            if status.is_ok_and(|s| s.into_inner().status() == ServingStatus::Serving) {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn serve_starts_on_sqlite_and_exits_cleanly_on_sigterm() {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut child = command(&db.url)
+        .arg("serve")
+        .env("IDENTITY_LISTEN_ADDR", &addr)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let serving = wait_serving(&addr).await;
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let output = tokio::task::spawn_blocking(move || {
+        let status = child.wait().unwrap();
+        // Logs go to standard output (12-factor); errors to standard error.
+        let mut text = String::new();
+        use std::io::Read;
+        child.stdout.take().unwrap().read_to_string(&mut text).unwrap();
+        child.stderr.take().unwrap().read_to_string(&mut text).unwrap();
+        (status, text)
+    })
+    .await
+    .unwrap();
+    assert!(serving, "never SERVING: {}", output.1);
+    assert_eq!(output.0.code(), Some(0), "{}", output.1);
+    assert!(output.1.contains("draining"), "{}", output.1);
+}
+
+#[test]
+fn configuration_errors_name_the_variable_and_fail() {
+    let output = command("sqlite::memory:")
+        .arg("serve")
+        .env("IDENTITY_LOG_FORMAT", "xml")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("IDENTITY_LOG_FORMAT"));
+
+    let output = command("sqlite::memory:")
+        .arg("serve")
+        .env("IDENTITY_LISTEN_ADDR", "0.0.0.0:0")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("IDENTITY_API_KEYS") && stderr.contains("loopback"),
+        "{stderr}"
+    );
+
+    let output = command("postgres://app:hunter2@127.0.0.1:1/app")
+        .arg("migrate")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!text.contains("hunter2"), "password leaked: {text}");
+}
+
+#[tokio::test]
+async fn migrate_subcommand_prepares_both_databases() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let Some(db) = TestDb::new(backend).await else { continue };
+        let output = command(&db.url).arg("migrate").output().unwrap();
+        assert!(
+            output.status.success(),
+            "{backend:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        // Running it again is a no-op.
+        let output = command(&db.url).arg("migrate").output().unwrap();
+        assert!(output.status.success());
+        let storage = identity::storage::connect(&db.url, &Default::default(), false)
+            .await
+            .unwrap();
+        assert!(
+            storage
+                .find_user(&UserKey::Id(UserId::new_random()))
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+}
+
+#[tokio::test]
+async fn import_users_loads_good_rows_and_reports_bad_ones_by_line() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let Some(db) = TestDb::new(backend).await else { continue };
+        let dir = tempfile::tempdir().unwrap();
+        let good = uuid::Uuid::new_v4();
+        let also_good = uuid::Uuid::new_v4();
+        let csv = dir.path().join("users.csv");
+        std::fs::write(
+            &csv,
+            format!(
+                "id,email,password_hash\n{good},ann@example.com,$2b$10$abcdefghijk\nbad-id,bob@example.com,\n{also_good},cat@example.com,\n{},ANN@example.com,\n",
+                uuid::Uuid::new_v4()
+            ),
+        )
+        .unwrap();
+        let output = command(&db.url).arg("import-users").arg(&csv).output().unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(stdout.contains("line 3: invalid id"), "{stdout}");
+        assert!(
+            stdout.contains("line 5: a user with this id or email already exists"),
+            "{stdout}"
+        );
+        assert!(stdout.contains("imported 2 users, rejected 2 rows"), "{stdout}");
+
+        let jsonl = dir.path().join("more.jsonl");
+        let dan = uuid::Uuid::new_v4();
+        std::fs::write(
+            &jsonl,
+            format!("{{\"id\":\"{dan}\",\"email\":\"dan@example.com\",\"password_hash\":null}}\n"),
+        )
+        .unwrap();
+        let output = command(&db.url).arg("import-users").arg(&jsonl).output().unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stdout));
+
+        let storage = identity::storage::connect(&db.url, &Default::default(), false)
+            .await
+            .unwrap();
+        let ann = storage
+            .find_user(&UserKey::Id(UserId::from_uuid(good)))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(ann.has_password);
+        assert!(
+            storage
+                .find_user(&UserKey::Email(Email::parse("e", "cat@example.com").unwrap()))
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            storage
+                .find_user(&UserKey::Id(UserId::from_uuid(dan)))
+                .await
+                .unwrap()
+                .is_some()
+        );
+    }
+}
+
+#[tokio::test]
+async fn generated_api_key_admits_its_caller() {
+    let output = Command::new(BIN)
+        .args(["gen-api-key", "--name", "billing", "--scopes", "verify,admin"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let lines: Vec<&str> = stdout.lines().map(str::trim).collect();
+    let key = lines.iter().find(|l| l.starts_with("idk_")).unwrap().to_string();
+    let entry = lines.iter().find(|l| l.starts_with("billing:")).unwrap().to_string();
+    assert!(entry.ends_with(":verify,admin"), "{entry}");
+    assert!(!entry.contains(&key));
+
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut child = command(&db.url)
+        .arg("serve")
+        .env("IDENTITY_LISTEN_ADDR", &addr)
+        .env("IDENTITY_API_KEYS", &entry)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(wait_serving(&addr).await);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = identity::pb::migration_service_client::MigrationServiceClient::with_interceptor(
+        channel,
+        crate::common::WithKey(Some(key)),
+    );
+    let result = client.get_auth_mode(identity::pb::GetAuthModeRequest {}).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(result.is_ok(), "{result:?}");
+
+    let bad = Command::new(BIN)
+        .args(["gen-api-key", "--name", "bad name"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+}

@@ -1,0 +1,313 @@
+//! Test harness: a fresh database per test (a SQLite file or a PostgreSQL
+//! database), the real server on 127.0.0.1:0, and tonic clients.
+
+use std::{sync::Arc, time::Duration};
+
+use identity::{
+    config::Config,
+    domain::{ApiKeyRegistry, Email, Scope, UserId, generate_api_key},
+    pb::{identity_service_client::IdentityServiceClient, migration_service_client::MigrationServiceClient},
+    server::{self, RunningServer},
+    storage::{self, DatabaseOptions, NewLegacyUser, Storage},
+};
+use secrecy::SecretString;
+use sqlx::Connection;
+use tokio::sync::OnceCell;
+use tonic::{
+    Request, Status,
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::Channel,
+};
+
+/// Where the PostgreSQL suites connect; any database the user may create databases from.
+pub fn postgres_admin_url() -> String {
+    std::env::var("IDENTITY_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+static PG_READY: OnceCell<bool> = OnceCell::const_new();
+
+/// Whether PostgreSQL is reachable; under CI an unreachable server fails the test.
+/// The first call also drops databases left by earlier runs.
+async fn postgres_ready() -> bool {
+    *PG_READY
+        .get_or_init(|| async {
+            let url = postgres_admin_url();
+            let attempt = tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(&url)).await;
+            match attempt {
+                Ok(Ok(mut conn)) => {
+                    let stale: Vec<String> =
+                        sqlx::query_scalar("SELECT datname::text FROM pg_database WHERE datname LIKE 'identity_t_%'")
+                            .fetch_all(&mut conn)
+                            .await
+                            .unwrap_or_default();
+                    for name in stale {
+                        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+                        )))
+                        .execute(&mut conn)
+                        .await;
+                    }
+                    true
+                }
+                Ok(Err(err)) => unreachable_postgres(&err.to_string()),
+                Err(_) => unreachable_postgres("timed out"),
+            }
+        })
+        .await
+}
+
+fn unreachable_postgres(reason: &str) -> bool {
+    if under_ci() {
+        panic!(
+            "PostgreSQL at {} is unreachable under CI: {reason}",
+            postgres_admin_url()
+        );
+    }
+    eprintln!(
+        "skipping PostgreSQL test: {} unreachable ({reason}); set CI=true to make this fail",
+        postgres_admin_url()
+    );
+    false
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A fresh, empty database for one test.
+#[derive(Debug)]
+pub struct TestDb {
+    pub backend: Backend,
+    pub url: String,
+    /// Keeps the SQLite file alive.
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> Option<Self> {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let url = format!("sqlite://{}", dir.path().join("identity.db").display());
+                Some(Self {
+                    backend,
+                    url,
+                    _dir: Some(dir),
+                })
+            }
+            Backend::Postgres => {
+                if !postgres_ready().await {
+                    return None;
+                }
+                let admin = postgres_admin_url();
+                let name = format!("identity_t_{}", uuid::Uuid::new_v4().simple());
+                let mut conn = sqlx::PgConnection::connect(&admin)
+                    .await
+                    .expect("connect to PostgreSQL");
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+                    .execute(&mut conn)
+                    .await
+                    .expect("create test database");
+                let mut url = url::Url::parse(&admin).expect("admin URL");
+                url.set_path(&name);
+                Some(Self {
+                    backend,
+                    url: url.to_string(),
+                    _dir: None,
+                })
+            }
+        }
+    }
+
+    /// The same database for a second server; the first `TestDb` keeps it alive.
+    pub fn share(&self) -> Self {
+        Self {
+            backend: self.backend,
+            url: self.url.clone(),
+            _dir: None,
+        }
+    }
+
+    /// Opens the database with migrations applied.
+    pub async fn storage(&self) -> Arc<dyn Storage> {
+        storage::connect(&self.url, &DatabaseOptions::default(), true)
+            .await
+            .expect("open test database")
+    }
+
+    /// Drops the PostgreSQL database, forcing its connections closed (an outage).
+    pub async fn drop_postgres(&self) {
+        let name = url::Url::parse(&self.url)
+            .unwrap()
+            .path()
+            .trim_start_matches('/')
+            .to_owned();
+        let mut conn = sqlx::PgConnection::connect(&postgres_admin_url()).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE \"{name}\" WITH (FORCE)")))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
+/// Runs each named `async fn(TestDb)` once on SQLite and once on PostgreSQL.
+#[macro_export]
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    $crate::common::init_logs();
+                    let db = $crate::common::TestDb::new($crate::common::Backend::Sqlite).await.unwrap();
+                    super::$name(db).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    $crate::common::init_logs();
+                    if let Some(db) = $crate::common::TestDb::new($crate::common::Backend::Postgres).await {
+                        super::$name(db).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
+/// Logs stay silent unless `TEST_LOG` is set.
+pub fn init_logs() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        identity::telemetry::init_logging(identity::config::LogFormat::Text, "identity=debug,info");
+    }
+}
+
+/// Adds `authorization: Bearer <key>` to every call.
+#[derive(Debug, Clone)]
+pub struct WithKey(pub Option<String>);
+
+impl Interceptor for WithKey {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(key) = &self.0 {
+            request.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {key}")
+                    .parse()
+                    .map_err(|_| Status::internal("bad key"))?,
+            );
+        }
+        Ok(request)
+    }
+}
+
+pub type IdentityClient = IdentityServiceClient<InterceptedService<Channel, WithKey>>;
+pub type MigrationClient = MigrationServiceClient<InterceptedService<Channel, WithKey>>;
+
+/// The running server with its database and one key per scope.
+pub struct TestApp {
+    pub db: TestDb,
+    pub storage: Arc<dyn Storage>,
+    pub channel: Channel,
+    pub admin_key: String,
+    pub verify_key: String,
+    pub migrate_key: String,
+    server: Option<RunningServer>,
+}
+
+pub fn test_config(db: &TestDb) -> (Config, [String; 3]) {
+    let (admin_key, admin_line) = generate_api_key("admin", &Scope::ALL);
+    let (verify_key, verify_line) = generate_api_key("verifier", &[Scope::Verify]);
+    let (migrate_key, migrate_line) = generate_api_key("migrator", &[Scope::Migrate]);
+    let mut config = Config::for_development(&db.url);
+    config.database_url = SecretString::from(db.url.clone());
+    config.api_keys = ApiKeyRegistry::parse(&format!("{admin_line};{verify_line};{migrate_line}")).unwrap();
+    config.health_interval = Duration::from_secs(1);
+    config.settings_refresh = Duration::from_secs(1);
+    config.shutdown_grace = Duration::from_secs(5);
+    (config, [admin_key, verify_key, migrate_key])
+}
+
+impl TestApp {
+    pub async fn spawn(db: TestDb) -> Self {
+        let (config, keys) = test_config(&db);
+        Self::spawn_with(db, config, keys).await
+    }
+
+    pub async fn spawn_with(db: TestDb, config: Config, [admin_key, verify_key, migrate_key]: [String; 3]) -> Self {
+        let storage = db.storage().await;
+        let server = server::start_with_storage(config, storage.clone())
+            .await
+            .expect("server starts");
+        let addr = server.addr;
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect");
+        Self {
+            db,
+            storage,
+            channel,
+            admin_key,
+            verify_key,
+            migrate_key,
+            server: Some(server),
+        }
+    }
+
+    pub fn identity(&self, key: &str) -> IdentityClient {
+        IdentityServiceClient::with_interceptor(self.channel.clone(), WithKey(Some(key.to_owned())))
+    }
+
+    pub fn migration(&self, key: &str) -> MigrationClient {
+        MigrationServiceClient::with_interceptor(self.channel.clone(), WithKey(Some(key.to_owned())))
+    }
+
+    pub fn admin(&self) -> MigrationClient {
+        self.migration(&self.admin_key)
+    }
+
+    /// Inserts a legacy user and returns its id.
+    pub async fn legacy_user(&self, email: &str) -> UserId {
+        let id = UserId::new_random();
+        self.storage
+            .insert_legacy_user(&NewLegacyUser {
+                id,
+                email: Email::parse("email", email).unwrap(),
+                password_hash: Some("$2b$12$abcdefghijklmnopqrstuu8pHn2n9FcsZ8Sx0I2mO5Ww8R0o5y5yK".to_owned()),
+            })
+            .await
+            .unwrap();
+        id
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown().await;
+        }
+    }
+}
+
+/// The field named by a status's google.rpc.BadRequest details.
+pub fn bad_request_fields(status: &Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_bad_request()
+        .map(|br| br.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+/// Asserts INVALID_ARGUMENT naming `field`.
+pub fn assert_invalid(status: &Status, field: &str) {
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert_eq!(bad_request_fields(status), vec![field.to_owned()], "{status:?}");
+}

@@ -1,0 +1,14 @@
+//! Integration tests: the real server on loopback, called through tonic
+//! clients, on SQLite and on PostgreSQL. One binary keeps linking cheap.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+mod audit_api;
+mod auth_mode_api;
+mod caller_access;
+mod cli;
+mod health_and_reflection;
+mod postgres_schema;
+mod storage_conformance;
+mod users_api;

@@ -1,0 +1,400 @@
+//! The storage conformance suite: every operation of the `Storage` trait,
+//! run against SQLite and PostgreSQL alike.
+
+use std::sync::Arc;
+
+use chrono::{Duration as ChronoDuration, Utc};
+use identity::{
+    domain::{AuditOutcome, ClerkUserId, Email, UserId},
+    storage::{AuditQuery, Conflict, MappingKey, NewAuditEvent, NewLegacyUser, Storage, StorageError, UserKey},
+};
+
+use crate::common::TestDb;
+
+fn clerk(id: &str) -> ClerkUserId {
+    ClerkUserId::parse("clerk_user_id", id).unwrap()
+}
+
+fn audit(action: &str, user: Option<UserId>) -> NewAuditEvent {
+    NewAuditEvent {
+        caller: "suite".into(),
+        action: action.into(),
+        user_id: user,
+        outcome: AuditOutcome::Success,
+        detail: "d".into(),
+    }
+}
+
+async fn insert(storage: &dyn Storage, email: &str, hash: Option<&str>) -> UserId {
+    let id = UserId::new_random();
+    storage
+        .insert_legacy_user(&NewLegacyUser {
+            id,
+            email: Email::parse("email", email).unwrap(),
+            password_hash: hash.map(str::to_owned),
+        })
+        .await
+        .unwrap();
+    id
+}
+
+async fn audit_count(storage: &dyn Storage, action: &str) -> usize {
+    storage
+        .list_audit(&AuditQuery {
+            action: Some(action.into()),
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .len()
+}
+
+async fn ping_answers(db: TestDb) {
+    db.storage().await.ping().await.unwrap();
+}
+
+async fn users_are_found_by_id_clerk_id_and_email(db: TestDb) {
+    let storage = db.storage().await;
+    let id = insert(storage.as_ref(), "Ann@Example.com", Some("$2b$10$x")).await;
+    let by_id = storage.find_user(&UserKey::Id(id)).await.unwrap().unwrap();
+    assert_eq!(by_id.id, id);
+    assert_eq!(by_id.email.as_deref(), Some("Ann@Example.com"));
+    assert!(by_id.has_password);
+    assert!(!by_id.clerk_native);
+    assert_eq!(by_id.clerk_user_id, None);
+    let by_email = storage
+        .find_user(&UserKey::Email(Email::parse("e", "ann@example.COM").unwrap()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(by_email.id, id, "email lookups ignore case");
+    assert!(
+        storage
+            .find_user(&UserKey::Id(UserId::new_random()))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        storage
+            .find_user(&UserKey::ClerkUserId(clerk("user_nobody")))
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    storage
+        .link_user(id, &clerk("user_ann1"), &audit("user.link", Some(id)))
+        .await
+        .unwrap();
+    let by_clerk = storage
+        .find_user(&UserKey::ClerkUserId(clerk("user_ann1")))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(by_clerk.id, id);
+    assert_eq!(by_clerk.clerk_user_id.as_deref(), Some("user_ann1"));
+
+    let no_password = insert(storage.as_ref(), "bob@example.com", None).await;
+    assert!(
+        !storage
+            .find_user(&UserKey::Id(no_password))
+            .await
+            .unwrap()
+            .unwrap()
+            .has_password
+    );
+}
+
+async fn duplicate_users_conflict(db: TestDb) {
+    let storage = db.storage().await;
+    let id = insert(storage.as_ref(), "ann@example.com", None).await;
+    let same_id = storage
+        .insert_legacy_user(&NewLegacyUser {
+            id,
+            email: Email::parse("e", "other@example.com").unwrap(),
+            password_hash: None,
+        })
+        .await;
+    assert!(
+        matches!(same_id, Err(StorageError::Conflict(Conflict::UserExists))),
+        "{same_id:?}"
+    );
+    let same_email = storage
+        .insert_legacy_user(&NewLegacyUser {
+            id: UserId::new_random(),
+            email: Email::parse("e", "ANN@example.com").unwrap(),
+            password_hash: None,
+        })
+        .await;
+    assert!(
+        matches!(same_email, Err(StorageError::Conflict(Conflict::UserExists))),
+        "{same_email:?}"
+    );
+}
+
+async fn link_writes_mapping_user_and_audit_together(db: TestDb) {
+    let storage = db.storage().await;
+    let id = insert(storage.as_ref(), "ann@example.com", None).await;
+    let mapping = storage
+        .link_user(id, &clerk("user_a"), &audit("user.link", Some(id)))
+        .await
+        .unwrap();
+    assert_eq!(mapping.user_id, id);
+    assert_eq!(mapping.clerk_user_id, clerk("user_a"));
+    for key in [MappingKey::UserId(id), MappingKey::ClerkUserId(clerk("user_a"))] {
+        assert_eq!(storage.find_mapping(&key).await.unwrap().unwrap().user_id, id);
+    }
+    assert_eq!(
+        storage
+            .find_user(&UserKey::Id(id))
+            .await
+            .unwrap()
+            .unwrap()
+            .clerk_user_id
+            .as_deref(),
+        Some("user_a")
+    );
+    assert_eq!(audit_count(storage.as_ref(), "user.link").await, 1);
+}
+
+async fn link_conflicts_and_missing_users_change_nothing(db: TestDb) {
+    let storage = db.storage().await;
+    let ann = insert(storage.as_ref(), "ann@example.com", None).await;
+    let bob = insert(storage.as_ref(), "bob@example.com", None).await;
+    storage
+        .link_user(ann, &clerk("user_a"), &audit("user.link", Some(ann)))
+        .await
+        .unwrap();
+
+    let again = storage
+        .link_user(ann, &clerk("user_b"), &audit("user.link", Some(ann)))
+        .await;
+    assert!(
+        matches!(again, Err(StorageError::Conflict(Conflict::UserAlreadyLinked))),
+        "{again:?}"
+    );
+    let taken = storage
+        .link_user(bob, &clerk("user_a"), &audit("user.link", Some(bob)))
+        .await;
+    assert!(
+        matches!(taken, Err(StorageError::Conflict(Conflict::ClerkUserTaken))),
+        "{taken:?}"
+    );
+    let ghost = UserId::new_random();
+    let missing = storage
+        .link_user(ghost, &clerk("user_c"), &audit("user.link", Some(ghost)))
+        .await;
+    assert!(matches!(missing, Err(StorageError::NotFound(_))), "{missing:?}");
+
+    // Only the first link wrote anything.
+    assert_eq!(audit_count(storage.as_ref(), "user.link").await, 1);
+    assert!(
+        storage
+            .find_user(&UserKey::Id(bob))
+            .await
+            .unwrap()
+            .unwrap()
+            .clerk_user_id
+            .is_none()
+    );
+    assert!(
+        storage
+            .find_mapping(&MappingKey::ClerkUserId(clerk("user_b")))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        storage
+            .find_mapping(&MappingKey::ClerkUserId(clerk("user_c")))
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+async fn concurrent_links_of_one_clerk_user_admit_exactly_one(db: TestDb) {
+    let storage = db.storage().await;
+    let mut users = Vec::new();
+    for n in 0..10 {
+        users.push(insert(storage.as_ref(), &format!("u{n}@example.com"), None).await);
+    }
+    let mut tasks = Vec::new();
+    for user in users {
+        let storage: Arc<dyn Storage> = storage.clone();
+        tasks.push(tokio::spawn(async move {
+            storage
+                .link_user(user, &clerk("user_shared"), &audit("user.link", Some(user)))
+                .await
+        }));
+    }
+    let mut ok = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(StorageError::Conflict(Conflict::ClerkUserTaken)) => {}
+            Err(other) => panic!("unexpected error: {other:?}"),
+        }
+    }
+    assert_eq!(ok, 1);
+    assert_eq!(audit_count(storage.as_ref(), "user.link").await, 1);
+}
+
+async fn unlink_removes_both_and_is_audited(db: TestDb) {
+    let storage = db.storage().await;
+    let id = insert(storage.as_ref(), "ann@example.com", None).await;
+    storage
+        .link_user(id, &clerk("user_a"), &audit("user.link", Some(id)))
+        .await
+        .unwrap();
+    let removed = storage.unlink_user(id, &audit("user.unlink", Some(id))).await.unwrap();
+    assert_eq!(removed.clerk_user_id, clerk("user_a"));
+    assert!(storage.find_mapping(&MappingKey::UserId(id)).await.unwrap().is_none());
+    assert!(
+        storage
+            .find_user(&UserKey::Id(id))
+            .await
+            .unwrap()
+            .unwrap()
+            .clerk_user_id
+            .is_none()
+    );
+    assert_eq!(audit_count(storage.as_ref(), "user.unlink").await, 1);
+
+    let again = storage.unlink_user(id, &audit("user.unlink", Some(id))).await;
+    assert!(matches!(again, Err(StorageError::NotFound(_))), "{again:?}");
+    assert_eq!(audit_count(storage.as_ref(), "user.unlink").await, 1);
+    // The Clerk id is free again.
+    storage
+        .link_user(id, &clerk("user_a"), &audit("user.link", Some(id)))
+        .await
+        .unwrap();
+}
+
+async fn settings_return_the_previous_value(db: TestDb) {
+    let storage = db.storage().await;
+    assert!(storage.get_setting("auth_mode").await.unwrap().is_none());
+    assert!(
+        storage
+            .put_setting("auth_mode", "clerk_only", &audit("auth_mode.set", None))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let previous = storage
+        .put_setting("auth_mode", "dual", &audit("auth_mode.set", None))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(previous.value, "clerk_only");
+    assert_eq!(previous.updated_by, "suite");
+    let current = storage.get_setting("auth_mode").await.unwrap().unwrap();
+    assert_eq!(current.value, "dual");
+    assert!(current.updated_at <= Utc::now() + ChronoDuration::seconds(1));
+    assert_eq!(audit_count(storage.as_ref(), "auth_mode.set").await, 2);
+}
+
+async fn audit_filters_and_pages_newest_first(db: TestDb) {
+    let storage = db.storage().await;
+    let ann = UserId::new_random();
+    let start = Utc::now() - ChronoDuration::seconds(1);
+    for n in 0..5 {
+        storage
+            .append_audit(&audit(if n % 2 == 0 { "a.even" } else { "a.odd" }, Some(ann)))
+            .await
+            .unwrap();
+    }
+    storage
+        .append_audit(&NewAuditEvent {
+            outcome: AuditOutcome::Failure,
+            ..audit("a.other", None)
+        })
+        .await
+        .unwrap();
+
+    let all = storage
+        .list_audit(&AuditQuery {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 6);
+    assert!(all.windows(2).all(|w| w[0].id > w[1].id), "newest first");
+    assert_eq!(all[0].outcome, AuditOutcome::Failure);
+    assert_eq!(all[0].user_id, None);
+    assert_eq!(all[0].caller, "suite");
+
+    let for_ann = storage
+        .list_audit(&AuditQuery {
+            user_id: Some(ann),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(for_ann.len(), 5);
+    let even = storage
+        .list_audit(&AuditQuery {
+            action: Some("a.even".into()),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(even.len(), 3);
+    let page = storage
+        .list_audit(&AuditQuery {
+            before_id: Some(all[1].id),
+            limit: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        page.iter().map(|e| e.id).collect::<Vec<_>>(),
+        vec![all[2].id, all[3].id]
+    );
+    let in_range = storage
+        .list_audit(&AuditQuery {
+            since: Some(start),
+            until: Some(Utc::now() + ChronoDuration::seconds(5)),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(in_range.len(), 6);
+    let future = storage
+        .list_audit(&AuditQuery {
+            since: Some(Utc::now() + ChronoDuration::hours(1)),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(future.is_empty());
+    let past = storage
+        .list_audit(&AuditQuery {
+            until: Some(start),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(past.is_empty());
+}
+
+crate::backend_tests!(
+    ping_answers,
+    users_are_found_by_id_clerk_id_and_email,
+    duplicate_users_conflict,
+    link_writes_mapping_user_and_audit_together,
+    link_conflicts_and_missing_users_change_nothing,
+    concurrent_links_of_one_clerk_user_admit_exactly_one,
+    unlink_removes_both_and_is_audited,
+    settings_return_the_previous_value,
+    audit_filters_and_pages_newest_first,
+);
