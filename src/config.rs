@@ -24,10 +24,46 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "IDENTITY_HEALTH_INTERVAL_SECONDS",
     "IDENTITY_SETTINGS_REFRESH_SECONDS",
     "IDENTITY_MAX_REQUEST_BYTES",
+    "IDENTITY_LEGACY_JWT_SECRET",
+    "IDENTITY_LEGACY_JWT_ALGORITHM",
+    "IDENTITY_LEGACY_JWT_ISSUER",
+    "IDENTITY_LEGACY_JWT_AUDIENCE",
+    "IDENTITY_CLERK_SECRET_KEY",
+    "IDENTITY_CLERK_PUBLISHABLE_KEY",
+    "IDENTITY_CLERK_JWT_KEY",
+    "IDENTITY_CLERK_ISSUER",
+    "IDENTITY_CLERK_JWKS_URL",
+    "IDENTITY_CLERK_API_URL",
+    "IDENTITY_CLERK_AUTHORIZED_PARTIES",
+    "IDENTITY_CLERK_LEEWAY_SECONDS",
+    "IDENTITY_CLERK_JWKS_REFRESH_SECONDS",
+    "IDENTITY_CLERK_JWKS_COOLDOWN_SECONDS",
+    "IDENTITY_CLERK_JWKS_MAX_STALENESS_SECONDS",
+    "IDENTITY_UNMAPPED_CLERK_USER",
+    "IDENTITY_REJECT_LEGACY_AFTER_MIGRATION",
+    "IDENTITY_MAX_TOKEN_BYTES",
+    "IDENTITY_TOKEN_CACHE_SIZE",
+    "IDENTITY_USER_CACHE_SECONDS",
+    "IDENTITY_REVOCATION_DEFAULT_SECONDS",
 ];
 
 /// Variables that may instead be given as `<NAME>_FILE`.
-const SECRET_VARIABLES: &[&str] = &["IDENTITY_DATABASE_URL", "IDENTITY_API_KEYS"];
+const SECRET_VARIABLES: &[&str] = &[
+    "IDENTITY_DATABASE_URL",
+    "IDENTITY_API_KEYS",
+    "IDENTITY_LEGACY_JWT_SECRET",
+    "IDENTITY_CLERK_SECRET_KEY",
+    "IDENTITY_CLERK_JWT_KEY",
+];
+
+/// The seed application's own variable names, accepted when the
+/// `IDENTITY_*` one is unset so an existing environment works unchanged.
+const SEED_FALLBACKS: &[(&str, &str)] = &[
+    ("IDENTITY_LEGACY_JWT_SECRET", "JWT_SECRET"),
+    ("IDENTITY_CLERK_SECRET_KEY", "CLERK_SECRET_KEY"),
+    ("IDENTITY_CLERK_PUBLISHABLE_KEY", "CLERK_PUBLISHABLE_KEY"),
+    ("IDENTITY_CLERK_JWT_KEY", "CLERK_JWT_KEY"),
+];
 
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://identity.db";
 pub const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:50051";
@@ -68,6 +104,7 @@ pub struct Config {
     pub health_interval: Duration,
     pub settings_refresh: Duration,
     pub max_request_bytes: usize,
+    pub verification: VerificationConfig,
     /// Unknown `IDENTITY_*` names seen at load time (likely typos), to warn about.
     pub unknown_variables: Vec<String>,
 }
@@ -86,6 +123,7 @@ impl fmt::Debug for Config {
             .field("health_interval", &self.health_interval)
             .field("settings_refresh", &self.settings_refresh)
             .field("max_request_bytes", &self.max_request_bytes)
+            .field("verification", &self.verification)
             .finish()
     }
 }
@@ -95,7 +133,11 @@ struct Vars(HashMap<String, String>);
 
 impl Vars {
     fn plain(&self, name: &str) -> Option<&str> {
-        self.0.get(name).map(String::as_str).filter(|v| !v.trim().is_empty())
+        let own = self.0.get(name).map(String::as_str).filter(|v| !v.trim().is_empty());
+        own.or_else(|| {
+            let (_, seed) = SEED_FALLBACKS.iter().find(|(ours, _)| *ours == name)?;
+            self.0.get(*seed).map(String::as_str).filter(|v| !v.trim().is_empty())
+        })
     }
 
     fn parse<T: FromStr>(&self, name: &str, default: T, expected: &str) -> Result<T, ConfigError> {
@@ -234,6 +276,8 @@ impl Config {
             ));
         }
 
+        let verification = VerificationConfig::load(&vars)?;
+
         let mut unknown_variables: Vec<String> = vars
             .0
             .keys()
@@ -263,6 +307,7 @@ impl Config {
             health_interval: vars.seconds("IDENTITY_HEALTH_INTERVAL_SECONDS", 5, 1..=300)?,
             settings_refresh: vars.seconds("IDENTITY_SETTINGS_REFRESH_SECONDS", 2, 1..=300)?,
             max_request_bytes,
+            verification,
             unknown_variables,
         })
     }
@@ -273,6 +318,355 @@ impl Config {
             .unwrap_or_else(|e| unreachable!("development defaults are valid: {e}"));
         config.database_url = SecretString::from(database_url.to_owned());
         config
+    }
+}
+
+/// The legacy HS-signed JWTs of the application.
+#[derive(Clone)]
+pub struct LegacyJwtConfig {
+    pub secret: SecretString,
+    pub algorithm: jsonwebtoken::Algorithm,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+}
+
+impl fmt::Debug for LegacyJwtConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LegacyJwtConfig")
+            .field("secret", &"*****")
+            .field("algorithm", &self.algorithm)
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .finish()
+    }
+}
+
+/// Where Clerk's signing keys come from.
+#[derive(Clone)]
+pub enum ClerkKeySource {
+    /// A JWKS document (Frontend API `/.well-known/jwks.json`, or the
+    /// Backend API `/v1/jwks` with the secret key as bearer).
+    Jwks {
+        url: url::Url,
+        bearer: Option<SecretString>,
+    },
+    /// A PEM public key: networkless verification.
+    Pem(String),
+}
+
+impl fmt::Debug for ClerkKeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Jwks { url, bearer } => f
+                .debug_struct("Jwks")
+                .field("url", &url.as_str())
+                .field("bearer", &bearer.as_ref().map(|_| "*****"))
+                .finish(),
+            Self::Pem(_) => f.write_str("Pem"),
+        }
+    }
+}
+
+/// What to do with a valid Clerk token whose user has no mapping yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnmappedPolicy {
+    /// Create a new internal user linked to the Clerk user.
+    Provision,
+    /// Link to the unlinked legacy user with the Clerk user's verified
+    /// primary email, else provision.
+    LinkByEmail,
+    /// Reject the token (reason UNMAPPED_USER).
+    Reject,
+}
+
+#[derive(Clone)]
+pub struct ClerkConfig {
+    /// The instance's Frontend API URL; tokens must carry exactly this `iss`.
+    pub issuer: String,
+    pub keys: ClerkKeySource,
+    /// Backend API base (user look-ups, bulk import).
+    pub api_url: url::Url,
+    pub secret_key: Option<SecretString>,
+    /// When not empty, `azp` must be one of these.
+    pub authorized_parties: Vec<String>,
+    pub leeway_seconds: u64,
+    pub jwks_refresh: Duration,
+    pub jwks_cooldown: Duration,
+    pub jwks_max_staleness: Duration,
+    pub unmapped_policy: UnmappedPolicy,
+}
+
+impl fmt::Debug for ClerkConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClerkConfig")
+            .field("issuer", &self.issuer)
+            .field("keys", &self.keys)
+            .field("api_url", &self.api_url.as_str())
+            .field("secret_key", &self.secret_key.as_ref().map(|_| "*****"))
+            .field("authorized_parties", &self.authorized_parties)
+            .field("leeway_seconds", &self.leeway_seconds)
+            .field("jwks_refresh", &self.jwks_refresh)
+            .field("jwks_cooldown", &self.jwks_cooldown)
+            .field("jwks_max_staleness", &self.jwks_max_staleness)
+            .field("unmapped_policy", &self.unmapped_policy)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct VerificationConfig {
+    pub legacy: Option<LegacyJwtConfig>,
+    pub clerk: Option<ClerkConfig>,
+    pub reject_legacy_after_migration: bool,
+    pub max_token_bytes: usize,
+    /// Verified tokens kept in memory (each entry is small); the cache evicts beyond this.
+    pub token_cache_size: u64,
+    /// How long a user or mapping read from the database is trusted by this
+    /// replica; the delay before another replica's unlink takes effect here.
+    pub user_cache_ttl: Duration,
+    /// How long a revocation by `jti` alone is kept when the token's expiry is unknown.
+    pub revocation_default_ttl: Duration,
+}
+
+impl Default for VerificationConfig {
+    fn default() -> Self {
+        Self {
+            legacy: None,
+            clerk: None,
+            reject_legacy_after_migration: false,
+            max_token_bytes: 8 * 1024,
+            token_cache_size: 100_000,
+            user_cache_ttl: Duration::from_secs(10),
+            revocation_default_ttl: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+/// Whether a URL may be used for Clerk: `https`, or `http` to a loopback host.
+fn clerk_url(name: &str, raw: &str) -> Result<url::Url, ConfigError> {
+    let url = url::Url::parse(raw.trim()).map_err(|e| ConfigError::new(name, format!("invalid URL: {e}")))?;
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if is_loopback_host(&url) => Ok(url),
+        "http" => Err(ConfigError::new(
+            name,
+            "must use https:// (plain http:// only for loopback hosts)",
+        )),
+        other => Err(ConfigError::new(
+            name,
+            format!("unsupported scheme {other:?}: expected https://"),
+        )),
+    }
+}
+
+fn is_loopback_host(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(domain)) => domain.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// The Frontend API host encoded in a publishable key: `pk_test_`/`pk_live_`
+/// followed by base64 of `host$`.
+pub fn frontend_api_from_publishable_key(key: &str) -> Result<String, String> {
+    use base64::Engine;
+    let encoded = key
+        .trim()
+        .strip_prefix("pk_test_")
+        .or_else(|| key.trim().strip_prefix("pk_live_"))
+        .ok_or("must start with pk_test_ or pk_live_")?;
+    let decoded = base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(encoded.trim_end_matches('='))
+        .map_err(|_| "is not a Clerk publishable key (bad base64)")?;
+    let text = String::from_utf8(decoded).map_err(|_| "is not a Clerk publishable key (not UTF-8)")?;
+    let host = text
+        .strip_suffix('$')
+        .ok_or("is not a Clerk publishable key (no trailing $)")?;
+    if host.is_empty() || !host.chars().all(|c| c.is_ascii_alphanumeric() || ".-:".contains(c)) {
+        return Err("is not a Clerk publishable key (bad host)".into());
+    }
+    Ok(host.to_owned())
+}
+
+impl VerificationConfig {
+    fn load(vars: &Vars) -> Result<Self, ConfigError> {
+        let defaults = Self::default();
+        let legacy = match vars.secret("IDENTITY_LEGACY_JWT_SECRET")? {
+            None => None,
+            Some(secret) => {
+                let algorithm = match vars
+                    .plain("IDENTITY_LEGACY_JWT_ALGORITHM")
+                    .map(str::trim)
+                    .unwrap_or("HS256")
+                {
+                    "HS256" => jsonwebtoken::Algorithm::HS256,
+                    "HS384" => jsonwebtoken::Algorithm::HS384,
+                    "HS512" => jsonwebtoken::Algorithm::HS512,
+                    other => {
+                        return Err(ConfigError::new(
+                            "IDENTITY_LEGACY_JWT_ALGORITHM",
+                            format!("invalid value {other:?}: expected HS256, HS384 or HS512"),
+                        ));
+                    }
+                };
+                Some(LegacyJwtConfig {
+                    secret,
+                    algorithm,
+                    issuer: vars.plain("IDENTITY_LEGACY_JWT_ISSUER").map(|v| v.trim().to_owned()),
+                    audience: vars.plain("IDENTITY_LEGACY_JWT_AUDIENCE").map(|v| v.trim().to_owned()),
+                })
+            }
+        };
+
+        let secret_key = vars.secret("IDENTITY_CLERK_SECRET_KEY")?;
+        let pem = vars.secret("IDENTITY_CLERK_JWT_KEY")?;
+        let frontend = vars
+            .plain("IDENTITY_CLERK_PUBLISHABLE_KEY")
+            .map(|key| {
+                frontend_api_from_publishable_key(key)
+                    .map_err(|e| ConfigError::new("IDENTITY_CLERK_PUBLISHABLE_KEY", e))
+            })
+            .transpose()?;
+        let explicit_issuer = vars
+            .plain("IDENTITY_CLERK_ISSUER")
+            .map(|v| v.trim().trim_end_matches('/').to_owned());
+        let explicit_jwks = vars.plain("IDENTITY_CLERK_JWKS_URL");
+        let clerk_wanted = secret_key.is_some()
+            || pem.is_some()
+            || frontend.is_some()
+            || explicit_issuer.is_some()
+            || explicit_jwks.is_some();
+
+        let clerk = if !clerk_wanted {
+            None
+        } else {
+            let issuer = match (explicit_issuer, &frontend) {
+                (Some(issuer), _) => {
+                    clerk_url("IDENTITY_CLERK_ISSUER", &issuer)?;
+                    issuer
+                }
+                (None, Some(host)) => format!("https://{host}"),
+                (None, None) => {
+                    return Err(ConfigError::new(
+                        "IDENTITY_CLERK_ISSUER",
+                        "Clerk is configured but its issuer is unknown: set IDENTITY_CLERK_PUBLISHABLE_KEY or IDENTITY_CLERK_ISSUER",
+                    ));
+                }
+            };
+            let api_url = clerk_url(
+                "IDENTITY_CLERK_API_URL",
+                vars.plain("IDENTITY_CLERK_API_URL").unwrap_or("https://api.clerk.com"),
+            )?;
+            let keys = if let Some(pem) = pem {
+                let text = secrecy::ExposeSecret::expose_secret(&pem).replace("\\n", "\n");
+                jsonwebtoken::DecodingKey::from_rsa_pem(text.as_bytes())
+                    .map_err(|_| ConfigError::new("IDENTITY_CLERK_JWT_KEY", "is not an RSA public key in PEM form"))?;
+                ClerkKeySource::Pem(text)
+            } else if let Some(url) = explicit_jwks {
+                let url = clerk_url("IDENTITY_CLERK_JWKS_URL", url)?;
+                // The secret key goes only to the Backend API's own JWKS endpoint.
+                let bearer = (url.origin() == api_url.origin()).then(|| secret_key.clone()).flatten();
+                ClerkKeySource::Jwks { url, bearer }
+            } else if let Some(host) = &frontend {
+                let url = clerk_url(
+                    "IDENTITY_CLERK_PUBLISHABLE_KEY",
+                    &format!("https://{host}/.well-known/jwks.json"),
+                )?;
+                ClerkKeySource::Jwks { url, bearer: None }
+            } else if let Some(secret) = &secret_key {
+                let url = api_url
+                    .join("v1/jwks")
+                    .map_err(|e| ConfigError::new("IDENTITY_CLERK_API_URL", format!("invalid URL: {e}")))?;
+                ClerkKeySource::Jwks {
+                    url,
+                    bearer: Some(secret.clone()),
+                }
+            } else {
+                return Err(ConfigError::new(
+                    "IDENTITY_CLERK_JWKS_URL",
+                    "no source for Clerk's keys: set IDENTITY_CLERK_PUBLISHABLE_KEY, IDENTITY_CLERK_JWKS_URL, \
+                     IDENTITY_CLERK_SECRET_KEY or IDENTITY_CLERK_JWT_KEY",
+                ));
+            };
+            let authorized_parties = vars
+                .plain("IDENTITY_CLERK_AUTHORIZED_PARTIES")
+                .map(|v| {
+                    v.split(',')
+                        .map(|p| p.trim().trim_end_matches('/').to_owned())
+                        .filter(|p| !p.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let unmapped_policy = match vars
+                .plain("IDENTITY_UNMAPPED_CLERK_USER")
+                .map(str::trim)
+                .unwrap_or("provision")
+            {
+                "provision" => UnmappedPolicy::Provision,
+                "link_by_email" => UnmappedPolicy::LinkByEmail,
+                "reject" => UnmappedPolicy::Reject,
+                other => {
+                    return Err(ConfigError::new(
+                        "IDENTITY_UNMAPPED_CLERK_USER",
+                        format!("invalid value {other:?}: expected provision, link_by_email or reject"),
+                    ));
+                }
+            };
+            if unmapped_policy == UnmappedPolicy::LinkByEmail && secret_key.is_none() {
+                return Err(ConfigError::new(
+                    "IDENTITY_UNMAPPED_CLERK_USER",
+                    "link_by_email reads the user's email from Clerk's Backend API and needs IDENTITY_CLERK_SECRET_KEY",
+                ));
+            }
+            Some(ClerkConfig {
+                issuer,
+                keys,
+                api_url,
+                secret_key,
+                authorized_parties,
+                leeway_seconds: vars.seconds("IDENTITY_CLERK_LEEWAY_SECONDS", 5, 0..=300)?.as_secs(),
+                jwks_refresh: vars.seconds("IDENTITY_CLERK_JWKS_REFRESH_SECONDS", 300, 1..=86_400)?,
+                jwks_cooldown: vars.seconds("IDENTITY_CLERK_JWKS_COOLDOWN_SECONDS", 30, 0..=3600)?,
+                jwks_max_staleness: vars.seconds(
+                    "IDENTITY_CLERK_JWKS_MAX_STALENESS_SECONDS",
+                    86_400,
+                    60..=30 * 86_400,
+                )?,
+                unmapped_policy,
+            })
+        };
+
+        let max_token_bytes: usize = vars.parse(
+            "IDENTITY_MAX_TOKEN_BYTES",
+            defaults.max_token_bytes,
+            "a number of bytes",
+        )?;
+        if !(512..=65_536).contains(&max_token_bytes) {
+            return Err(ConfigError::new(
+                "IDENTITY_MAX_TOKEN_BYTES",
+                "must be between 512 and 65536",
+            ));
+        }
+        let token_cache_size: u64 = vars.parse(
+            "IDENTITY_TOKEN_CACHE_SIZE",
+            defaults.token_cache_size,
+            "a number of entries",
+        )?;
+        Ok(Self {
+            legacy,
+            clerk,
+            reject_legacy_after_migration: vars.bool("IDENTITY_REJECT_LEGACY_AFTER_MIGRATION", false)?,
+            max_token_bytes,
+            token_cache_size,
+            user_cache_ttl: vars.seconds("IDENTITY_USER_CACHE_SECONDS", 10, 0..=3600)?,
+            revocation_default_ttl: vars.seconds(
+                "IDENTITY_REVOCATION_DEFAULT_SECONDS",
+                defaults.revocation_default_ttl.as_secs(),
+                60..=366 * 86_400,
+            )?,
+        })
     }
 }
 
@@ -329,6 +723,61 @@ mod tests {
         assert!(err.message.contains("not both"));
         let err = load(&[("IDENTITY_API_KEYS_FILE", "/nonexistent/keys")]).unwrap_err();
         assert_eq!(err.variable, "IDENTITY_API_KEYS_FILE");
+    }
+
+    #[test]
+    fn clerk_settings_derive_from_the_publishable_key() {
+        use base64::Engine;
+        let pk = format!(
+            "pk_test_{}",
+            base64::engine::general_purpose::STANDARD.encode("clean-mole-12.clerk.accounts.dev$")
+        );
+        let config = load(&[("CLERK_PUBLISHABLE_KEY", &pk), ("JWT_SECRET", "s3cret")]).unwrap();
+        let clerk = config.verification.clerk.clone().unwrap();
+        assert_eq!(clerk.issuer, "https://clean-mole-12.clerk.accounts.dev");
+        match clerk.keys {
+            ClerkKeySource::Jwks { url, bearer } => {
+                assert_eq!(
+                    url.as_str(),
+                    "https://clean-mole-12.clerk.accounts.dev/.well-known/jwks.json"
+                );
+                assert!(bearer.is_none());
+            }
+            ClerkKeySource::Pem(_) => panic!("expected JWKS"),
+        }
+        assert_eq!(clerk.leeway_seconds, 5);
+        assert!(
+            config.verification.legacy.is_some(),
+            "JWT_SECRET is the seed's fallback"
+        );
+        assert!(!format!("{:?}", config.verification).contains("s3cret"));
+    }
+
+    #[test]
+    fn clerk_misconfiguration_names_the_variable() {
+        let err = load(&[("IDENTITY_CLERK_PUBLISHABLE_KEY", "pk_test_!!!")]).unwrap_err();
+        assert_eq!(err.variable, "IDENTITY_CLERK_PUBLISHABLE_KEY");
+        let err = load(&[("IDENTITY_CLERK_ISSUER", "http://clerk.example.com")]).unwrap_err();
+        assert_eq!(err.variable, "IDENTITY_CLERK_ISSUER");
+        let err = load(&[("IDENTITY_CLERK_SECRET_KEY", "sk_test_x")]).unwrap_err();
+        assert_eq!(err.variable, "IDENTITY_CLERK_ISSUER");
+        let err = load(&[
+            ("IDENTITY_CLERK_ISSUER", "https://c.example.com"),
+            ("IDENTITY_CLERK_JWT_KEY", "nope"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.variable, "IDENTITY_CLERK_JWT_KEY");
+        let err = load(&[
+            ("IDENTITY_LEGACY_JWT_SECRET", "x"),
+            ("IDENTITY_LEGACY_JWT_ALGORITHM", "RS256"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.variable, "IDENTITY_LEGACY_JWT_ALGORITHM");
+        let ok = load(&[
+            ("IDENTITY_CLERK_ISSUER", "http://127.0.0.1:9999"),
+            ("IDENTITY_CLERK_JWKS_URL", "http://127.0.0.1:9999/.well-known/jwks.json"),
+        ]);
+        assert!(ok.is_ok(), "loopback http is allowed: {ok:?}");
     }
 
     #[test]

@@ -11,7 +11,12 @@ use crate::{
     grpc::{IdentityApi, MigrationApi},
     pb::{identity_service_server::IdentityServiceServer, migration_service_server::MigrationServiceServer},
     storage::Storage,
+    verification::Verifier,
 };
+
+/// The health entry for Clerk token verification: NOT_SERVING only while no
+/// usable signing keys exist (legacy tokens and the rest keep working).
+pub(crate) const CLERK_KEYS_SERVICE: &str = "identity.v1.ClerkKeys";
 
 /// The names health answers for: the whole server and each service.
 pub(crate) const SERVICE_NAMES: [&str; 3] = [
@@ -67,6 +72,33 @@ pub(crate) async fn watch_database(
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Reports whether Clerk's keys are usable, when Clerk is configured.
+pub(crate) async fn watch_clerk_keys(reporter: HealthReporter, verifier: Verifier, mut stop: watch::Receiver<bool>) {
+    if verifier.clerk_keys_usable().is_none() {
+        return;
+    }
+    let mut last: Option<bool> = None;
+    loop {
+        let usable = verifier.clerk_keys_usable().unwrap_or(false);
+        if last != Some(usable) {
+            if last.is_some() {
+                tracing::info!(usable, "Clerk signing keys changed availability");
+            }
+            let status = if usable {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            reporter.set_service_status(CLERK_KEYS_SERVICE, status).await;
+            last = Some(usable);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = stop.changed() => return,
         }
     }

@@ -2,9 +2,11 @@
 //! the legacy JWT login and from Clerk, maps legacy users to Clerk users and
 //! runs the migration between them.
 //!
-//! Layout: [`grpc`] is the transport, [`domain`] the rules, [`storage`] the
-//! databases, [`config`] the environment, [`server`] wires them together.
+//! Layout: [`grpc`] is the transport, [`domain`] the rules, [`verification`]
+//! the token hot path, [`storage`] the databases, [`clerk`] Clerk's Backend
+//! API, [`config`] the environment, [`server`] wires them together.
 
+pub mod clerk;
 pub mod cli;
 pub mod config;
 pub mod domain;
@@ -13,6 +15,7 @@ mod health;
 pub mod server;
 pub mod storage;
 pub mod telemetry;
+pub mod verification;
 
 /// Code generated from `proto/identity/v1`.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

@@ -11,11 +11,12 @@ use tonic_health::ServingStatus;
 
 use crate::{
     config::Config,
-    domain::{AuditLog, AuthModes, UserDirectory},
+    domain::{AuditLog, AuthModes, UserCache, UserDirectory},
     grpc::{ApiKeyInterceptor, IdentityApi, MigrationApi},
     health,
     pb::{self, identity_service_server::IdentityServiceServer, migration_service_server::MigrationServiceServer},
     storage::{self, Storage, redact_url},
+    verification::{KeyError, Verifier},
 };
 
 /// Why the server could not start; each message says what to fix.
@@ -27,6 +28,8 @@ pub enum StartError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("cannot build server reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("{0}")]
+    Keys(#[from] KeyError),
 }
 
 /// A server running in the background (what tests and `serve` hold).
@@ -90,12 +93,23 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
         );
     }
 
-    let users = UserDirectory::new(storage.clone());
+    let user_cache = UserCache::new(storage.clone(), config.verification.user_cache_ttl);
+    let users = UserDirectory::new(user_cache.clone());
     let modes = AuthModes::new(storage.clone());
     let audit = AuditLog::new(storage.clone());
     if let Err(err) = modes.refresh().await {
         tracing::warn!(error = %err, "cannot read the auth mode yet; using the default until the next refresh");
     }
+    let verifier = Verifier::new(
+        &config.verification,
+        modes.clone(),
+        user_cache,
+        crate::clerk::http_client(),
+    )?;
+    if let Err(err) = verifier.load_revocations().await {
+        tracing::warn!(error = %err, "cannot load revocations yet; retrying in the background");
+    }
+    log_verification_setup(&config);
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -111,6 +125,12 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
         config.settings_refresh,
         stop_rx.clone(),
     ));
+    verifier.spawn_background(config.settings_refresh, stop_rx.clone());
+    tokio::spawn(health::watch_clerk_keys(
+        reporter.clone(),
+        verifier.clone(),
+        stop_rx.clone(),
+    ));
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -123,7 +143,8 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
 
     let interceptor = ApiKeyInterceptor::new(Arc::new(config.api_keys.clone()));
     let limit = config.max_request_bytes;
-    let identity = IdentityServiceServer::new(IdentityApi::new(users.clone())).max_decoding_message_size(limit);
+    let identity =
+        IdentityServiceServer::new(IdentityApi::new(users.clone(), verifier)).max_decoding_message_size(limit);
     let migration =
         MigrationServiceServer::new(MigrationApi::new(users, modes, audit)).max_decoding_message_size(limit);
 
@@ -161,6 +182,18 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
         task,
         grace: config.shutdown_grace,
     })
+}
+
+fn log_verification_setup(config: &Config) {
+    let v = &config.verification;
+    match (&v.legacy, &v.clerk) {
+        (None, None) => tracing::warn!("neither legacy JWTs nor Clerk are configured: VerifyToken rejects every token"),
+        _ => tracing::info!(
+            legacy = v.legacy.as_ref().map(|l| format!("{:?}", l.algorithm)),
+            clerk_issuer = v.clerk.as_ref().map(|c| c.issuer.as_str()),
+            "token verification configured"
+        ),
+    }
 }
 
 /// Keeps this replica's auth mode in step with the database.

@@ -1,12 +1,13 @@
 //! Transport-free domain logic: validated types, the caller model, and the
 //! services the gRPC adapters call.
 
-mod audit;
+pub(crate) mod audit;
 mod auth_mode;
 mod caller;
 mod error;
 mod ids;
 pub mod import;
+mod user_cache;
 mod users;
 
 pub use audit::{AuditLog, AuditOutcome, AuditPage, AuditPageRequest};
@@ -14,4 +15,5 @@ pub use auth_mode::{AuthMode, AuthModeState, AuthModes};
 pub use caller::{ApiKey, ApiKeyRegistry, Caller, Scope, generate_api_key};
 pub use error::DomainError;
 pub use ids::{ClerkUserId, Email, UserId};
+pub use user_cache::UserCache;
 pub use users::{MigrationState, User, UserDirectory};

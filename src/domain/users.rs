@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
-use super::{AuditOutcome, Caller, ClerkUserId, DomainError, Scope, UserId, audit};
+use super::{AuditOutcome, Caller, ClerkUserId, DomainError, Scope, UserCache, UserId, audit};
 use crate::storage::{MappingKey, MappingRecord, Storage, UserKey, UserRecord};
 
 /// Where a user stands in the migration.
@@ -52,11 +52,17 @@ impl From<UserRecord> for User {
 #[derive(Debug, Clone)]
 pub struct UserDirectory {
     storage: Arc<dyn Storage>,
+    cache: UserCache,
 }
 
 impl UserDirectory {
-    pub fn new(storage: Arc<dyn Storage>) -> Self {
-        Self { storage }
+    /// `cache` is the verification path's user cache; links and unlinks
+    /// here invalidate it at once.
+    pub fn new(cache: UserCache) -> Self {
+        Self {
+            storage: cache.storage().clone(),
+            cache,
+        }
     }
 
     pub async fn get_user(&self, caller: &Caller, key: &UserKey) -> Result<User, DomainError> {
@@ -95,6 +101,7 @@ impl UserDirectory {
         );
         match self.storage.link_user(user_id, clerk_user_id, &event).await {
             Ok(mapping) => {
+                self.cache.invalidate(user_id, Some(clerk_user_id.as_str()));
                 tracing::info!(caller = %caller.name, %user_id, clerk_user_id = %clerk_user_id, "user linked to Clerk");
                 Ok(mapping)
             }
@@ -113,6 +120,7 @@ impl UserDirectory {
         let event = audit::event(caller, action, Some(user_id), AuditOutcome::Success, "link removed");
         match self.storage.unlink_user(user_id, &event).await {
             Ok(removed) => {
+                self.cache.invalidate(user_id, Some(removed.clerk_user_id.as_str()));
                 tracing::info!(caller = %caller.name, %user_id, "user unlinked from Clerk");
                 Ok(removed)
             }

@@ -6,6 +6,7 @@ use crate::{
     domain::{AuditOutcome, AuthMode, ClerkUserId, DomainError, Email, MigrationState, User, UserId},
     pb,
     storage::{AuditRecord, MappingKey, MappingRecord, UserKey},
+    verification::{AuthMethod, Principal, RejectReason, Rejection},
 };
 
 pub fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
@@ -41,6 +42,52 @@ pub fn migration_state(state: MigrationState) -> pb::MigrationState {
         MigrationState::LegacyOnly => pb::MigrationState::LegacyOnly,
         MigrationState::Migrated => pb::MigrationState::Migrated,
         MigrationState::ClerkNative => pb::MigrationState::ClerkNative,
+    }
+}
+
+pub fn principal(principal: Principal) -> pb::Principal {
+    pb::Principal {
+        user_id: principal.user_id.to_string(),
+        auth_method: match principal.method {
+            AuthMethod::LegacyJwt => pb::AuthMethod::LegacyJwt,
+            AuthMethod::Clerk => pb::AuthMethod::Clerk,
+        } as i32,
+        clerk_user_id: principal.clerk_user_id.unwrap_or_default(),
+        session_id: principal.session_id.unwrap_or_default(),
+        email: principal.email.unwrap_or_default(),
+        migration_state: migration_state(principal.migration_state) as i32,
+        expires_at: Some(timestamp(principal.expires_at)),
+        organization: principal.organization.map(|o| pb::Organization {
+            id: o.id,
+            role: o.role,
+            slug: o.slug,
+        }),
+    }
+}
+
+pub fn rejection(rejection: Rejection) -> pb::Rejection {
+    use pb::RejectionReason as R;
+    let reason = match rejection.reason {
+        RejectReason::Malformed => R::Malformed,
+        RejectReason::Expired => R::Expired,
+        RejectReason::NotYetValid => R::NotYetValid,
+        RejectReason::IssuedInFuture => R::IssuedInFuture,
+        RejectReason::BadSignature => R::BadSignature,
+        RejectReason::UnknownKey => R::UnknownKey,
+        RejectReason::Issuer => R::Issuer,
+        RejectReason::Audience => R::Audience,
+        RejectReason::AlgorithmNotAllowed => R::AlgorithmNotAllowed,
+        RejectReason::Revoked => R::Revoked,
+        RejectReason::MethodDisabled => R::MethodDisabled,
+        RejectReason::UserNotFound => R::UserNotFound,
+        RejectReason::UnmappedUser => R::UnmappedUser,
+        RejectReason::SessionPending => R::SessionPending,
+        RejectReason::NotSessionToken => R::NotSessionToken,
+        RejectReason::LegacyAfterMigration => R::LegacyAfterMigration,
+    };
+    pb::Rejection {
+        reason: reason as i32,
+        message: rejection.message,
     }
 }
 

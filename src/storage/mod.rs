@@ -106,6 +106,24 @@ pub struct SettingRecord {
     pub updated_by: String,
 }
 
+/// A revoked legacy token, by `jti` or by the SHA-256 (hex) of the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewRevocation {
+    pub jti: Option<String>,
+    pub token_hash: Option<String>,
+    pub user_id: Option<UserId>,
+    /// When the entry may be purged (the token's own expiry).
+    pub expires_at: DateTime<Utc>,
+}
+
+/// An active revocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevocationRecord {
+    pub jti: Option<String>,
+    pub token_hash: Option<String>,
+    pub expires_at: DateTime<Utc>,
+}
+
 /// Everything the service stores. Implementations translate their database's
 /// errors into [`StorageError`] in one place.
 #[async_trait]
@@ -132,6 +150,26 @@ pub trait Storage: Send + Sync + fmt::Debug {
     async fn unlink_user(&self, user_id: UserId, audit: &NewAuditEvent) -> StorageResult<MappingRecord>;
 
     async fn find_mapping(&self, key: &MappingKey) -> StorageResult<Option<MappingRecord>>;
+
+    /// Creates a Clerk-native user linked to `clerk_user_id` (user row,
+    /// mapping and audit event in one transaction). The email is stored when
+    /// no other user has it. [`Conflict::ClerkUserTaken`] when the Clerk user
+    /// is already mapped (a concurrent first sighting won).
+    async fn provision_clerk_user(
+        &self,
+        clerk_user_id: &ClerkUserId,
+        email: Option<&Email>,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<UserRecord>;
+
+    /// Records a revocation and its audit event; revoking twice is a no-op.
+    async fn revoke_token(&self, revocation: &NewRevocation, audit: &NewAuditEvent) -> StorageResult<()>;
+
+    /// Revocations that have not expired at `now`.
+    async fn active_revocations(&self, now: DateTime<Utc>) -> StorageResult<Vec<RevocationRecord>>;
+
+    /// Deletes revocations that expired before `now`; returns how many.
+    async fn purge_revocations(&self, now: DateTime<Utc>) -> StorageResult<u64>;
 
     async fn get_setting(&self, key: &str) -> StorageResult<Option<SettingRecord>>;
 

@@ -13,9 +13,10 @@ use uuid::Uuid;
 
 use super::{
     AuditQuery, AuditRecord, Conflict, DatabaseOptions, MappingKey, MappingRecord, NewAuditEvent, NewLegacyUser,
-    SettingRecord, Storage, StorageError, StorageResult, UserKey, UserRecord, error::classify,
+    NewRevocation, RevocationRecord, SettingRecord, Storage, StorageError, StorageResult, UserKey, UserRecord,
+    error::classify,
 };
-use crate::domain::{AuditOutcome, ClerkUserId, UserId};
+use crate::domain::{AuditOutcome, ClerkUserId, Email, UserId};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -288,6 +289,110 @@ impl Storage for PostgresStorage {
         }
         .map_err(db_err)?;
         row.as_ref().map(mapping_from_row).transpose()
+    }
+
+    async fn provision_clerk_user(
+        &self,
+        clerk_user_id: &ClerkUserId,
+        email: Option<&Email>,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<UserRecord> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        // Serialise first sightings of one Clerk user; the unique index is the final word.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('identity.provision'), hashtext($1))")
+            .bind(clerk_user_id.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let mapped: Option<Uuid> =
+            sqlx::query_scalar("SELECT user_id FROM user_clerk_mappings WHERE clerk_user_id = $1")
+                .bind(clerk_user_id.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        if mapped.is_some() {
+            return Err(StorageError::Conflict(Conflict::ClerkUserTaken));
+        }
+        let email = match email {
+            Some(email) => {
+                let taken: Option<Uuid> =
+                    sqlx::query_scalar("SELECT id FROM users WHERE lower(email) = lower($1) LIMIT 1")
+                        .bind(email.as_str())
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(db_err)?;
+                taken.is_none().then(|| email.as_str().to_owned())
+            }
+            None => None,
+        };
+        let id = UserId::new_random();
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO users (id, email, clerk_user_id, clerk_native) VALUES ($1, $2, $3, true) RETURNING {USER_COLUMNS}"
+        )))
+        .bind(*id.as_uuid())
+        .bind(email.as_deref())
+        .bind(clerk_user_id.as_str())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+        sqlx::query("INSERT INTO user_clerk_mappings (user_id, clerk_user_id) VALUES ($1, $2)")
+            .bind(*id.as_uuid())
+            .bind(clerk_user_id.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+        let audit = NewAuditEvent {
+            user_id: Some(id),
+            ..audit.clone()
+        };
+        insert_audit(&mut tx, &audit).await?;
+        tx.commit().await.map_err(db_err)?;
+        user_from_row(&row)
+    }
+
+    async fn revoke_token(&self, revocation: &NewRevocation, audit: &NewAuditEvent) -> StorageResult<()> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        let sql = if revocation.jti.is_some() {
+            "INSERT INTO jwt_blacklist (jti, token_hash, user_id, expires_at) VALUES ($1, $2, $3, $4) ON CONFLICT (jti) DO NOTHING"
+        } else {
+            "INSERT INTO jwt_blacklist (jti, token_hash, user_id, expires_at) VALUES ($1, $2, $3, $4) ON CONFLICT (token_hash) DO NOTHING"
+        };
+        sqlx::query(sql)
+            .bind(revocation.jti.as_deref())
+            .bind(revocation.token_hash.as_deref())
+            .bind(revocation.user_id.map(|id| *id.as_uuid()))
+            .bind(revocation.expires_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn active_revocations(&self, now: chrono::DateTime<chrono::Utc>) -> StorageResult<Vec<RevocationRecord>> {
+        let rows = sqlx::query("SELECT jti, token_hash, expires_at FROM jwt_blacklist WHERE expires_at > $1")
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter()
+            .map(|row| {
+                Ok(RevocationRecord {
+                    jti: row.try_get("jti").map_err(db_err)?,
+                    token_hash: row.try_get("token_hash").map_err(db_err)?,
+                    expires_at: row.try_get("expires_at").map_err(db_err)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn purge_revocations(&self, now: chrono::DateTime<chrono::Utc>) -> StorageResult<u64> {
+        let done = sqlx::query("DELETE FROM jwt_blacklist WHERE expires_at <= $1")
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected())
     }
 
     async fn get_setting(&self, key: &str) -> StorageResult<Option<SettingRecord>> {

@@ -14,9 +14,10 @@ use uuid::Uuid;
 
 use super::{
     AuditQuery, AuditRecord, Conflict, DatabaseOptions, MappingKey, MappingRecord, NewAuditEvent, NewLegacyUser,
-    SettingRecord, Storage, StorageError, StorageResult, UserKey, UserRecord, error::classify,
+    NewRevocation, RevocationRecord, SettingRecord, Storage, StorageError, StorageResult, UserKey, UserRecord,
+    error::classify,
 };
-use crate::domain::{AuditOutcome, ClerkUserId, UserId};
+use crate::domain::{AuditOutcome, ClerkUserId, Email, UserId};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -273,6 +274,120 @@ impl Storage for SqliteStorage {
         };
         let row = query.fetch_optional(&self.pool).await.map_err(db_err)?;
         row.as_ref().map(mapping_from_row).transpose()
+    }
+
+    async fn provision_clerk_user(
+        &self,
+        clerk_user_id: &ClerkUserId,
+        email: Option<&Email>,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<UserRecord> {
+        let mut tx = self.begin_write().await?;
+        let mapped: Option<String> =
+            sqlx::query_scalar("SELECT user_id FROM user_clerk_mappings WHERE clerk_user_id = ?")
+                .bind(clerk_user_id.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        if mapped.is_some() {
+            return Err(StorageError::Conflict(Conflict::ClerkUserTaken));
+        }
+        let email = match email {
+            Some(email) => {
+                let taken: Option<String> = sqlx::query_scalar("SELECT id FROM users WHERE email = ? COLLATE NOCASE")
+                    .bind(email.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                taken.is_none().then(|| email.as_str().to_owned())
+            }
+            None => None,
+        };
+        let id = UserId::new_random();
+        let now = micros(Utc::now());
+        sqlx::query(
+            "INSERT INTO users (id, email, clerk_user_id, clerk_native, created_at, updated_at) VALUES (?, ?, ?, 1, ?, ?)",
+        )
+        .bind(id.to_string())
+        .bind(email.as_deref())
+        .bind(clerk_user_id.as_str())
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+        sqlx::query(
+            "INSERT INTO user_clerk_mappings (id, user_id, clerk_user_id, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(Uuid::new_v4().to_string())
+        .bind(id.to_string())
+        .bind(clerk_user_id.as_str())
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+        let audit = NewAuditEvent {
+            user_id: Some(id),
+            ..audit.clone()
+        };
+        insert_audit(&mut tx, &audit).await?;
+        tx.commit().await.map_err(db_err)?;
+        let at = from_micros(now)?;
+        Ok(UserRecord {
+            id,
+            email,
+            clerk_user_id: Some(clerk_user_id.as_str().to_owned()),
+            clerk_native: true,
+            has_password: false,
+            created_at: at,
+            updated_at: at,
+        })
+    }
+
+    async fn revoke_token(&self, revocation: &NewRevocation, audit: &NewAuditEvent) -> StorageResult<()> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO jwt_blacklist (id, jti, token_hash, user_id, expires_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(Uuid::new_v4().to_string())
+        .bind(revocation.jti.as_deref())
+        .bind(revocation.token_hash.as_deref())
+        .bind(revocation.user_id.map(|id| id.to_string()))
+        .bind(micros(revocation.expires_at))
+        .bind(micros(Utc::now()))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn active_revocations(&self, now: DateTime<Utc>) -> StorageResult<Vec<RevocationRecord>> {
+        let rows = sqlx::query("SELECT jti, token_hash, expires_at FROM jwt_blacklist WHERE expires_at > ?")
+            .bind(micros(now))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter()
+            .map(|row| {
+                Ok(RevocationRecord {
+                    jti: row.try_get("jti").map_err(db_err)?,
+                    token_hash: row.try_get("token_hash").map_err(db_err)?,
+                    expires_at: from_micros(row.try_get("expires_at").map_err(db_err)?)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn purge_revocations(&self, now: DateTime<Utc>) -> StorageResult<u64> {
+        let done = sqlx::query("DELETE FROM jwt_blacklist WHERE expires_at <= ?")
+            .bind(micros(now))
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected())
     }
 
     async fn get_setting(&self, key: &str) -> StorageResult<Option<SettingRecord>> {

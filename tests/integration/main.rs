@@ -12,3 +12,5 @@ mod health_and_reflection;
 mod postgres_schema;
 mod storage_conformance;
 mod users_api;
+mod verify_clerk;
+mod verify_legacy;

@@ -387,7 +387,123 @@ async fn audit_filters_and_pages_newest_first(db: TestDb) {
     assert!(past.is_empty());
 }
 
+async fn provisioning_creates_one_clerk_native_user(db: TestDb) {
+    let storage = db.storage().await;
+    let taken = insert(storage.as_ref(), "ann@example.com", None).await;
+    let email = Email::parse("e", "ANN@example.com").unwrap();
+    let user = storage
+        .provision_clerk_user(&clerk("user_new"), Some(&email), &audit("user.provision", None))
+        .await
+        .unwrap();
+    assert!(user.clerk_native);
+    assert_eq!(user.clerk_user_id.as_deref(), Some("user_new"));
+    assert_eq!(user.email, None, "an email another user has is not copied");
+    assert_ne!(user.id, taken);
+    let stored = storage
+        .find_user(&UserKey::ClerkUserId(clerk("user_new")))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored, user);
+    assert_eq!(
+        storage
+            .find_mapping(&MappingKey::ClerkUserId(clerk("user_new")))
+            .await
+            .unwrap()
+            .unwrap()
+            .user_id,
+        user.id
+    );
+    let again = storage
+        .provision_clerk_user(&clerk("user_new"), None, &audit("user.provision", None))
+        .await;
+    assert!(
+        matches!(again, Err(StorageError::Conflict(Conflict::ClerkUserTaken))),
+        "{again:?}"
+    );
+    let free = Email::parse("e", "zed@example.com").unwrap();
+    let zed = storage
+        .provision_clerk_user(&clerk("user_zed"), Some(&free), &audit("user.provision", None))
+        .await
+        .unwrap();
+    assert_eq!(zed.email.as_deref(), Some("zed@example.com"));
+    let events = storage
+        .list_audit(&AuditQuery {
+            action: Some("user.provision".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0].user_id, Some(zed.id), "the audit event names the new user");
+
+    // Concurrent first sightings: exactly one user.
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let storage: Arc<dyn Storage> = storage.clone();
+        tasks.push(tokio::spawn(async move {
+            storage
+                .provision_clerk_user(&clerk("user_race"), None, &audit("user.provision", None))
+                .await
+        }));
+    }
+    let mut ok = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(StorageError::Conflict(Conflict::ClerkUserTaken)) => {}
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(ok, 1);
+}
+
+async fn revocations_are_idempotent_listed_and_purged(db: TestDb) {
+    use identity::storage::NewRevocation;
+    let storage = db.storage().await;
+    let soon = Utc::now() + ChronoDuration::hours(1);
+    let by_jti = NewRevocation {
+        jti: Some("j1".into()),
+        token_hash: None,
+        user_id: Some(UserId::new_random()),
+        expires_at: soon,
+    };
+    let by_hash = NewRevocation {
+        jti: None,
+        token_hash: Some("ab".repeat(32)),
+        user_id: None,
+        expires_at: soon,
+    };
+    let expired = NewRevocation {
+        jti: Some("old".into()),
+        token_hash: None,
+        user_id: None,
+        expires_at: Utc::now() - ChronoDuration::minutes(1),
+    };
+    for revocation in [&by_jti, &by_hash, &by_jti, &expired] {
+        storage
+            .revoke_token(revocation, &audit("token.revoke", None))
+            .await
+            .unwrap();
+    }
+    let active = storage.active_revocations(Utc::now()).await.unwrap();
+    assert_eq!(active.len(), 2);
+    assert!(active.iter().any(|r| r.jti.as_deref() == Some("j1")));
+    assert!(
+        active
+            .iter()
+            .any(|r| r.token_hash.as_deref() == Some("ab".repeat(32).as_str()))
+    );
+    assert_eq!(storage.purge_revocations(Utc::now()).await.unwrap(), 1);
+    assert_eq!(storage.purge_revocations(Utc::now()).await.unwrap(), 0);
+    assert_eq!(storage.active_revocations(Utc::now()).await.unwrap().len(), 2);
+    assert_eq!(audit_count(storage.as_ref(), "token.revoke").await, 4);
+}
+
 crate::backend_tests!(
+    provisioning_creates_one_clerk_native_user,
+    revocations_are_idempotent_listed_and_purged,
     ping_answers,
     users_are_found_by_id_clerk_id_and_email,
     duplicate_users_conflict,

@@ -1,10 +1,14 @@
 //! Test harness: a fresh database per test (a SQLite file or a PostgreSQL
-//! database), the real server on 127.0.0.1:0, and tonic clients.
+//! database), the real server on 127.0.0.1:0, tonic clients, a fake Clerk
+//! and token minting.
+
+pub mod fake_clerk;
+pub mod tokens;
 
 use std::{sync::Arc, time::Duration};
 
 use identity::{
-    config::Config,
+    config::{ClerkConfig, ClerkKeySource, Config, LegacyJwtConfig, UnmappedPolicy, VerificationConfig},
     domain::{ApiKeyRegistry, Email, Scope, UserId, generate_api_key},
     pb::{identity_service_client::IdentityServiceClient, migration_service_client::MigrationServiceClient},
     server::{self, RunningServer},
@@ -310,4 +314,76 @@ pub fn bad_request_fields(status: &Status) -> Vec<String> {
 pub fn assert_invalid(status: &Status, field: &str) {
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     assert_eq!(bad_request_fields(status), vec![field.to_owned()], "{status:?}");
+}
+
+/// The legacy verifier as the tests configure it.
+pub fn legacy_config() -> LegacyJwtConfig {
+    LegacyJwtConfig {
+        secret: SecretString::from(tokens::LEGACY_SECRET.to_owned()),
+        algorithm: jsonwebtoken::Algorithm::HS256,
+        issuer: None,
+        audience: None,
+    }
+}
+
+/// Clerk against the fake: issuer = the fake's URL, keys from its Frontend API JWKS.
+pub fn clerk_config(fake: &fake_clerk::FakeClerk) -> ClerkConfig {
+    ClerkConfig {
+        issuer: fake.url(),
+        keys: ClerkKeySource::Jwks {
+            url: url::Url::parse(&format!("{}/.well-known/jwks.json", fake.url())).unwrap(),
+            bearer: None,
+        },
+        api_url: url::Url::parse(&fake.url()).unwrap(),
+        secret_key: Some(SecretString::from(fake_clerk::SECRET_KEY.to_owned())),
+        authorized_parties: Vec::new(),
+        leeway_seconds: 5,
+        jwks_refresh: Duration::from_secs(300),
+        jwks_cooldown: Duration::from_secs(30),
+        jwks_max_staleness: Duration::from_secs(86_400),
+        unmapped_policy: UnmappedPolicy::Provision,
+    }
+}
+
+impl TestApp {
+    /// A server with the given verification settings.
+    pub async fn spawn_verifying(db: TestDb, verification: VerificationConfig) -> Self {
+        let (mut config, keys) = test_config(&db);
+        config.verification = verification;
+        Self::spawn_with(db, config, keys).await
+    }
+
+    /// VerifyToken with the verify key.
+    pub async fn verify(&self, token: &str) -> identity::pb::verify_token_response::Result {
+        self.verify_for(token, "").await
+    }
+
+    pub async fn verify_for(&self, token: &str, audience: &str) -> identity::pb::verify_token_response::Result {
+        self.identity(&self.verify_key)
+            .verify_token(identity::pb::VerifyTokenRequest {
+                token: token.to_owned(),
+                expected_audience: audience.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .result
+            .unwrap()
+    }
+}
+
+/// The principal of an accepted token, or a panic naming the rejection.
+pub fn accepted(result: identity::pb::verify_token_response::Result) -> identity::pb::Principal {
+    match result {
+        identity::pb::verify_token_response::Result::Principal(p) => p,
+        identity::pb::verify_token_response::Result::Rejection(r) => panic!("rejected: {:?} {}", r.reason(), r.message),
+    }
+}
+
+/// The reason of a rejected token, or a panic when it was accepted.
+pub fn rejected(result: identity::pb::verify_token_response::Result) -> identity::pb::RejectionReason {
+    match result {
+        identity::pb::verify_token_response::Result::Rejection(r) => r.reason(),
+        identity::pb::verify_token_response::Result::Principal(p) => panic!("accepted: {p:?}"),
+    }
 }

@@ -1,0 +1,523 @@
+//! Token verification, the hot path every backend calls: legacy HS JWTs and
+//! Clerk session tokens resolved to one principal, under the auth mode.
+//!
+//! A token that verified once is cached by its SHA-256 (bounded, evicting),
+//! so a repeated token costs a hash, a few in-memory checks and a cached
+//! user look-up; the expiry, the auth mode, revocation and the caller's
+//! expected audience are checked again on every call.
+
+mod clerk;
+mod jwks;
+mod legacy;
+mod principal;
+mod reason;
+mod revocation;
+mod token;
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+pub use clerk::Organization;
+pub use jwks::JwksStats;
+pub use principal::{AuthMethod, Principal};
+pub use reason::{RejectReason, Rejection};
+
+use self::{
+    clerk::{ClerkFailure, ClerkToken, ClerkVerifier, is_rsa},
+    jwks::{Key, KeyStore, RemoteJwks},
+    legacy::{LegacyToken, LegacyVerifier},
+    principal::PrincipalResolver,
+    revocation::RevocationList,
+};
+use crate::{
+    clerk::ClerkApi,
+    config::{ClerkKeySource, UnmappedPolicy, VerificationConfig},
+    domain::{AuditOutcome, AuthModes, Caller, DomainError, Scope, UserCache, audit},
+    storage::NewRevocation,
+};
+
+/// The outcome of a verification: a principal, or a rejection with its reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Accepted(Principal),
+    Rejected(Rejection),
+}
+
+impl Verdict {
+    fn reject(reason: RejectReason, message: &str) -> Self {
+        Self::Rejected(Rejection::new(reason, message))
+    }
+}
+
+/// What a token verified as, before the per-call checks.
+enum Verified {
+    Legacy(LegacyToken),
+    Clerk(ClerkToken),
+}
+
+/// Which token RevokeToken names.
+#[derive(Debug, Clone)]
+pub enum RevokeTarget {
+    /// The legacy token itself (its own user, or an admin).
+    Token(String),
+    /// A `jti` (admin only); kept until `expires_at`, or the default lifetime.
+    Jti {
+        jti: String,
+        expires_at: Option<DateTime<Utc>>,
+    },
+}
+
+/// Legacy `exp` leeway, as in the legacy verifier.
+const LEGACY_LEEWAY: i64 = 5;
+const MAX_JTI_LEN: usize = 256;
+
+struct Inner {
+    legacy: Option<LegacyVerifier>,
+    clerk: Option<ClerkVerifier>,
+    modes: AuthModes,
+    revocations: RevocationList,
+    principals: PrincipalResolver,
+    cache: moka::sync::Cache<[u8; 32], Arc<Verified>>,
+    max_token_bytes: usize,
+    reject_legacy_after_migration: bool,
+    revocation_default_ttl: Duration,
+}
+
+#[derive(Clone)]
+pub struct Verifier {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("legacy", &self.inner.legacy.is_some())
+            .field("clerk", &self.inner.clerk.is_some())
+            .finish()
+    }
+}
+
+/// Why the Clerk configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("IDENTITY_CLERK_JWT_KEY: {0}")]
+pub struct KeyError(String);
+
+impl Verifier {
+    pub fn new(
+        config: &VerificationConfig,
+        modes: AuthModes,
+        users: UserCache,
+        http: reqwest::Client,
+    ) -> Result<Self, KeyError> {
+        let clerk = match &config.clerk {
+            None => None,
+            Some(clerk) => {
+                let keys = match &clerk.keys {
+                    ClerkKeySource::Pem(pem) => {
+                        let decoding = jsonwebtoken::DecodingKey::from_rsa_pem(pem.as_bytes())
+                            .map_err(|_| KeyError("is not an RSA public key in PEM form".into()))?;
+                        KeyStore::Static(Arc::new(Key {
+                            decoding,
+                            algorithm: None,
+                        }))
+                    }
+                    ClerkKeySource::Jwks { url, bearer } => KeyStore::Remote(Arc::new(RemoteJwks::new(
+                        url.clone(),
+                        bearer.clone(),
+                        http.clone(),
+                        clerk.jwks_refresh,
+                        clerk.jwks_cooldown,
+                        clerk.jwks_max_staleness,
+                    ))),
+                };
+                Some(ClerkVerifier::new(
+                    clerk.issuer.clone(),
+                    keys,
+                    clerk.authorized_parties.clone(),
+                    clerk.leeway_seconds,
+                ))
+            }
+        };
+        let clerk_api = config.clerk.as_ref().and_then(|c| {
+            c.secret_key
+                .as_ref()
+                .map(|secret| ClerkApi::new(http.clone(), c.api_url.clone(), secret.clone()))
+        });
+        let policy = config
+            .clerk
+            .as_ref()
+            .map(|c| c.unmapped_policy)
+            .unwrap_or(UnmappedPolicy::Reject);
+        let storage = users.storage().clone();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                legacy: config.legacy.as_ref().map(LegacyVerifier::new),
+                clerk,
+                modes,
+                revocations: RevocationList::new(storage),
+                principals: PrincipalResolver::new(users, policy, clerk_api),
+                cache: moka::sync::Cache::builder()
+                    .max_capacity(config.token_cache_size)
+                    // Nothing outlives this, whatever its `exp` says; entries are re-checked anyway.
+                    .time_to_live(Duration::from_secs(3600))
+                    .build(),
+                max_token_bytes: config.max_token_bytes,
+                reject_legacy_after_migration: config.reject_legacy_after_migration,
+                revocation_default_ttl: config.revocation_default_ttl,
+            }),
+        })
+    }
+
+    /// Whether Clerk tokens can be verified now: `None` when Clerk is not configured.
+    pub fn clerk_keys_usable(&self) -> Option<bool> {
+        self.inner.clerk.as_ref().map(|c| c.keys.has_usable_keys())
+    }
+
+    /// JWKS fetch counters, when keys come from a JWKS URL.
+    pub fn jwks_stats(&self) -> Option<Arc<JwksStats>> {
+        match self.inner.clerk.as_ref().map(|c| &c.keys) {
+            Some(KeyStore::Remote(remote)) => Some(remote.stats.clone()),
+            _ => None,
+        }
+    }
+
+    /// Starts the background work: JWKS refresh, revocation reload and purge.
+    pub fn spawn_background(&self, reload_every: Duration, stop: watch::Receiver<bool>) {
+        if let Some(KeyStore::Remote(remote)) = self.inner.clerk.as_ref().map(|c| &c.keys) {
+            tokio::spawn(refresh_jwks(remote.clone(), stop.clone()));
+        }
+        let revocations = self.inner.revocations.clone();
+        let mut stop = stop;
+        tokio::spawn(async move {
+            let purge_every = Duration::from_secs(600);
+            let mut since_purge = Duration::ZERO;
+            loop {
+                if let Err(err) = revocations.reload().await {
+                    tracing::warn!(error = %err, "cannot reload revocations; keeping the last known list");
+                }
+                if since_purge >= purge_every {
+                    since_purge = Duration::ZERO;
+                    match revocations.purge().await {
+                        Ok(n) if n > 0 => tracing::info!(purged = n, "purged expired revocations"),
+                        Ok(_) => {}
+                        Err(err) => tracing::warn!(error = %err, "cannot purge expired revocations"),
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(reload_every) => since_purge += reload_every,
+                    _ = stop.changed() => return,
+                }
+            }
+        });
+    }
+
+    /// Reloads revocations now (start-up).
+    pub async fn load_revocations(&self) -> Result<usize, DomainError> {
+        self.inner.revocations.reload().await
+    }
+
+    /// Forgets cached users after a link or unlink on this replica.
+    pub fn users(&self) -> &UserCache {
+        &self.inner.principals.users
+    }
+
+    /// Verifies a bearer token. An invalid token is `Ok(Rejected)`; errors
+    /// are for the caller's own mistakes and for outages.
+    pub async fn verify(
+        &self,
+        caller: &Caller,
+        raw_token: &str,
+        expected_audience: Option<&str>,
+    ) -> Result<Verdict, DomainError> {
+        caller.require_any(&[Scope::Verify, Scope::Admin])?;
+        let token = token::strip_bearer(raw_token);
+        if token.is_empty() {
+            return Err(DomainError::invalid("token", "must not be empty"));
+        }
+        if token.len() > self.inner.max_token_bytes {
+            return Ok(Verdict::reject(RejectReason::Malformed, "token is too large"));
+        }
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let verified = match self.inner.cache.get(&digest) {
+            Some(hit) => hit,
+            None => match self.verify_cold(token).await? {
+                Ok(verified) => {
+                    let verified = Arc::new(verified);
+                    self.inner.cache.insert(digest, verified.clone());
+                    verified
+                }
+                Err(rejection) => return Ok(Verdict::Rejected(rejection)),
+            },
+        };
+        self.judge(caller, &verified, &digest, expected_audience).await
+    }
+
+    /// Routes by header and `iss` (never by anything the token points to)
+    /// and checks the signature and claims.
+    async fn verify_cold(&self, token: &str) -> Result<Result<Verified, Rejection>, DomainError> {
+        let peeked = match token::peek(token) {
+            Ok(peeked) => peeked,
+            Err(rejection) => return Ok(Err(rejection)),
+        };
+        let inner = &self.inner;
+        let mode = inner.modes.current();
+        let alg = peeked.header.alg.as_str();
+        let not_allowed = |why: &str| Ok(Err(Rejection::new(RejectReason::AlgorithmNotAllowed, why)));
+        let disabled = || {
+            Ok(Err(Rejection::new(
+                RejectReason::MethodDisabled,
+                "this kind of token is not accepted",
+            )))
+        };
+
+        if is_rsa(alg).is_some() {
+            let Some(clerk) = &inner.clerk else {
+                return if inner.legacy.is_some() {
+                    not_allowed("RS token presented to the HMAC (legacy) issuer")
+                } else {
+                    disabled()
+                };
+            };
+            if !mode.accepts_clerk() {
+                return disabled();
+            }
+            return match clerk.verify(token, &peeked.header).await {
+                Ok(verified) => Ok(Ok(Verified::Clerk(verified))),
+                Err(ClerkFailure::Rejected(rejection)) => Ok(Err(rejection)),
+                Err(ClerkFailure::KeysUnavailable) => Err(DomainError::Unavailable {
+                    message: "Clerk signing keys are unavailable".into(),
+                    source: None,
+                }),
+            };
+        }
+        if matches!(alg, "HS256" | "HS384" | "HS512") {
+            let clerk_issuer = inner.clerk.as_ref().map(|c| c.issuer.as_str());
+            if clerk_issuer.is_some() && peeked.issuer.as_deref() == clerk_issuer {
+                return not_allowed("HMAC token presented to the RSA (Clerk) issuer");
+            }
+            let Some(legacy) = &inner.legacy else {
+                return if inner.clerk.is_some() {
+                    not_allowed("HMAC tokens are not accepted")
+                } else {
+                    disabled()
+                };
+            };
+            if !mode.accepts_legacy() {
+                return disabled();
+            }
+            if alg.parse::<jsonwebtoken::Algorithm>().ok() != Some(legacy.algorithm()) {
+                return not_allowed("algorithm not allowed");
+            }
+            return Ok(legacy.verify(token).map(Verified::Legacy));
+        }
+        not_allowed("algorithm not allowed")
+    }
+
+    /// The checks that depend on the moment, the mode, the caller and the database.
+    async fn judge(
+        &self,
+        caller: &Caller,
+        verified: &Verified,
+        digest: &[u8; 32],
+        expected_audience: Option<&str>,
+    ) -> Result<Verdict, DomainError> {
+        let inner = &self.inner;
+        let now = Utc::now().timestamp();
+        let mode = inner.modes.current();
+        let expected = expected_audience
+            .map(|a| a.trim().trim_end_matches('/'))
+            .filter(|a| !a.is_empty());
+        match verified {
+            Verified::Legacy(token) => {
+                if !mode.accepts_legacy() {
+                    return Ok(Verdict::reject(
+                        RejectReason::MethodDisabled,
+                        "legacy tokens are not accepted",
+                    ));
+                }
+                if token.expires_at.saturating_add(LEGACY_LEEWAY) < now {
+                    return Ok(Verdict::reject(RejectReason::Expired, "token has expired"));
+                }
+                if let Some(expected) = expected
+                    && !token.audiences.iter().any(|a| a.trim_end_matches('/') == expected)
+                {
+                    return Ok(Verdict::reject(
+                        RejectReason::Audience,
+                        "audience is not the expected one",
+                    ));
+                }
+                if inner.revocations.is_revoked(token.jti.as_deref(), &hex::encode(digest)) {
+                    return Ok(Verdict::reject(RejectReason::Revoked, "token has been revoked"));
+                }
+                let user = match inner.principals.legacy(token.user_id).await? {
+                    Ok(user) => user,
+                    Err(rejection) => return Ok(Verdict::Rejected(rejection)),
+                };
+                if inner.reject_legacy_after_migration && user.clerk_user_id.is_some() {
+                    return Ok(Verdict::reject(
+                        RejectReason::LegacyAfterMigration,
+                        "user has moved to Clerk; legacy tokens are no longer accepted",
+                    ));
+                }
+                Ok(Verdict::Accepted(Principal::new(
+                    &user,
+                    AuthMethod::LegacyJwt,
+                    token.expires_at,
+                )))
+            }
+            Verified::Clerk(token) => {
+                if !mode.accepts_clerk() {
+                    return Ok(Verdict::reject(
+                        RejectReason::MethodDisabled,
+                        "Clerk tokens are not accepted",
+                    ));
+                }
+                let leeway = inner.clerk.as_ref().map(|c| c.leeway).unwrap_or(5);
+                if token.expires_at.saturating_add(leeway) < now {
+                    return Ok(Verdict::reject(RejectReason::Expired, "token has expired"));
+                }
+                if token.not_before.is_some_and(|nbf| nbf > now.saturating_add(leeway)) {
+                    return Ok(Verdict::reject(
+                        RejectReason::NotYetValid,
+                        "token is not valid yet (nbf)",
+                    ));
+                }
+                if let Some(expected) = expected
+                    && token.authorized_party.as_deref() != Some(expected)
+                {
+                    return Ok(Verdict::reject(RejectReason::Audience, "azp is not the expected party"));
+                }
+                let user = match inner.principals.clerk(caller, &token.clerk_user_id).await? {
+                    Ok(user) => user,
+                    Err(rejection) => return Ok(Verdict::Rejected(rejection)),
+                };
+                let mut principal = Principal::new(&user, AuthMethod::Clerk, token.expires_at);
+                principal.clerk_user_id = Some(token.clerk_user_id.to_string());
+                principal.session_id = token.session_id.clone();
+                principal.organization = token.organization.clone();
+                Ok(Verdict::Accepted(principal))
+            }
+        }
+    }
+
+    /// Revokes a legacy token until it expires. Returns when the entry expires.
+    pub async fn revoke(&self, caller: &Caller, target: RevokeTarget) -> Result<DateTime<Utc>, DomainError> {
+        let inner = &self.inner;
+        let action = "token.revoke";
+        let (revocation, detail) = match target {
+            RevokeTarget::Token(raw) => {
+                // Presenting the token proves the right to revoke it; any authenticated caller may.
+                caller.require_any(&Scope::ALL)?;
+                let token = token::strip_bearer(&raw);
+                if token.is_empty() {
+                    return Err(DomainError::invalid("token", "must not be empty"));
+                }
+                if token.len() > inner.max_token_bytes {
+                    return Err(DomainError::invalid("token", "is too large"));
+                }
+                let legacy = inner.legacy.as_ref().ok_or_else(|| {
+                    DomainError::FailedPrecondition("legacy tokens are not configured on this service".into())
+                })?;
+                let peeked = token::peek(token).map_err(|r| DomainError::invalid("token", r.message))?;
+                if is_rsa(&peeked.header.alg).is_some() {
+                    return Err(DomainError::invalid(
+                        "token",
+                        "only legacy tokens can be revoked here; end Clerk sessions in Clerk",
+                    ));
+                }
+                let verified = legacy.verify_ignoring_expiry(token).map_err(|r| {
+                    DomainError::invalid("token", format!("is not a valid legacy token ({})", r.reason))
+                })?;
+                let expires_at = DateTime::from_timestamp(verified.expires_at, 0).unwrap_or(DateTime::<Utc>::MAX_UTC);
+                let digest = hex::encode(Sha256::digest(token.as_bytes()));
+                let (jti, token_hash, how) = match verified.jti {
+                    Some(jti) => (Some(jti), None, "by jti"),
+                    None => (None, Some(digest), "by token hash"),
+                };
+                (
+                    NewRevocation {
+                        jti,
+                        token_hash,
+                        user_id: Some(verified.user_id),
+                        expires_at,
+                    },
+                    how,
+                )
+            }
+            RevokeTarget::Jti { jti, expires_at } => {
+                caller.require(Scope::Admin)?;
+                let jti = jti.trim().to_owned();
+                if jti.is_empty() || jti.len() > MAX_JTI_LEN {
+                    return Err(DomainError::invalid(
+                        "jti",
+                        format!("must be 1 to {MAX_JTI_LEN} characters"),
+                    ));
+                }
+                let default_ttl = chrono::Duration::from_std(inner.revocation_default_ttl)
+                    .unwrap_or_else(|_| chrono::Duration::days(30));
+                let expires_at = expires_at.unwrap_or_else(|| Utc::now() + default_ttl);
+                if expires_at <= Utc::now() {
+                    return Err(DomainError::invalid("expires_at", "must be in the future"));
+                }
+                (
+                    NewRevocation {
+                        jti: Some(jti),
+                        token_hash: None,
+                        user_id: None,
+                        expires_at,
+                    },
+                    "by jti (admin)",
+                )
+            }
+        };
+        let event = audit::event(
+            caller,
+            action,
+            revocation.user_id,
+            AuditOutcome::Success,
+            format!("revoked {detail}"),
+        );
+        if let Err(err) = inner.revocations_storage().revoke_token(&revocation, &event).await {
+            let err = DomainError::from(err);
+            audit::record_failure(
+                inner.revocations_storage().as_ref(),
+                caller,
+                action,
+                revocation.user_id,
+                &err,
+            )
+            .await;
+            return Err(err);
+        }
+        inner
+            .revocations
+            .add_local(revocation.jti.as_deref(), revocation.token_hash.as_deref());
+        tracing::info!(caller = %caller.name, user_id = ?revocation.user_id.map(|u| u.to_string()), "legacy token revoked");
+        Ok(revocation.expires_at)
+    }
+}
+
+impl Inner {
+    fn revocations_storage(&self) -> &Arc<dyn crate::storage::Storage> {
+        self.principals.users.storage()
+    }
+}
+
+/// Keeps the JWKS fresh; retries sooner while the endpoint is failing.
+async fn refresh_jwks(remote: Arc<RemoteJwks>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let ok = remote.refresh().await;
+        let wait = if ok {
+            remote.refresh_every
+        } else {
+            remote.refresh_every.min(Duration::from_secs(30))
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! From a verified token to one principal: the internal user, whichever
+//! provider issued the token. Clerk users seen for the first time are
+//! handled by the configured policy.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+
+use super::{
+    clerk::Organization,
+    reason::{RejectReason, Rejection},
+};
+use crate::{
+    clerk::ClerkApi,
+    config::UnmappedPolicy,
+    domain::{AuditOutcome, Caller, ClerkUserId, DomainError, Email, MigrationState, User, UserCache, UserId, audit},
+    storage::{Conflict, StorageError, UserKey, UserRecord},
+};
+
+/// How the token was issued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    LegacyJwt,
+    Clerk,
+}
+
+impl AuthMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::LegacyJwt => "legacy_jwt",
+            Self::Clerk => "clerk",
+        }
+    }
+}
+
+/// Who a valid token speaks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub user_id: UserId,
+    pub method: AuthMethod,
+    pub clerk_user_id: Option<String>,
+    pub session_id: Option<String>,
+    pub email: Option<String>,
+    pub migration_state: MigrationState,
+    pub expires_at: DateTime<Utc>,
+    pub organization: Option<Organization>,
+}
+
+impl Principal {
+    pub(crate) fn new(user: &UserRecord, method: AuthMethod, expires_at: i64) -> Self {
+        let view = User::from(user.clone());
+        Self {
+            user_id: user.id,
+            method,
+            clerk_user_id: user.clerk_user_id.clone(),
+            session_id: None,
+            email: user.email.clone(),
+            migration_state: view.migration_state,
+            expires_at: DateTime::from_timestamp(expires_at, 0).unwrap_or(DateTime::<Utc>::MAX_UTC),
+            organization: None,
+        }
+    }
+}
+
+pub(crate) struct PrincipalResolver {
+    pub users: UserCache,
+    policy: UnmappedPolicy,
+    clerk_api: Option<ClerkApi>,
+}
+
+impl PrincipalResolver {
+    pub fn new(users: UserCache, policy: UnmappedPolicy, clerk_api: Option<ClerkApi>) -> Self {
+        Self {
+            users,
+            policy,
+            clerk_api,
+        }
+    }
+
+    pub async fn legacy(&self, user_id: UserId) -> Result<Result<Arc<UserRecord>, Rejection>, DomainError> {
+        Ok(self
+            .users
+            .by_id(user_id)
+            .await?
+            .ok_or_else(|| Rejection::new(RejectReason::UserNotFound, "user not found")))
+    }
+
+    pub async fn clerk(
+        &self,
+        caller: &Caller,
+        clerk_user_id: &ClerkUserId,
+    ) -> Result<Result<Arc<UserRecord>, Rejection>, DomainError> {
+        if let Some(user) = self.users.by_clerk(clerk_user_id).await? {
+            return Ok(Ok(user));
+        }
+        match self.policy {
+            UnmappedPolicy::Reject => Ok(Err(Rejection::new(
+                RejectReason::UnmappedUser,
+                "Clerk user is not mapped",
+            ))),
+            UnmappedPolicy::Provision => self.provision(caller, clerk_user_id, None).await.map(Ok),
+            UnmappedPolicy::LinkByEmail => self.link_by_email(caller, clerk_user_id).await.map(Ok),
+        }
+    }
+
+    /// Creates the user; when a concurrent first sighting won, returns its user.
+    async fn provision(
+        &self,
+        caller: &Caller,
+        clerk_user_id: &ClerkUserId,
+        email: Option<&Email>,
+    ) -> Result<Arc<UserRecord>, DomainError> {
+        let event = audit::event(
+            caller,
+            "user.provision",
+            None,
+            AuditOutcome::Success,
+            format!("new user for {clerk_user_id}"),
+        );
+        match self
+            .users
+            .storage()
+            .provision_clerk_user(clerk_user_id, email, &event)
+            .await
+        {
+            Ok(user) => {
+                tracing::info!(user_id = %user.id, clerk_user_id = %clerk_user_id, "provisioned a user for a new Clerk user");
+                Ok(self.users.put(user))
+            }
+            Err(StorageError::Conflict(Conflict::ClerkUserTaken)) => self.reread(clerk_user_id).await,
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    async fn reread(&self, clerk_user_id: &ClerkUserId) -> Result<Arc<UserRecord>, DomainError> {
+        let user = self
+            .users
+            .storage()
+            .find_user(&UserKey::ClerkUserId(clerk_user_id.clone()))
+            .await?
+            .ok_or_else(|| DomainError::Internal("Clerk user mapped but its user is missing".into()))?;
+        Ok(self.users.put(user))
+    }
+
+    async fn link_by_email(
+        &self,
+        caller: &Caller,
+        clerk_user_id: &ClerkUserId,
+    ) -> Result<Arc<UserRecord>, DomainError> {
+        let api = self
+            .clerk_api
+            .as_ref()
+            .ok_or_else(|| DomainError::Internal("link_by_email without a Clerk secret key".into()))?;
+        let clerk_user = api
+            .get_user(clerk_user_id)
+            .await
+            .map_err(|e| DomainError::Unavailable {
+                message: "Clerk's Backend API is unavailable".into(),
+                source: Some(Box::new(e)),
+            })?;
+        let email = clerk_user
+            .as_ref()
+            .and_then(|u| u.verified_primary_email())
+            .and_then(|e| Email::parse("email", e).ok());
+        let Some(email) = email else {
+            return self.provision(caller, clerk_user_id, None).await;
+        };
+        let storage = self.users.storage();
+        let candidate = storage.find_user(&UserKey::Email(email.clone())).await?;
+        match candidate {
+            Some(user) if user.clerk_user_id.is_none() && !user.clerk_native => {
+                let event = audit::event(
+                    caller,
+                    "user.link",
+                    Some(user.id),
+                    AuditOutcome::Success,
+                    format!("linked to {clerk_user_id} by verified email"),
+                );
+                match storage.link_user(user.id, clerk_user_id, &event).await {
+                    Ok(_) => {
+                        tracing::info!(user_id = %user.id, clerk_user_id = %clerk_user_id, "linked a legacy user by verified email");
+                        self.users.invalidate(user.id, None);
+                        self.reread(clerk_user_id).await
+                    }
+                    Err(StorageError::Conflict(Conflict::ClerkUserTaken)) => self.reread(clerk_user_id).await,
+                    // Linked elsewhere meanwhile: this Clerk user gets a user of its own.
+                    Err(StorageError::Conflict(Conflict::UserAlreadyLinked)) => {
+                        self.provision(caller, clerk_user_id, None).await
+                    }
+                    Err(err) => Err(err.into()),
+                }
+            }
+            // The email belongs to a user who is linked already: do not take it over.
+            Some(_) => self.provision(caller, clerk_user_id, None).await,
+            None => self.provision(caller, clerk_user_id, Some(&email)).await,
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! Why a token was rejected: a normal answer, not an error.
+
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    /// Not a JWT, oversized, undecodable, or missing a required claim.
+    Malformed,
+    Expired,
+    /// `nbf` is in the future (beyond the leeway).
+    NotYetValid,
+    /// `iat` is in the future (beyond the leeway).
+    IssuedInFuture,
+    BadSignature,
+    /// No key with the token's `kid` (after a refetch, or within the refetch cooldown).
+    UnknownKey,
+    /// `iss` is not the configured issuer.
+    Issuer,
+    /// `aud` (legacy) or `azp` (Clerk) is not allowed or not the expected one.
+    Audience,
+    /// `alg: none`, an HS token for the RSA issuer, an RS token for the HMAC issuer, or any other algorithm.
+    AlgorithmNotAllowed,
+    Revoked,
+    /// The auth mode does not accept this kind of token (or it is not configured).
+    MethodDisabled,
+    /// A legacy token's user does not exist.
+    UserNotFound,
+    /// A Clerk user with no mapping, under the `reject` policy.
+    UnmappedUser,
+    /// A Clerk session still pending (`sts: pending`).
+    SessionPending,
+    /// A Clerk JWT that is not a session token (JWT template, M2M, OAuth access token).
+    NotSessionToken,
+    /// A legacy token of a user who has moved to Clerk (when that rule is on).
+    LegacyAfterMigration,
+}
+
+impl RejectReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::IssuedInFuture => "issued_in_future",
+            Self::BadSignature => "bad_signature",
+            Self::UnknownKey => "unknown_key",
+            Self::Issuer => "issuer",
+            Self::Audience => "audience",
+            Self::AlgorithmNotAllowed => "algorithm_not_allowed",
+            Self::Revoked => "revoked",
+            Self::MethodDisabled => "method_disabled",
+            Self::UserNotFound => "user_not_found",
+            Self::UnmappedUser => "unmapped_user",
+            Self::SessionPending => "session_pending",
+            Self::NotSessionToken => "not_session_token",
+            Self::LegacyAfterMigration => "legacy_after_migration",
+        }
+    }
+}
+
+impl fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A rejection with a short, token-free message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub reason: RejectReason,
+    pub message: String,
+}
+
+impl Rejection {
+    pub fn new(reason: RejectReason, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// Maps jsonwebtoken's validation errors onto reasons.
+pub(crate) fn from_jwt_error(err: &jsonwebtoken::errors::Error) -> Rejection {
+    use jsonwebtoken::errors::ErrorKind as K;
+    match err.kind() {
+        K::ExpiredSignature => Rejection::new(RejectReason::Expired, "token has expired"),
+        K::ImmatureSignature => Rejection::new(RejectReason::NotYetValid, "token is not valid yet (nbf)"),
+        K::InvalidSignature => Rejection::new(RejectReason::BadSignature, "signature does not verify"),
+        K::InvalidIssuer => Rejection::new(RejectReason::Issuer, "issuer is not accepted"),
+        K::InvalidAudience => Rejection::new(RejectReason::Audience, "audience is not accepted"),
+        K::InvalidAlgorithm | K::UnsupportedAlgorithm | K::InvalidAlgorithmName | K::MissingAlgorithm => {
+            Rejection::new(RejectReason::AlgorithmNotAllowed, "algorithm not allowed")
+        }
+        K::MissingRequiredClaim(claim) => Rejection::new(RejectReason::Malformed, format!("missing claim {claim}")),
+        K::InvalidClaimFormat(claim) => Rejection::new(RejectReason::Malformed, format!("malformed claim {claim}")),
+        _ => Rejection::new(RejectReason::Malformed, "token is malformed"),
+    }
+}

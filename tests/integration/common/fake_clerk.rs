@@ -1,0 +1,144 @@
+//! A fake Clerk instance on loopback: the Frontend API JWKS, the Backend
+//! API's `/v1/jwks` and `/v1/users/{id}`, with key rotation, an outage
+//! switch and request counters.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+};
+
+use axum::{
+    Json, Router,
+    extract::{Path, State},
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use serde_json::{Value, json};
+
+pub const SECRET_KEY: &str = "sk_test_fake_secret";
+
+#[derive(Default)]
+pub struct FakeState {
+    pub jwks: Mutex<Vec<Value>>,
+    pub users: Mutex<HashMap<String, Value>>,
+    pub down: AtomicBool,
+    pub jwks_fetches: AtomicUsize,
+    pub user_fetches: AtomicUsize,
+    pub other_requests: AtomicUsize,
+}
+
+pub struct FakeClerk {
+    pub addr: SocketAddr,
+    pub state: Arc<FakeState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeClerk {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub fn jwk(name: &str) -> Value {
+    let path = format!("{}/tests/fixtures/{name}.jwk.json", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+async fn jwks(State(state): State<Arc<FakeState>>) -> Response {
+    if state.down.load(Ordering::SeqCst) {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
+    state.jwks_fetches.fetch_add(1, Ordering::SeqCst);
+    let keys = state.jwks.lock().unwrap().clone();
+    Json(json!({ "keys": keys })).into_response()
+}
+
+fn authorized(headers: &HeaderMap) -> bool {
+    headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(&format!("Bearer {SECRET_KEY}"))
+}
+
+async fn backend_jwks(State(state): State<Arc<FakeState>>, headers: HeaderMap) -> Response {
+    if !authorized(&headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    jwks(State(state)).await
+}
+
+async fn user(State(state): State<Arc<FakeState>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if state.down.load(Ordering::SeqCst) {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
+    if !authorized(&headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    state.user_fetches.fetch_add(1, Ordering::SeqCst);
+    match state.users.lock().unwrap().get(&id) {
+        Some(user) => Json(user.clone()).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"errors":[{"code":"resource_not_found"}]})),
+        )
+            .into_response(),
+    }
+}
+
+async fn fallback(State(state): State<Arc<FakeState>>) -> Response {
+    state.other_requests.fetch_add(1, Ordering::SeqCst);
+    StatusCode::NOT_FOUND.into_response()
+}
+
+impl FakeClerk {
+    /// Starts with the given keys published (fixture names, e.g. "clerk_a").
+    pub async fn start(keys: &[&str]) -> Self {
+        let state = Arc::new(FakeState::default());
+        *state.jwks.lock().unwrap() = keys.iter().map(|k| jwk(k)).collect();
+        let app = Router::new()
+            .route("/.well-known/jwks.json", get(jwks))
+            .route("/v1/jwks", get(backend_jwks))
+            .route("/v1/users/{id}", get(user))
+            .fallback(fallback)
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { addr, state, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn publish(&self, keys: &[&str]) {
+        *self.state.jwks.lock().unwrap() = keys.iter().map(|k| jwk(k)).collect();
+    }
+
+    pub fn set_down(&self, down: bool) {
+        self.state.down.store(down, Ordering::SeqCst);
+    }
+
+    pub fn jwks_fetches(&self) -> usize {
+        self.state.jwks_fetches.load(Ordering::SeqCst)
+    }
+
+    /// Adds a Backend API user with a primary email.
+    pub fn add_user(&self, id: &str, email: &str, verified: bool) {
+        let user = json!({
+            "id": id,
+            "external_id": null,
+            "primary_email_address_id": "idn_1",
+            "email_addresses": [{
+                "id": "idn_1",
+                "email_address": email,
+                "verification": { "status": if verified { "verified" } else { "unverified" } }
+            }]
+        });
+        self.state.users.lock().unwrap().insert(id.to_owned(), user);
+    }
+}
