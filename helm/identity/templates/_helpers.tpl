@@ -1,0 +1,314 @@
+{{/* vim: set filetype=mustache: */}}
+
+{{/* Chart name, at most 63 characters. */}}
+{{- define "identity.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name for resources: <release>-<chart> unless the release name contains the chart name. */}}
+{{- define "identity.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "identity.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels on every resource, without the component. */}}
+{{- define "identity.commonLabels" -}}
+helm.sh/chart: {{ include "identity.chart" . }}
+app.kubernetes.io/name: {{ include "identity.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: identity
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Labels of the server's resources. */}}
+{{- define "identity.labels" -}}
+{{ include "identity.commonLabels" . }}
+app.kubernetes.io/component: server
+{{- end }}
+
+{{/* Labels of the migration hook's resources. */}}
+{{- define "identity.migrationLabels" -}}
+{{ include "identity.commonLabels" . }}
+app.kubernetes.io/component: migration
+{{- end }}
+
+{{/* Selector labels of the server pods. */}}
+{{- define "identity.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "identity.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: server
+{{- end }}
+
+{{- define "identity.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "identity.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "identity.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag | toString) }}
+{{- end }}
+{{- end }}
+
+{{/* Name of the Secret the server reads: the existing one, or the chart's. */}}
+{{- define "identity.secretName" -}}
+{{- default (include "identity.fullname" .) .Values.secrets.existingSecret }}
+{{- end }}
+
+{{/*
+Secret variables: the value under `secrets`, the environment variable the
+binary reads (or <NAME>_FILE with mountAsFiles), the key in the chart-created
+Secret when secrets.keys.<value> is "", whether it is required, and whether
+the migration Job needs it. To add one: a line here, a value and a key in
+values.yaml and values.schema.json, and a row in README.md.
+*/}}
+{{- define "identity.secretVariables" -}}
+- {value: databaseUrl, env: IDENTITY_DATABASE_URL, key: database-url, required: true, job: true}
+- {value: apiKeys, env: IDENTITY_API_KEYS, key: api-keys, required: true, job: false}
+- {value: legacyJwtSecret, env: IDENTITY_LEGACY_JWT_SECRET, key: legacy-jwt-secret, required: false, job: false}
+- {value: clerkSecretKey, env: IDENTITY_CLERK_SECRET_KEY, key: clerk-secret-key, required: false, job: false}
+- {value: clerkJwtKey, env: IDENTITY_CLERK_JWT_KEY, key: clerk-jwt-key, required: false, job: false}
+{{- end }}
+
+{{/* The value of a secret variable as a string (apiKeys may be a list). Arguments: root, value. */}}
+{{- define "identity.secretValue" -}}
+{{- $v := index .root.Values.secrets .value -}}
+{{- if kindIs "slice" $v }}{{ join ";" $v }}{{ else if kindIs "invalid" $v }}{{ else }}{{ toString $v }}{{ end -}}
+{{- end }}
+
+{{/*
+The secret variables this release passes to the server, as a YAML list of
+{value, env, key, job}: the required ones, and each optional one that has a
+value (chart-created Secret) or a key named in secrets.keys (existing Secret).
+*/}}
+{{- define "identity.wiredSecrets" -}}
+{{- $root := . -}}
+{{- $existing := .Values.secrets.existingSecret -}}
+{{- $out := list -}}
+{{- range (include "identity.secretVariables" . | fromYamlArray) }}
+{{- $named := index $root.Values.secrets.keys .value | default "" }}
+{{- $key := $named | default .key }}
+{{- $wired := or .required (ternary $named (include "identity.secretValue" (dict "root" $root "value" .value)) (not (empty $existing))) }}
+{{- if $wired }}
+{{- $out = append $out (dict "value" .value "env" .env "key" $key "job" .job) }}
+{{- end }}
+{{- end }}
+{{- toYaml $out }}
+{{- end }}
+
+{{/* Whether replicas migrate on start. */}}
+{{- define "identity.migrateOnStart" -}}
+{{- if kindIs "invalid" .Values.config.migrateOnStart }}
+{{- ternary "false" "true" .Values.migration.enabled }}
+{{- else }}
+{{- ternary "true" "false" .Values.config.migrateOnStart }}
+{{- end }}
+{{- end }}
+
+{{/* Listen address from config.listenHost and config.port (IPv6 hosts get brackets). */}}
+{{- define "identity.listenAddr" -}}
+{{- $host := .Values.config.listenHost -}}
+{{- if contains ":" $host }}{{ printf "[%s]:%d" $host (int64 .Values.config.port) }}{{ else }}{{ printf "%s:%d" $host (int64 .Values.config.port) }}{{ end -}}
+{{- end }}
+
+{{/*
+Non-secret configuration as a YAML map NAME: "value" (the ConfigMap's data).
+`values.env` entries come last and win.
+*/}}
+{{- define "identity.configEnv" -}}
+{{- $c := .Values.config -}}
+{{- $d := dict
+  "IDENTITY_LISTEN_ADDR" (include "identity.listenAddr" .)
+  "IDENTITY_LOG_FORMAT" (toString $c.logFormat)
+  "IDENTITY_LOG_LEVEL" (toString $c.logLevel)
+  "IDENTITY_DATABASE_MAX_CONNECTIONS" (printf "%d" (int64 $c.databaseMaxConnections))
+  "IDENTITY_SHUTDOWN_GRACE_SECONDS" (printf "%d" (int64 $c.shutdownGraceSeconds))
+  "IDENTITY_HEALTH_INTERVAL_SECONDS" (printf "%d" (int64 $c.healthIntervalSeconds))
+  "IDENTITY_SETTINGS_REFRESH_SECONDS" (printf "%d" (int64 $c.settingsRefreshSeconds))
+  "IDENTITY_MAX_REQUEST_BYTES" (printf "%d" (int64 $c.maxRequestBytes))
+  "IDENTITY_MIGRATE_ON_START" (include "identity.migrateOnStart" .)
+-}}
+{{- $optional := dict
+  "IDENTITY_LEGACY_JWT_ALGORITHM" $c.legacyJwt.algorithm
+  "IDENTITY_LEGACY_JWT_ISSUER" $c.legacyJwt.issuer
+  "IDENTITY_LEGACY_JWT_AUDIENCE" $c.legacyJwt.audience
+  "IDENTITY_CLERK_PUBLISHABLE_KEY" $c.clerk.publishableKey
+  "IDENTITY_CLERK_ISSUER" $c.clerk.issuer
+  "IDENTITY_CLERK_JWKS_URL" $c.clerk.jwksUrl
+  "IDENTITY_CLERK_API_URL" $c.clerk.apiUrl
+  "IDENTITY_CLERK_AUTHORIZED_PARTIES" (join "," (default (list) $c.clerk.authorizedParties))
+  "IDENTITY_CLERK_LEEWAY_SECONDS" $c.clerk.leewaySeconds
+  "IDENTITY_CLERK_JWKS_REFRESH_SECONDS" $c.clerk.jwksRefreshSeconds
+  "IDENTITY_CLERK_JWKS_COOLDOWN_SECONDS" $c.clerk.jwksCooldownSeconds
+  "IDENTITY_CLERK_JWKS_MAX_STALENESS_SECONDS" $c.clerk.jwksMaxStalenessSeconds
+  "IDENTITY_UNMAPPED_CLERK_USER" $c.clerk.unmappedUser
+  "IDENTITY_REJECT_LEGACY_AFTER_MIGRATION" $c.verification.rejectLegacyAfterMigration
+  "IDENTITY_MAX_TOKEN_BYTES" $c.verification.maxTokenBytes
+  "IDENTITY_TOKEN_CACHE_SIZE" $c.verification.tokenCacheSize
+  "IDENTITY_USER_CACHE_SECONDS" $c.verification.userCacheSeconds
+  "IDENTITY_REVOCATION_DEFAULT_SECONDS" $c.verification.revocationDefaultSeconds
+-}}
+{{- range $k, $v := $optional }}
+{{- if kindIs "float64" $v }}
+{{- $_ := set $d $k (printf "%d" (int64 $v)) }}
+{{- else if kindIs "bool" $v }}
+{{- $_ := set $d $k (ternary "true" "false" $v) }}
+{{- else if and (not (kindIs "invalid" $v)) (ne (toString $v) "") }}
+{{- $_ := set $d $k (toString $v) }}
+{{- end }}
+{{- end }}
+{{- /* When the binary gains IDENTITY_METRICS_ADDR, set it here from .Values.metrics. */ -}}
+{{- range $k, $v := .Values.env }}
+{{- if kindIs "float64" $v }}
+{{- $_ := set $d $k (printf "%d" (int64 $v)) }}
+{{- else if kindIs "bool" $v }}
+{{- $_ := set $d $k (ternary "true" "false" $v) }}
+{{- else }}
+{{- $_ := set $d $k (toString $v) }}
+{{- end }}
+{{- end }}
+{{- toYaml $d }}
+{{- end }}
+
+{{/*
+Environment entries for the secret variables. Arguments: root, job (bool:
+only the variables the migration Job needs), secretName.
+*/}}
+{{- define "identity.secretEnv" -}}
+{{- $root := .root -}}
+{{- range (include "identity.wiredSecrets" $root | fromYamlArray) }}
+{{- if or (not $.job) .job }}
+{{- if $root.Values.secrets.mountAsFiles }}
+- name: {{ .env }}_FILE
+  value: {{ printf "%s/%s" (trimSuffix "/" $root.Values.secrets.mountPath) .key | quote }}
+{{- else }}
+- name: {{ .env }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $.secretName | quote }}
+      key: {{ .key | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Items of the secret volume (mountAsFiles). Arguments: root, job. */}}
+{{- define "identity.secretItems" -}}
+{{- range (include "identity.wiredSecrets" .root | fromYamlArray) }}
+{{- if or (not $.job) .job }}
+- key: {{ .key | quote }}
+  path: {{ .key | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Data of a chart-created Secret, base64. Arguments: root, job. */}}
+{{- define "identity.secretData" -}}
+{{- range (include "identity.wiredSecrets" .root | fromYamlArray) }}
+{{- if or (not $.job) .job }}
+{{ .key | quote }}: {{ include "identity.secretValue" (dict "root" $.root "value" .value) | b64enc | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Refuses values the binary or Kubernetes would reject, with a clear message. */}}
+{{- define "identity.validate" -}}
+{{- $v := .Values -}}
+{{- if not $v.secrets.existingSecret }}
+{{- range (include "identity.secretVariables" . | fromYamlArray) }}
+{{- if and .required (not (include "identity.secretValue" (dict "root" $ "value" .value))) }}
+{{- fail (printf "secrets.%s is required (%s), or name a Secret holding it in secrets.existingSecret" .value .env) }}
+{{- end }}
+{{- end }}
+{{- $url := include "identity.secretValue" (dict "root" . "value" "databaseUrl") }}
+{{- if not (regexMatch "^(postgres://|postgresql://|sqlite:)" $url) }}
+{{- fail "secrets.databaseUrl must start with postgres://, postgresql:// or sqlite:" }}
+{{- end }}
+{{- $keyCount := 0 }}
+{{- range $i, $entry := regexSplit "[;\n]" (include "identity.secretValue" (dict "root" . "value" "apiKeys")) -1 }}
+{{- $e := trim $entry }}
+{{- if and $e (not (hasPrefix "#" $e)) }}
+{{- if not (regexMatch "^[A-Za-z0-9._-]+:[0-9a-fA-F]{64}:(verify|migrate|admin)(,(verify|migrate|admin))*$" $e) }}
+{{- fail (printf "secrets.apiKeys entry %d is not name:sha256hex:scope[,scope] (scopes: verify, migrate, admin); create entries with `identity gen-api-key`" (add1 $i)) }}
+{{- end }}
+{{- $keyCount = add1 $keyCount }}
+{{- end }}
+{{- end }}
+{{- if eq $keyCount 0 }}
+{{- fail "secrets.apiKeys has no entry: the service refuses to listen on a pod address without API keys" }}
+{{- end }}
+{{- end }}
+{{- $secretEnvs := list }}
+{{- range (include "identity.secretVariables" . | fromYamlArray) }}
+{{- $secretEnvs = append $secretEnvs .env }}
+{{- $secretEnvs = append $secretEnvs (printf "%s_FILE" .env) }}
+{{- end }}
+{{- range $k, $_ := $v.env }}
+{{- if has $k $secretEnvs }}
+{{- fail (printf "env.%s: secret variables belong in secrets (or secrets.existingSecret), not in the ConfigMap" $k) }}
+{{- end }}
+{{- end }}
+{{- $grace := int64 (include "identity.terminationGracePeriodSeconds" .) }}
+{{- $needed := add (int64 $v.config.shutdownGraceSeconds) (int64 $v.preStopSleepSeconds) }}
+{{- if le $grace $needed }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed preStopSleepSeconds + config.shutdownGraceSeconds (%d), or in-flight calls are killed" $grace $needed) }}
+{{- end }}
+{{- $clerk := $v.config.clerk }}
+{{- if and (eq (toString $clerk.unmappedUser) "link_by_email") (not (include "identity.wiredSecrets" . | contains "IDENTITY_CLERK_SECRET_KEY")) }}
+{{- fail "config.clerk.unmappedUser link_by_email needs secrets.clerkSecretKey (or secrets.keys.clerkSecretKey with existingSecret)" }}
+{{- end }}
+{{- if and $v.metrics.serviceMonitor.enabled (not $v.metrics.enabled) }}
+{{- fail "metrics.serviceMonitor.enabled needs metrics.enabled" }}
+{{- end }}
+{{- if $v.autoscaling.enabled }}
+{{- if gt (int64 $v.autoscaling.minReplicas) (int64 $v.autoscaling.maxReplicas) }}
+{{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" }}
+{{- end }}
+{{- if and (kindIs "invalid" $v.autoscaling.targetCPUUtilizationPercentage) (kindIs "invalid" $v.autoscaling.targetMemoryUtilizationPercentage) }}
+{{- fail "autoscaling needs targetCPUUtilizationPercentage or targetMemoryUtilizationPercentage" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "identity.terminationGracePeriodSeconds" -}}
+{{- if kindIs "invalid" .Values.terminationGracePeriodSeconds }}
+{{- add (int64 .Values.config.shutdownGraceSeconds) (int64 .Values.preStopSleepSeconds) 10 }}
+{{- else }}
+{{- int64 .Values.terminationGracePeriodSeconds }}
+{{- end }}
+{{- end }}
+
+{{/* Probe body: native gRPC against grpc.health.v1. Arguments: root, probe. */}}
+{{- define "identity.probe" -}}
+grpc:
+  port: {{ int64 .root.Values.config.port }}
+  {{- if .probe.service }}
+  service: {{ .probe.service | quote }}
+  {{- end }}
+{{- range $k := list "initialDelaySeconds" "periodSeconds" "timeoutSeconds" "failureThreshold" "successThreshold" }}
+{{- if hasKey $.probe $k }}
+{{ $k }}: {{ int64 (index $.probe $k) }}
+{{- end }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,737 @@
+#!/usr/bin/env python3
+"""Checks of the Helm chart in helm/identity, with no cluster:
+
+* the real Helm engine (PyPI `helm-python-sdk`, Helm's Go SDK as a shared
+  library) lints and renders the chart, and refuses values that break
+  values.schema.json or the chart's own rules;
+* every rendered manifest is validated strictly against the Kubernetes
+  OpenAPI schemas (PyPI `kubernetes-validate`); the Prometheus Operator's
+  ServiceMonitor (a CRD, no schema there) is checked by hand;
+* the environment the chart sets only uses variables the binary knows
+  (KNOWN_VARIABLES / SECRET_VARIABLES in src/config.rs), and reaches all of them;
+* the real binary, started with exactly the rendered configuration (ConfigMap
+  and Secret values resolved, test values for external secrets, a fresh SQLite
+  database) runs the migration Job's command and then serves, SERVING on
+  every probe's health service, and exits 0 on SIGTERM.
+
+Run: pip install -r tests/helm/requirements.txt && python3 tests/helm/test_chart.py
+Environment: IDENTITY_BIN (default target/debug/identity); without the binary
+the start-up test is skipped, except under CI=true where it fails.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+from pathlib import Path
+from typing import Any
+
+import grpc
+import helm_python
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from kubernetes_validate import utils as kubernetes_validate
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "identity"
+VALUES_DIR = Path(__file__).resolve().parent / "values"
+CONFIG_RS = ROOT / "src" / "config.rs"
+RELEASE = "identity"
+NAMESPACE = "identity"
+# The chart's minimum (Chart.yaml kubeVersion) and the newest version
+# kubernetes-validate ships schemas for.
+KUBE_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
+# CRD kinds kubernetes-validate has no schema for; checked by hand instead.
+CRD_GROUPS = ("monitoring.coreos.com/",)
+# Value files under tests/helm/values/ that every check renders.
+VALUE_FILES = ["minimal.yaml", "production.yaml", "secret-files.yaml", "full.yaml"]
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_values(name: str) -> dict[str, Any]:
+    with open(VALUES_DIR / name, encoding="utf-8") as f:
+        return yaml.safe_load(f) or {}
+
+
+def api_key_line(name: str = "ci", scopes: str = "verify") -> str:
+    key = secrets.token_urlsafe(32)
+    return f"{name}:{hashlib.sha256(key.encode()).hexdigest()}:{scopes}"
+
+
+REQUIRED = {
+    "secrets": {
+        "databaseUrl": "postgres://identity:secret@postgres:5432/identity",
+        "apiKeys": api_key_line(),
+    }
+}
+
+
+def rust_string_array(source: str, name: str) -> list[str]:
+    match = re.search(rf"const {name}: &\[&str\] = &\[(.*?)\];", source, re.S)
+    if not match:
+        raise AssertionError(f"{name} not found in {CONFIG_RS}")
+    names = re.findall(r'"([A-Z0-9_]+)"', match.group(1))
+    if not names:
+        raise AssertionError(f"{name} in {CONFIG_RS} is empty")
+    return names
+
+
+CONFIG_SOURCE = CONFIG_RS.read_text(encoding="utf-8")
+KNOWN_VARIABLES = set(rust_string_array(CONFIG_SOURCE, "KNOWN_VARIABLES"))
+SECRET_VARIABLES = set(rust_string_array(CONFIG_SOURCE, "SECRET_VARIABLES"))
+
+
+class Rendered:
+    """One rendering of the chart: the manifests by kind and name."""
+
+    def __init__(self, values: dict[str, Any]):
+        self.values = values
+        with helm_python.Chart.load(CHART) as chart:
+            self.merged = chart.merge_values(values)
+            self.files = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+        self.notes = ""
+        self.docs: list[tuple[str, dict[str, Any]]] = []
+        for path, text in sorted(self.files.items()):
+            if path.endswith("NOTES.txt"):
+                self.notes = text
+                continue
+            for doc in yaml.safe_load_all(text):
+                if doc:
+                    self.docs.append((path, doc))
+
+    def all(self, kind: str) -> list[dict[str, Any]]:
+        return [doc for _, doc in self.docs if doc["kind"] == kind]
+
+    def one(self, kind: str, name: str | None = None) -> dict[str, Any]:
+        found = [d for d in self.all(kind) if name is None or d["metadata"]["name"] == name]
+        if len(found) != 1:
+            raise AssertionError(f"expected one {kind} {name or ''}, found {len(found)}")
+        return found[0]
+
+    def find(self, kind: str, name: str) -> dict[str, Any] | None:
+        found = [d for d in self.all(kind) if d["metadata"]["name"] == name]
+        return found[0] if found else None
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return self.all("Job")
+
+    def workloads(self) -> list[dict[str, Any]]:
+        return self.all("Deployment") + self.jobs()
+
+
+def value_sets() -> list[tuple[str, dict[str, Any]]]:
+    """(label, values): the chart's defaults plus the required values, and each value file."""
+    sets = [("defaults+required", REQUIRED)]
+    sets += [(name, load_values(name)) for name in VALUE_FILES]
+    return sets
+
+
+_RENDER_CACHE: dict[str, Rendered] = {}
+
+
+def rendered(label: str, values: dict[str, Any]) -> Rendered:
+    if label not in _RENDER_CACHE:
+        _RENDER_CACHE[label] = Rendered(values)
+    return _RENDER_CACHE[label]
+
+
+def container_env_names(render: Rendered, workload: dict[str, Any]) -> set[str]:
+    """Every variable name a workload's containers get: env, and envFrom of the chart's ConfigMaps/Secrets."""
+    names: set[str] = set()
+    for container in workload["spec"]["template"]["spec"]["containers"]:
+        names |= {e["name"] for e in container.get("env", [])}
+        for source in container.get("envFrom", []):
+            ref = source.get("configMapRef") or source.get("secretRef")
+            kind = "ConfigMap" if "configMapRef" in source else "Secret"
+            doc = render.find(kind, ref["name"])
+            if doc is not None:
+                names |= set((doc.get("data") or {}).keys())
+    return names
+
+
+class ChartTest(unittest.TestCase):
+    maxDiff = None
+
+    # --- Helm engine ------------------------------------------------------
+
+    def test_lint_is_clean(self):
+        for label, values in value_sets():
+            for kube in KUBE_VERSIONS:
+                with self.subTest(values=label, kube=kube):
+                    report = helm_python.lint(
+                        CHART, values, strict=True, namespace=NAMESPACE, kube_version=f"v{kube}"
+                    )
+                    self.assertEqual(report["errors"], [], report)
+                    serious = [m for m in report["messages"] if m["severity"] >= 2]
+                    self.assertEqual(serious, [], report)
+
+    def test_defaults_alone_are_refused_naming_the_required_values(self):
+        with helm_python.Chart.load(CHART) as chart:
+            with self.assertRaises(helm_python.HelmValuesError) as caught:
+                chart.validate_schema({})
+            self.assertIn("/secrets/apiKeys", str(caught.exception))
+            self.assertIn("/secrets/databaseUrl", str(caught.exception))
+            with self.assertRaises(helm_python.HelmError):
+                chart.render({}, name=RELEASE, namespace=NAMESPACE)
+        report = helm_python.lint(CHART)
+        self.assertTrue(report["errors"], "lint with no API keys and no database URL should fail")
+
+    def test_each_value_set_renders_the_expected_resources(self):
+        expected = {
+            "defaults+required": {"ConfigMap", "Deployment", "Job", "PodDisruptionBudget", "Secret", "Service", "ServiceAccount"},
+            "minimal.yaml": {"ConfigMap", "Deployment", "Job", "PodDisruptionBudget", "Secret", "Service", "ServiceAccount"},
+            "production.yaml": {
+                "ConfigMap", "Deployment", "Job", "PodDisruptionBudget", "Service", "ServiceAccount",
+                "HorizontalPodAutoscaler", "NetworkPolicy", "ServiceMonitor",
+            },
+            "secret-files.yaml": {"ConfigMap", "Deployment", "Secret", "Service", "ServiceAccount"},
+            "full.yaml": {"ConfigMap", "Deployment", "Job", "PodDisruptionBudget", "Secret", "Service", "ServiceAccount"},
+        }
+        for label, values in value_sets():
+            with self.subTest(values=label):
+                render = rendered(label, values)
+                self.assertEqual({d["kind"] for _, d in render.docs}, expected[label])
+                self.assertIn("grpcurl", render.notes)
+                for _, doc in render.docs:
+                    meta = doc["metadata"]
+                    self.assertTrue(meta.get("name"), doc)
+                    self.assertIn("app.kubernetes.io/instance", meta.get("labels", {}), doc["kind"])
+                    if doc["kind"] != "ServiceMonitor":
+                        self.assertEqual(meta.get("namespace"), NAMESPACE, doc["kind"])
+        production = rendered("production.yaml", load_values("production.yaml"))
+        self.assertNotIn("replicas", production.one("Deployment")["spec"], "the HPA owns the replica count")
+        self.assertEqual([], production.all("Secret"), "existingSecret: the chart creates no Secret")
+        self.assertEqual(production.one("PodDisruptionBudget")["spec"]["minAvailable"], 2)
+        self.assertNotIn("maxUnavailable", production.one("PodDisruptionBudget")["spec"])
+
+    # --- Kubernetes schemas -----------------------------------------------
+
+    def test_manifests_validate_strictly_against_kubernetes_schemas(self):
+        for label, values in value_sets():
+            render = rendered(label, values)
+            for path, doc in render.docs:
+                if doc["apiVersion"].startswith(CRD_GROUPS):
+                    continue
+                for kube in KUBE_VERSIONS:
+                    with self.subTest(values=label, manifest=f"{doc['kind']}/{doc['metadata']['name']}", kube=kube):
+                        try:
+                            kubernetes_validate.validate(doc, kube, strict=True)
+                        except kubernetes_validate.ValidationError as e:
+                            where = ".".join(str(p) for p in e.path)
+                            self.fail(f"{path}: {doc['kind']} invalid for Kubernetes {e.version} at {where}: {e.message}")
+                        except kubernetes_validate.SchemaNotFoundError as e:
+                            self.fail(e.message)
+
+    def test_kubernetes_validate_cli_strict_on_rendered_files(self):
+        """The same check through the command line tool, on the files as Helm writes them."""
+        with tempfile.TemporaryDirectory() as tmp:
+            files = []
+            for label, values in value_sets():
+                render = rendered(label, values)
+                docs = [d for _, d in render.docs if not d["apiVersion"].startswith(CRD_GROUPS)]
+                path = Path(tmp) / f"{label}.yaml"
+                path.write_text(yaml.safe_dump_all(docs), encoding="utf-8")
+                files.append(str(path))
+            result = subprocess.run(
+                [sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet",
+                 "-k", KUBE_VERSIONS[-1], *files],
+                capture_output=True, text=True, timeout=300,
+            )
+            self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+            self.assertNotIn("WARN", result.stdout, "every resource must have a schema")
+
+    def test_service_monitor_structure(self):
+        render = rendered("production.yaml", load_values("production.yaml"))
+        monitor = render.one("ServiceMonitor")
+        service = render.one("Service")
+        self.assertEqual(monitor["apiVersion"], "monitoring.coreos.com/v1")
+        self.assertEqual(set(monitor), {"apiVersion", "kind", "metadata", "spec"})
+        self.assertEqual(monitor["metadata"]["namespace"], "monitoring")
+        self.assertEqual(monitor["metadata"]["labels"].get("release"), "prometheus")
+        spec = monitor["spec"]
+        self.assertLessEqual(set(spec), {"jobLabel", "namespaceSelector", "selector", "endpoints"})
+        self.assertEqual(spec["namespaceSelector"], {"matchNames": [NAMESPACE]})
+        selector = spec["selector"]["matchLabels"]
+        self.assertLessEqual(selector.items(), service["metadata"]["labels"].items(), "selects the Service")
+        port_names = {p["name"] for p in service["spec"]["ports"]}
+        self.assertTrue(spec["endpoints"])
+        for endpoint in spec["endpoints"]:
+            self.assertLessEqual(set(endpoint), {"port", "path", "scheme", "interval", "scrapeTimeout", "relabelings", "metricRelabelings"})
+            self.assertIn(endpoint["port"], port_names)
+            self.assertIn(endpoint["scheme"], ("http", "https"))
+            self.assertTrue(endpoint["path"].startswith("/"))
+            for key in ("interval", "scrapeTimeout"):
+                self.assertRegex(endpoint[key], r"^[0-9]+(ms|s|m|h)$")
+        # off by default
+        self.assertEqual([], rendered("defaults+required", REQUIRED).all("ServiceMonitor"))
+
+    # --- the chart's wiring ------------------------------------------------
+
+    def test_selectors_ports_and_probes_line_up(self):
+        for label, values in value_sets():
+            with self.subTest(values=label):
+                render = rendered(label, values)
+                deployment = render.one("Deployment")
+                pod = deployment["spec"]["template"]
+                pod_labels = pod["metadata"]["labels"]
+                self.assertLessEqual(deployment["spec"]["selector"]["matchLabels"].items(), pod_labels.items())
+                service = render.one("Service")
+                self.assertLessEqual(service["spec"]["selector"].items(), pod_labels.items())
+                container = pod["spec"]["containers"][0]
+                ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+                for port in service["spec"]["ports"]:
+                    self.assertIn(port["targetPort"], ports)
+                for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                    self.assertEqual(container[probe]["grpc"]["port"], ports["grpc"], probe)
+                for kind in ("PodDisruptionBudget", "NetworkPolicy"):
+                    for doc in render.all(kind):
+                        sel = doc["spec"]["selector" if kind == "PodDisruptionBudget" else "podSelector"]["matchLabels"]
+                        self.assertLessEqual(sel.items(), pod_labels.items(), kind)
+                for hpa in render.all("HorizontalPodAutoscaler"):
+                    self.assertEqual(hpa["spec"]["scaleTargetRef"]["name"], deployment["metadata"]["name"])
+                for job in render.jobs():
+                    job_labels = job["spec"]["template"]["metadata"]["labels"]
+                    self.assertFalse(
+                        deployment["spec"]["selector"]["matchLabels"].items() <= job_labels.items(),
+                        "migration pods must not match the server's selectors",
+                    )
+                config = render.one("ConfigMap")["data"]
+                host_port = config["IDENTITY_LISTEN_ADDR"].rsplit(":", 1)
+                self.assertEqual(int(host_port[1]), ports["grpc"])
+                grace = int(config["IDENTITY_SHUTDOWN_GRACE_SECONDS"])
+                pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+                self.assertGreater(pod["spec"]["terminationGracePeriodSeconds"], grace + pre_stop)
+                annotations = pod["metadata"]["annotations"]
+                self.assertIn("checksum/config", annotations)
+
+    def test_pods_are_locked_down(self):
+        for label, values in value_sets():
+            render = rendered(label, values)
+            for workload in render.workloads():
+                with self.subTest(values=label, workload=workload["kind"]):
+                    pod = workload["spec"]["template"]["spec"]
+                    self.assertIs(pod["automountServiceAccountToken"], False)
+                    self.assertIs(pod["securityContext"]["runAsNonRoot"], True)
+                    self.assertEqual(pod["securityContext"]["seccompProfile"], {"type": "RuntimeDefault"})
+                    for container in pod["containers"]:
+                        sc = container["securityContext"]
+                        self.assertIs(sc["readOnlyRootFilesystem"], True)
+                        self.assertIs(sc["allowPrivilegeEscalation"], False)
+                        self.assertIs(sc["runAsNonRoot"], True)
+                        self.assertEqual(sc["capabilities"]["drop"], ["ALL"])
+                        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+                        self.assertLessEqual({"/tmp", "/var/lib/identity"}, mounts)
+                        self.assertEqual(container["workingDir"], "/var/lib/identity")
+                        self.assertIn("resources", container)
+
+    def test_migration_job_is_a_hook_running_migrate(self):
+        for label, values in value_sets():
+            render = rendered(label, values)
+            config = render.one("ConfigMap")["data"]
+            if not render.merged["migration"]["enabled"]:
+                self.assertEqual(render.jobs(), [])
+                self.assertEqual(config["IDENTITY_MIGRATE_ON_START"], "true")
+                continue
+            with self.subTest(values=label):
+                job = render.one("Job")
+                annotations = job["metadata"]["annotations"]
+                self.assertEqual(annotations["helm.sh/hook"], "pre-install,pre-upgrade")
+                self.assertEqual(job["spec"]["template"]["spec"]["containers"][0]["args"], ["migrate"])
+                self.assertEqual(config["IDENTITY_MIGRATE_ON_START"], "false")
+                # Everything the Job reads exists before the release's own resources.
+                spec = job["spec"]["template"]["spec"]
+                self.assertNotIn("serviceAccountName", spec)
+                for container in spec["containers"]:
+                    self.assertNotIn("envFrom", container)
+                    for env in container["env"]:
+                        ref = env.get("valueFrom", {}).get("secretKeyRef")
+                        if ref:
+                            hook_secret = render.find("Secret", ref["name"])
+                            existing = render.merged["secrets"]["existingSecret"]
+                            if existing:
+                                self.assertEqual(ref["name"], existing)
+                            else:
+                                self.assertIsNotNone(hook_secret, ref)
+                                self.assertIn("pre-install", hook_secret["metadata"]["annotations"]["helm.sh/hook"])
+                                self.assertLess(
+                                    int(hook_secret["metadata"]["annotations"]["helm.sh/hook-weight"]),
+                                    int(annotations["helm.sh/hook-weight"]),
+                                )
+                                self.assertNotIn("api-keys", hook_secret["data"], "the Job needs no API keys")
+
+    def test_network_policy_rules(self):
+        render = rendered("production.yaml", load_values("production.yaml"))
+        policy = render.one("NetworkPolicy")["spec"]
+        self.assertEqual(policy["policyTypes"], ["Ingress", "Egress"])
+        ingress_ports = [p["port"] for rule in policy["ingress"] for p in rule["ports"]]
+        self.assertEqual(ingress_ports, ["grpc", "metrics"])
+        grpc_from = policy["ingress"][0]["from"]
+        self.assertEqual(grpc_from[0]["podSelector"]["matchLabels"], {"identity-client": "true"})
+        self.assertEqual(grpc_from[0]["namespaceSelector"]["matchLabels"], {"identity-access": "true"})
+        metrics_from = policy["ingress"][1]["from"][0]["namespaceSelector"]["matchLabels"]
+        self.assertEqual(metrics_from, {"kubernetes.io/metadata.name": "monitoring"})
+        egress_ports = sorted({p["port"] for rule in policy["egress"] for p in rule["ports"]})
+        self.assertEqual(egress_ports, [53, 443, 5432], "DNS, Clerk, database (SMTP is off in production.yaml)")
+        self.assertEqual(policy["egress"][1]["to"], [{"ipBlock": {"cidr": "10.20.0.0/16"}}])
+        # default (same-namespace) callers
+        default = Rendered(deep_merge(REQUIRED, {"networkPolicy": {"enabled": True}}))
+        rule = default.one("NetworkPolicy")["spec"]["ingress"][0]
+        self.assertEqual(list(rule["from"][0]), ["podSelector"])
+        self.assertEqual(len(default.one("NetworkPolicy")["spec"]["ingress"]), 1, "no metrics rule without metrics")
+
+    # --- the binary's configuration contract ------------------------------
+
+    def test_env_names_are_known_to_the_binary(self):
+        allowed = KNOWN_VARIABLES | {f"{name}_FILE" for name in SECRET_VARIABLES}
+        for label, values in value_sets():
+            render = rendered(label, values)
+            for workload in render.workloads():
+                with self.subTest(values=label, workload=workload["kind"]):
+                    names = container_env_names(render, workload)
+                    self.assertTrue(names)
+                    unknown = sorted(names - allowed)
+                    self.assertEqual(unknown, [], f"not in KNOWN_VARIABLES of src/config.rs (nor <SECRET>_FILE)")
+
+    def test_every_known_variable_is_reachable_from_values(self):
+        reached: set[str] = set()
+        for label in ("defaults+required", "secret-files.yaml", "full.yaml"):
+            render = rendered(label, dict(value_sets())[label])
+            names = container_env_names(render, render.one("Deployment"))
+            reached |= {n.removesuffix("_FILE") if n.removesuffix("_FILE") in SECRET_VARIABLES else n for n in names}
+        missing = sorted(KNOWN_VARIABLES - reached)
+        self.assertEqual(
+            missing, [],
+            "variables the binary reads that the chart never sets: add each to helm/identity "
+            "(config -> identity.configEnv, or secrets -> identity.secretVariables in _helpers.tpl), "
+            "values.yaml, values.schema.json and the chart README",
+        )
+
+    def test_secret_values_reach_the_secret(self):
+        values = load_values("secret-files.yaml")
+        render = rendered("secret-files.yaml", values)
+        data = {k: base64.b64decode(v).decode() for k, v in render.one("Secret")["data"].items()}
+        self.assertEqual(data["api-keys"], ";".join(values["secrets"]["apiKeys"]))
+        self.assertEqual(data["database-url"], values["secrets"]["databaseUrl"])
+        container = render.one("Deployment")["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e for e in container["env"]}
+        self.assertEqual(env["IDENTITY_API_KEYS_FILE"]["value"], "/var/run/secrets/identity/api-keys")
+        self.assertNotIn("IDENTITY_API_KEYS", env)
+
+    def test_readme_lists_every_value(self):
+        with open(CHART / "values.yaml", encoding="utf-8") as f:
+            defaults = yaml.safe_load(f)
+        with open(CHART / "values.schema.json", encoding="utf-8") as f:
+            schema = json.load(f)
+        readme = (CHART / "README.md").read_text(encoding="utf-8")
+
+        def leaves(value: Any, node: dict[str, Any], prefix: str):
+            if isinstance(value, dict) and value and node.get("properties"):
+                for key, child in value.items():
+                    yield from leaves(child, node["properties"].get(key, {}), f"{prefix}{key}.")
+            else:
+                yield prefix.rstrip(".")
+
+        missing = [name for name in leaves(defaults, schema, "") if f"`{name}`" not in readme]
+        self.assertEqual(missing, [], "values missing from helm/identity/README.md")
+        documented = set(re.findall(r"`(IDENTITY_[A-Z0-9_]+)`", readme))
+        self.assertEqual(sorted(KNOWN_VARIABLES - documented), [], "variables missing from the README's tables")
+
+    # --- values the chart refuses ------------------------------------------
+
+    SCHEMA_VIOLATIONS = [
+        ("replicaCount is a number", {"replicaCount": "two"}, "/replicaCount"),
+        ("log format", {"config": {"logFormat": "xml"}}, "/config/logFormat"),
+        ("port range", {"config": {"port": 70000}}, "/config/port"),
+        ("shutdown grace range", {"config": {"shutdownGraceSeconds": 4000}}, "/config/shutdownGraceSeconds"),
+        ("request size range", {"config": {"maxRequestBytes": 100}}, "/config/maxRequestBytes"),
+        ("pool size range", {"config": {"databaseMaxConnections": 0}}, "/config/databaseMaxConnections"),
+        ("unknown top-level value", {"replicas": 3}, "replicas"),
+        ("unknown config value", {"config": {"listenAddr": "0.0.0.0:1"}}, "listenAddr"),
+        ("database scheme", {"secrets": {"databaseUrl": "mysql://u:p@h/db"}}, "/secrets/databaseUrl"),
+        ("api key list entry", {"secrets": {"apiKeys": ["ci:nothex:verify"]}}, "/secrets/apiKeys"),
+        ("env name", {"env": {"identity_log_level": "debug"}}, "identity_log_level"),
+        ("legacy algorithm", {"config": {"legacyJwt": {"algorithm": "RS256"}}}, "/config/legacyJwt/algorithm"),
+        ("Clerk issuer over plain http", {"config": {"clerk": {"issuer": "http://clerk.example.com"}}}, "/config/clerk/issuer"),
+        ("unmapped user policy", {"config": {"clerk": {"unmappedUser": "adopt"}}}, "/config/clerk/unmappedUser"),
+        ("publishable key", {"config": {"clerk": {"publishableKey": "sk_live_x"}}}, "/config/clerk/publishableKey"),
+        ("JWKS staleness range", {"config": {"clerk": {"jwksMaxStalenessSeconds": 10}}}, "/config/clerk/jwksMaxStalenessSeconds"),
+        ("token size range", {"config": {"verification": {"maxTokenBytes": 100}}}, "/config/verification/maxTokenBytes"),
+        ("Clerk JWT key is PEM", {"secrets": {"clerkJwtKey": "not a key"}}, "/secrets/clerkJwtKey"),
+        ("unknown secret", {"secrets": {"smtpPassword": "x"}}, "smtpPassword"),
+        ("probe health service", {"probes": {"readiness": {"service": "nope"}}}, "/probes/readiness/service"),
+        ("image digest", {"image": {"digest": "latest"}}, "/image/digest"),
+        ("pull policy", {"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+        ("pdb percentage", {"podDisruptionBudget": {"minAvailable": "half"}}, "/podDisruptionBudget/minAvailable"),
+        ("network policy switch", {"networkPolicy": {"enabled": "yes"}}, "/networkPolicy/enabled"),
+    ]
+
+    TEMPLATE_RULES = [
+        ("malformed API key string", {"secrets": {"apiKeys": "ci:abc:verify"}}, "secrets.apiKeys entry 1"),
+        ("unknown scope", {"secrets": {"apiKeys": "ci:" + "a" * 64 + ":root"}}, "secrets.apiKeys entry 1"),
+        ("only comments", {"secrets": {"apiKeys": "# none yet"}}, "secrets.apiKeys has no entry"),
+        ("grace too short", {"terminationGracePeriodSeconds": 20}, "must exceed"),
+        ("secret in ConfigMap", {"env": {"IDENTITY_API_KEYS": "x"}}, "env.IDENTITY_API_KEYS"),
+        ("secret file in ConfigMap", {"env": {"IDENTITY_DATABASE_URL_FILE": "/x"}}, "env.IDENTITY_DATABASE_URL_FILE"),
+        ("ServiceMonitor without metrics", {"metrics": {"serviceMonitor": {"enabled": True}}}, "needs metrics.enabled"),
+        ("HPA bounds", {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}, "minReplicas"),
+        ("link_by_email needs the secret key", {"config": {"clerk": {"unmappedUser": "link_by_email", "issuer": "https://c.example.com"}}}, "needs secrets.clerkSecretKey"),
+        ("HPA target", {"autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": None}}, "autoscaling needs"),
+    ]
+
+    def test_values_violating_the_schema_are_refused(self):
+        with helm_python.Chart.load(CHART) as chart:
+            chart.validate_schema(REQUIRED)
+            for case, override, where in self.SCHEMA_VIOLATIONS:
+                with self.subTest(case=case):
+                    values = deep_merge(REQUIRED, override)
+                    with self.assertRaises(helm_python.HelmValuesError) as caught:
+                        chart.validate_schema(values)
+                    self.assertIn(where, str(caught.exception))
+                    with self.assertRaises(helm_python.HelmValuesError):
+                        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+                    report = helm_python.lint(CHART, values)
+                    self.assertTrue(report["errors"], f"lint accepted {override}")
+
+    def test_values_breaking_chart_rules_are_refused_with_a_message(self):
+        with helm_python.Chart.load(CHART) as chart:
+            for case, override, message in self.TEMPLATE_RULES:
+                with self.subTest(case=case):
+                    values = deep_merge(REQUIRED, override)
+                    with self.assertRaises(helm_python.HelmError) as caught:
+                        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+                    self.assertIn(message, str(caught.exception))
+
+    # --- the real binary --------------------------------------------------
+
+    def test_rendered_config_starts_binary(self):
+        binary = Path(os.environ.get("IDENTITY_BIN") or ROOT / "target" / "debug" / "identity").resolve()
+        if not (binary.is_file() and os.access(binary, os.X_OK)):
+            message = f"binary {binary} not found: build it with `cargo build` or set IDENTITY_BIN"
+            if os.environ.get("CI") == "true":
+                self.fail(message)
+            self.skipTest(message)
+        for label, values in value_sets():
+            with self.subTest(values=label):
+                BinaryRun(self, binary, rendered(label, values)).run()
+
+
+def free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class BinaryRun:
+    """Starts the binary the way the kubelet would start the rendered containers."""
+
+    def __init__(self, test: unittest.TestCase, binary: Path, render: Rendered):
+        self.test = test
+        self.binary = binary
+        self.render = render
+        self.tmp = Path(tempfile.mkdtemp(prefix="identity-chart-"))
+        self.database_url = f"sqlite://{self.tmp}/identity.db"
+        # Secrets the chart does not create (existingSecret): test values by key.
+        self.external: dict[str, dict[str, str]] = {}
+        existing = render.merged["secrets"]["existingSecret"]
+        if existing:
+            test_values = {
+                "databaseUrl": "postgres://replaced-by-the-test-database",
+                "apiKeys": api_key_line(),
+                "legacyJwtSecret": secrets.token_hex(32),
+            }
+            keys = render.merged["secrets"]["keys"]
+            self.external[existing] = {keys[name]: value for name, value in test_values.items() if keys.get(name)}
+
+    def secret_data(self, name: str) -> dict[str, str]:
+        doc = self.render.find("Secret", name)
+        if doc is not None:
+            data = {k: base64.b64decode(v).decode() for k, v in (doc.get("data") or {}).items()}
+            data.update(doc.get("stringData") or {})
+            return data
+        self.test.assertIn(name, self.external, f"Secret {name} is neither rendered nor the existing one")
+        return self.external[name]
+
+    def config_map_data(self, name: str) -> dict[str, str]:
+        doc = self.render.find("ConfigMap", name)
+        self.test.assertIsNotNone(doc, f"ConfigMap {name} is not rendered")
+        return dict(doc.get("data") or {})
+
+    def resolve(self, pod: dict[str, Any], container: dict[str, Any]) -> dict[str, str]:
+        """The container's environment, as the kubelet would build it, with secret files written under tmp."""
+        env: dict[str, str] = {}
+        for source in container.get("envFrom", []):
+            if "configMapRef" in source:
+                env.update(self.config_map_data(source["configMapRef"]["name"]))
+            elif "secretRef" in source:
+                env.update(self.secret_data(source["secretRef"]["name"]))
+        for entry in container.get("env", []):
+            if "value" in entry:
+                env[entry["name"]] = str(entry["value"])
+                continue
+            ref = entry.get("valueFrom", {})
+            if "secretKeyRef" in ref:
+                env[entry["name"]] = self.secret_data(ref["secretKeyRef"]["name"])[ref["secretKeyRef"]["key"]]
+            elif "configMapKeyRef" in ref:
+                env[entry["name"]] = self.config_map_data(ref["configMapKeyRef"]["name"])[ref["configMapKeyRef"]["key"]]
+            else:
+                self.test.fail(f"cannot resolve env entry {entry}")
+        # Mounted secret volumes become files under tmp; paths in the env follow.
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for mount in container.get("volumeMounts", []):
+            volume = volumes[mount["name"]]
+            if "secret" not in volume:
+                continue
+            target = self.tmp / f"mount-{mount['name']}-{container['name']}"
+            target.mkdir(exist_ok=True)
+            data = self.secret_data(volume["secret"]["secretName"])
+            items = volume["secret"].get("items") or [{"key": k, "path": k} for k in data]
+            for item in items:
+                (target / item["path"]).write_text(data[item["key"]], encoding="utf-8")
+            for name, value in env.items():
+                if value == mount["mountPath"] or value.startswith(mount["mountPath"].rstrip("/") + "/"):
+                    env[name] = str(target) + value[len(mount["mountPath"].rstrip("/")):]
+        # The test database instead of the chart's (a fresh SQLite file).
+        if "IDENTITY_DATABASE_URL" in env:
+            env["IDENTITY_DATABASE_URL"] = self.database_url
+        if "IDENTITY_DATABASE_URL_FILE" in env:
+            Path(env["IDENTITY_DATABASE_URL_FILE"]).write_text(self.database_url + "\n", encoding="utf-8")
+        return env
+
+    def workdir(self, container: dict[str, Any]) -> Path:
+        path = self.tmp / "workdir"
+        path.mkdir(exist_ok=True)
+        return path
+
+    def run(self) -> None:
+        try:
+            for job in self.render.jobs():
+                self.run_job(job)
+            self.run_server()
+        finally:
+            subprocess.run(["rm", "-rf", str(self.tmp)], check=False)
+
+    def run_job(self, job: dict[str, Any]) -> None:
+        pod = job["spec"]["template"]["spec"]
+        for container in pod["containers"]:
+            env = self.resolve(pod, container)
+            result = subprocess.run(
+                [str(self.binary), *container.get("args", [])],
+                env=env, cwd=self.workdir(container), capture_output=True, text=True, timeout=120,
+            )
+            self.test.assertEqual(
+                result.returncode, 0,
+                f"migration Job `{' '.join(container.get('args', []))}` failed:\n{result.stdout}\n{result.stderr}",
+            )
+            self.check_logs(result.stdout + result.stderr, env)
+            self.check_database_used()
+
+    def check_database_used(self) -> None:
+        """The rendered database URL (replaced by the test's) was used, not the binary's default."""
+        self.test.assertTrue((self.tmp / "identity.db").is_file(), "the test database was not created")
+        self.test.assertFalse((self.tmp / "workdir" / "identity.db").exists(), "the binary fell back to its default database")
+
+    def run_server(self) -> None:
+        deployment = self.render.one("Deployment")
+        pod = deployment["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        env = self.resolve(pod, container)
+        if env.get("IDENTITY_MIGRATE_ON_START", "true").lower() in ("false", "0", "no", "off") and not self.render.jobs():
+            env["IDENTITY_MIGRATE_ON_START"] = "true"  # nothing else would have migrated
+        host, _, rendered_port = env["IDENTITY_LISTEN_ADDR"].rpartition(":")
+        bind_host = host.strip("[]")
+        port = free_port(bind_host)
+        env["IDENTITY_LISTEN_ADDR"] = f"{host}:{port}"
+        probes = {name: container[name] for name in ("startupProbe", "readinessProbe", "livenessProbe") if name in container}
+        for name, probe in probes.items():
+            self.test.assertEqual(str(probe["grpc"]["port"]), rendered_port, f"{name} checks the listen port")
+        services = sorted({probe["grpc"].get("service", "") for probe in probes.values()})
+        connect = "[::1]" if ":" in bind_host else "127.0.0.1"
+        if bind_host not in ("0.0.0.0", "::", "127.0.0.1", "::1"):
+            self.test.fail(f"unexpected listen host {bind_host}")
+
+        log_path = self.tmp / "server.log"
+        with open(log_path, "w+", encoding="utf-8") as log:
+            process = subprocess.Popen(
+                [str(self.binary), *container.get("args", [])],
+                env=env, cwd=self.workdir(container), stdout=log, stderr=subprocess.STDOUT,
+            )
+            try:
+                self.wait_serving(process, f"{connect}:{port}", services, log_path)
+                process.send_signal(signal.SIGTERM)
+                grace = int(env.get("IDENTITY_SHUTDOWN_GRACE_SECONDS", "20"))
+                try:
+                    code = process.wait(timeout=grace + 10)
+                except subprocess.TimeoutExpired:
+                    self.test.fail(f"no exit within {grace + 10} s of SIGTERM:\n{log_path.read_text()}")
+                self.test.assertEqual(code, 0, f"exit code after SIGTERM:\n{log_path.read_text()}")
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+        self.check_logs(log_path.read_text(encoding="utf-8"), env)
+        self.check_database_used()
+
+    def wait_serving(self, process: subprocess.Popen, target: str, services: list[str], log_path: Path) -> None:
+        deadline = time.monotonic() + 20
+        last = "no answer"
+        with grpc.insecure_channel(target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if process.poll() is not None:
+                    self.test.fail(f"the server exited with {process.returncode}:\n{log_path.read_text()}")
+                try:
+                    statuses = {
+                        s: stub.Check(health_pb2.HealthCheckRequest(service=s), timeout=1).status for s in services
+                    }
+                    if all(v == health_pb2.HealthCheckResponse.SERVING for v in statuses.values()):
+                        return
+                    last = str({s: health_pb2.HealthCheckResponse.ServingStatus.Name(v) for s, v in statuses.items()})
+                except grpc.RpcError as e:
+                    last = f"{e.code()}: {e.details()}"
+                time.sleep(0.2)
+        self.test.fail(f"not SERVING on {target} for {services} within 20 s ({last}):\n{log_path.read_text()}")
+
+    def check_logs(self, output: str, env: dict[str, str]) -> None:
+        self.test.assertNotIn("unknown configuration variable", output)
+        if env.get("IDENTITY_LOG_FORMAT") == "json":
+            for line in filter(str.strip, output.splitlines()):
+                try:
+                    json.loads(line)
+                except ValueError:
+                    self.test.fail(f"IDENTITY_LOG_FORMAT=json but a log line is not JSON: {line!r}")
+
+
+def main() -> int:
+    program = unittest.main(module=__name__, exit=False, verbosity=2)
+    result = program.result
+    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    skipped = len(result.skipped)
+    passed = result.testsRun - failed - skipped
+    print(f"helm: {passed} passed, {failed} failed, {skipped} skipped")
+    return 0 if result.wasSuccessful() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
