@@ -45,6 +45,18 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "IDENTITY_TOKEN_CACHE_SIZE",
     "IDENTITY_USER_CACHE_SECONDS",
     "IDENTITY_REVOCATION_DEFAULT_SECONDS",
+    "IDENTITY_FRONTEND_URL",
+    "IDENTITY_PRODUCT_NAME",
+    "IDENTITY_INVITATION_TTL_SECONDS",
+    "IDENTITY_INVITES_PER_USER_PER_HOUR",
+    "IDENTITY_INVITES_PER_CALLER_PER_MINUTE",
+    "IDENTITY_MAIL_TRANSPORT",
+    "IDENTITY_SMTP_URL",
+    "IDENTITY_MAIL_FROM",
+    "IDENTITY_MAIL_DIR",
+    "IDENTITY_OUTBOX_POLL_SECONDS",
+    "IDENTITY_OUTBOX_MAX_ATTEMPTS",
+    "IDENTITY_OUTBOX_RETRY_BASE_SECONDS",
 ];
 
 /// Variables that may instead be given as `<NAME>_FILE`.
@@ -54,6 +66,7 @@ const SECRET_VARIABLES: &[&str] = &[
     "IDENTITY_LEGACY_JWT_SECRET",
     "IDENTITY_CLERK_SECRET_KEY",
     "IDENTITY_CLERK_JWT_KEY",
+    "IDENTITY_SMTP_URL",
 ];
 
 /// The seed application's own variable names, accepted when the
@@ -105,6 +118,8 @@ pub struct Config {
     pub settings_refresh: Duration,
     pub max_request_bytes: usize,
     pub verification: VerificationConfig,
+    pub invitations: InvitationConfig,
+    pub mail: MailConfig,
     /// Unknown `IDENTITY_*` names seen at load time (likely typos), to warn about.
     pub unknown_variables: Vec<String>,
 }
@@ -124,6 +139,8 @@ impl fmt::Debug for Config {
             .field("settings_refresh", &self.settings_refresh)
             .field("max_request_bytes", &self.max_request_bytes)
             .field("verification", &self.verification)
+            .field("invitations", &self.invitations)
+            .field("mail", &self.mail)
             .finish()
     }
 }
@@ -277,6 +294,8 @@ impl Config {
         }
 
         let verification = VerificationConfig::load(&vars)?;
+        let invitations = InvitationConfig::load(&vars)?;
+        let mail = MailConfig::load(&vars)?;
 
         let mut unknown_variables: Vec<String> = vars
             .0
@@ -308,6 +327,8 @@ impl Config {
             settings_refresh: vars.seconds("IDENTITY_SETTINGS_REFRESH_SECONDS", 2, 1..=300)?,
             max_request_bytes,
             verification,
+            invitations,
+            mail,
             unknown_variables,
         })
     }
@@ -439,6 +460,190 @@ impl Default for VerificationConfig {
             user_cache_ttl: Duration::from_secs(10),
             revocation_default_ttl: Duration::from_secs(30 * 24 * 3600),
         }
+    }
+}
+
+/// Migration invitations.
+#[derive(Debug, Clone)]
+pub struct InvitationConfig {
+    /// The application's frontend; links go to `{frontend_url}/migrate?token=...`.
+    pub frontend_url: url::Url,
+    pub product_name: String,
+    pub ttl: Duration,
+    pub per_user_per_hour: u32,
+    pub per_caller_per_minute: u32,
+}
+
+impl Default for InvitationConfig {
+    fn default() -> Self {
+        Self {
+            frontend_url: url::Url::parse("http://localhost:3000").unwrap_or_else(|_| unreachable!("valid URL")),
+            product_name: "LeafLock".into(),
+            ttl: Duration::from_secs(24 * 3600),
+            per_user_per_hour: 3,
+            per_caller_per_minute: 600,
+        }
+    }
+}
+
+impl InvitationConfig {
+    fn load(vars: &Vars) -> Result<Self, ConfigError> {
+        let defaults = Self::default();
+        let frontend_url = match vars.plain("IDENTITY_FRONTEND_URL") {
+            None => defaults.frontend_url,
+            Some(raw) => {
+                let url = url::Url::parse(raw.trim())
+                    .map_err(|e| ConfigError::new("IDENTITY_FRONTEND_URL", format!("invalid URL: {e}")))?;
+                if !matches!(url.scheme(), "http" | "https") {
+                    return Err(ConfigError::new("IDENTITY_FRONTEND_URL", "must be an http(s) URL"));
+                }
+                url
+            }
+        };
+        let product_name = vars
+            .plain("IDENTITY_PRODUCT_NAME")
+            .map(|v| v.trim().to_owned())
+            .unwrap_or(defaults.product_name);
+        if product_name.len() > 100 {
+            return Err(ConfigError::new(
+                "IDENTITY_PRODUCT_NAME",
+                "must be at most 100 characters",
+            ));
+        }
+        let per_user_per_hour: u32 = vars.parse("IDENTITY_INVITES_PER_USER_PER_HOUR", 3, "a number of invitations")?;
+        let per_caller_per_minute: u32 =
+            vars.parse("IDENTITY_INVITES_PER_CALLER_PER_MINUTE", 600, "a number of invitations")?;
+        if per_user_per_hour == 0 {
+            return Err(ConfigError::new(
+                "IDENTITY_INVITES_PER_USER_PER_HOUR",
+                "must be at least 1",
+            ));
+        }
+        if per_caller_per_minute == 0 {
+            return Err(ConfigError::new(
+                "IDENTITY_INVITES_PER_CALLER_PER_MINUTE",
+                "must be at least 1",
+            ));
+        }
+        Ok(Self {
+            frontend_url,
+            product_name,
+            ttl: vars.seconds("IDENTITY_INVITATION_TTL_SECONDS", 24 * 3600, 60..=30 * 86_400)?,
+            per_user_per_hour,
+            per_caller_per_minute,
+        })
+    }
+}
+
+/// How invitation emails leave the service.
+#[derive(Clone)]
+pub enum MailTransportConfig {
+    /// SMTP, e.g. `smtp://user:pass@mail:587?tls=required` or `smtps://mail:465`.
+    Smtp(SecretString),
+    /// One `.eml` file per message in a folder (development).
+    File(PathBuf),
+    /// The log, without the message body (development).
+    Log,
+}
+
+impl fmt::Debug for MailTransportConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Smtp(url) => write!(f, "Smtp({})", redact_url(url.expose_secret())),
+            Self::File(dir) => write!(f, "File({})", dir.display()),
+            Self::Log => f.write_str("Log"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct MailConfig {
+    pub transport: MailTransportConfig,
+    pub from: String,
+    pub poll_interval: Duration,
+    pub max_attempts: u32,
+    /// First retry delay; doubles per attempt up to an hour.
+    pub retry_base: Duration,
+}
+
+impl Default for MailConfig {
+    fn default() -> Self {
+        Self {
+            transport: MailTransportConfig::Log,
+            from: "LeafLock <no-reply@localhost>".into(),
+            poll_interval: Duration::from_secs(2),
+            max_attempts: 10,
+            retry_base: Duration::from_secs(5),
+        }
+    }
+}
+
+impl MailConfig {
+    fn load(vars: &Vars) -> Result<Self, ConfigError> {
+        let defaults = Self::default();
+        let smtp = vars.secret("IDENTITY_SMTP_URL")?;
+        let transport = match vars.plain("IDENTITY_MAIL_TRANSPORT").map(str::trim) {
+            None if smtp.is_some() => "smtp",
+            None => "log",
+            Some(other) => other,
+        };
+        let transport = match transport {
+            "smtp" => {
+                let url = smtp.ok_or_else(|| {
+                    ConfigError::new(
+                        "IDENTITY_SMTP_URL",
+                        "IDENTITY_MAIL_TRANSPORT=smtp needs IDENTITY_SMTP_URL",
+                    )
+                })?;
+                let parsed = url::Url::parse(url.expose_secret())
+                    .map_err(|_| ConfigError::new("IDENTITY_SMTP_URL", "is not a URL (the value is not shown)"))?;
+                if !matches!(parsed.scheme(), "smtp" | "smtps") {
+                    return Err(ConfigError::new(
+                        "IDENTITY_SMTP_URL",
+                        "must start with smtp:// or smtps://",
+                    ));
+                }
+                MailTransportConfig::Smtp(url)
+            }
+            "file" => {
+                MailTransportConfig::File(PathBuf::from(vars.plain("IDENTITY_MAIL_DIR").unwrap_or("mail").trim()))
+            }
+            "log" => MailTransportConfig::Log,
+            other => {
+                return Err(ConfigError::new(
+                    "IDENTITY_MAIL_TRANSPORT",
+                    format!("invalid value {other:?}: expected smtp, file or log"),
+                ));
+            }
+        };
+        let from = vars
+            .plain("IDENTITY_MAIL_FROM")
+            .map(|v| v.trim().to_owned())
+            .unwrap_or(defaults.from);
+        if from.parse::<lettre::message::Mailbox>().is_err() {
+            return Err(ConfigError::new(
+                "IDENTITY_MAIL_FROM",
+                format!("{from:?} is not a mailbox like Name <a@b.c>"),
+            ));
+        }
+        let max_attempts: u32 = vars.parse(
+            "IDENTITY_OUTBOX_MAX_ATTEMPTS",
+            defaults.max_attempts,
+            "a number of attempts",
+        )?;
+        if !(1..=100).contains(&max_attempts) {
+            return Err(ConfigError::new(
+                "IDENTITY_OUTBOX_MAX_ATTEMPTS",
+                "must be between 1 and 100",
+            ));
+        }
+        Ok(Self {
+            transport,
+            from,
+            poll_interval: vars.seconds("IDENTITY_OUTBOX_POLL_SECONDS", 2, 1..=300)?,
+            max_attempts,
+            retry_base: vars.seconds("IDENTITY_OUTBOX_RETRY_BASE_SECONDS", 5, 1..=3600)?,
+        })
     }
 }
 

@@ -12,6 +12,7 @@ pub mod config;
 pub mod domain;
 pub mod grpc;
 mod health;
+pub mod mail;
 pub mod server;
 pub mod storage;
 pub mod telemetry;

@@ -11,9 +11,10 @@ use tonic_health::ServingStatus;
 
 use crate::{
     config::Config,
-    domain::{AuditLog, AuthModes, UserCache, UserDirectory},
+    domain::{AuditLog, AuthModes, Invitations, UserCache, UserDirectory},
     grpc::{ApiKeyInterceptor, IdentityApi, MigrationApi},
     health,
+    mail::{Mailer, OutboxWorker},
     pb::{self, identity_service_server::IdentityServiceServer, migration_service_server::MigrationServiceServer},
     storage::{self, Storage, redact_url},
     verification::{KeyError, Verifier},
@@ -30,6 +31,8 @@ pub enum StartError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("{0}")]
     Keys(#[from] KeyError),
+    #[error("{0}")]
+    Mail(String),
 }
 
 /// A server running in the background (what tests and `serve` hold).
@@ -103,9 +106,11 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
     let verifier = Verifier::new(
         &config.verification,
         modes.clone(),
-        user_cache,
+        user_cache.clone(),
         crate::clerk::http_client(),
     )?;
+    let invitations = Invitations::new(user_cache, verifier.clone(), config.invitations.clone());
+    let mailer = Mailer::new(&config.mail.transport, &config.mail.from).map_err(StartError::Mail)?;
     if let Err(err) = verifier.load_revocations().await {
         tracing::warn!(error = %err, "cannot load revocations yet; retrying in the background");
     }
@@ -131,6 +136,8 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
         verifier.clone(),
         stop_rx.clone(),
     ));
+    tokio::spawn(OutboxWorker::new(storage.clone(), mailer, config.mail.clone()).run(stop_rx.clone()));
+    tokio::spawn(shrink_rate_limits(invitations.clone(), stop_rx.clone()));
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -145,8 +152,8 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
     let limit = config.max_request_bytes;
     let identity =
         IdentityServiceServer::new(IdentityApi::new(users.clone(), verifier)).max_decoding_message_size(limit);
-    let migration =
-        MigrationServiceServer::new(MigrationApi::new(users, modes, audit)).max_decoding_message_size(limit);
+    let migration = MigrationServiceServer::new(MigrationApi::new(users, modes, audit, invitations))
+        .max_decoding_message_size(limit);
 
     let listener = TcpListener::bind(config.listen_addr)
         .await
@@ -193,6 +200,16 @@ fn log_verification_setup(config: &Config) {
             clerk_issuer = v.clerk.as_ref().map(|c| c.issuer.as_str()),
             "token verification configured"
         ),
+    }
+}
+
+/// Drops rate-limit state of keys that have recovered, so it stays bounded.
+async fn shrink_rate_limits(invitations: Invitations, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(60)) => invitations.shrink(),
+            _ = stop.changed() => return,
+        }
     }
 }
 

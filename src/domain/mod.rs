@@ -7,6 +7,7 @@ mod caller;
 mod error;
 mod ids;
 pub mod import;
+mod invitations;
 mod user_cache;
 mod users;
 
@@ -15,5 +16,6 @@ pub use auth_mode::{AuthMode, AuthModeState, AuthModes};
 pub use caller::{ApiKey, ApiKeyRegistry, Caller, Scope, generate_api_key};
 pub use error::DomainError;
 pub use ids::{ClerkUserId, Email, UserId};
+pub use invitations::{INVALID_TOKEN, InvitationSent, Invitations};
 pub use user_cache::UserCache;
 pub use users::{MigrationState, User, UserDirectory};

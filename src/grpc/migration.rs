@@ -4,7 +4,7 @@ use tonic::{Request, Response, Status};
 
 use super::{caller, convert, to_status};
 use crate::{
-    domain::{AuditLog, AuditPageRequest, AuthModes, ClerkUserId, DomainError, UserDirectory, UserId},
+    domain::{AuditLog, AuditPageRequest, AuthModes, ClerkUserId, DomainError, Invitations, UserDirectory, UserId},
     pb::{self, migration_service_server::MigrationService},
 };
 
@@ -13,11 +13,17 @@ pub struct MigrationApi {
     users: UserDirectory,
     modes: AuthModes,
     audit: AuditLog,
+    invitations: Invitations,
 }
 
 impl MigrationApi {
-    pub fn new(users: UserDirectory, modes: AuthModes, audit: AuditLog) -> Self {
-        Self { users, modes, audit }
+    pub fn new(users: UserDirectory, modes: AuthModes, audit: AuditLog, invitations: Invitations) -> Self {
+        Self {
+            users,
+            modes,
+            audit,
+            invitations,
+        }
     }
 }
 
@@ -49,6 +55,45 @@ impl MigrationService for MigrationApi {
         let removed = self.users.unlink(&caller, user_id).await.map_err(to_status)?;
         Ok(Response::new(pb::UnlinkUserResponse {
             removed: Some(convert::mapping(removed)),
+        }))
+    }
+
+    #[tracing::instrument(name = "MigrationService/InitiateMigration", skip_all)]
+    async fn initiate_migration(
+        &self,
+        request: Request<pb::InitiateMigrationRequest>,
+    ) -> Result<Response<pb::InitiateMigrationResponse>, Status> {
+        use pb::initiate_migration_request::Subject;
+        let caller = caller(&request)?;
+        let sent = match request.into_inner().subject {
+            Some(Subject::LegacyToken(token)) => self.invitations.initiate_with_legacy_token(&caller, &token).await,
+            Some(Subject::UserId(id)) => {
+                let user_id = UserId::parse("user_id", &id).map_err(to_status)?;
+                self.invitations.initiate_for_user(&caller, user_id).await
+            }
+            None => Err(DomainError::invalid("subject", "set legacy_token or user_id")),
+        }
+        .map_err(to_status)?;
+        Ok(Response::new(pb::InitiateMigrationResponse {
+            user_id: sent.user_id.to_string(),
+            expires_at: Some(convert::timestamp(sent.expires_at)),
+        }))
+    }
+
+    #[tracing::instrument(name = "MigrationService/CompleteMigration", skip_all)]
+    async fn complete_migration(
+        &self,
+        request: Request<pb::CompleteMigrationRequest>,
+    ) -> Result<Response<pb::CompleteMigrationResponse>, Status> {
+        let caller = caller(&request)?;
+        let body = request.into_inner();
+        let mapping = self
+            .invitations
+            .complete(&caller, &body.migration_token, &body.clerk_session_token)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::CompleteMigrationResponse {
+            mapping: Some(convert::mapping(mapping)),
         }))
     }
 

@@ -23,6 +23,8 @@ pub enum Conflict {
     UserAlreadyLinked,
     /// The Clerk user is already linked to another user.
     ClerkUserTaken,
+    /// Another bulk migration job is unfinished.
+    BulkJobRunning,
 }
 
 impl fmt::Display for Conflict {
@@ -31,6 +33,7 @@ impl fmt::Display for Conflict {
             Self::UserExists => "a user with this id or email already exists",
             Self::UserAlreadyLinked => "user is already linked to a Clerk user",
             Self::ClerkUserTaken => "Clerk user is already linked to another user",
+            Self::BulkJobRunning => "a bulk migration job is already running",
         })
     }
 }

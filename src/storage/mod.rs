@@ -124,6 +124,49 @@ pub struct RevocationRecord {
     pub expires_at: DateTime<Utc>,
 }
 
+/// An email to deliver through the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewOutboxMessage {
+    pub kind: String,
+    pub user_id: Option<UserId>,
+    pub recipient: String,
+    pub subject: String,
+    pub body_text: String,
+    pub body_html: String,
+}
+
+/// A migration invitation: the token's hash, its expiry and its email,
+/// written together.
+#[derive(Debug, Clone)]
+pub struct NewInvitation {
+    pub user_id: UserId,
+    /// SHA-256 (hex) of the migration token; the token itself is never stored here.
+    pub token_hash: String,
+    pub expires_at: DateTime<Utc>,
+    pub email: NewOutboxMessage,
+}
+
+/// An outbox message claimed by a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxMessage {
+    pub id: uuid::Uuid,
+    pub kind: String,
+    pub recipient: String,
+    pub subject: String,
+    pub body_text: String,
+    pub body_html: String,
+    /// Delivery attempts before this one.
+    pub attempts: u32,
+}
+
+/// Outbox depth, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutboxCounts {
+    pub pending: i64,
+    pub sent: i64,
+    pub failed: i64,
+}
+
 /// Everything the service stores. Implementations translate their database's
 /// errors into [`StorageError`] in one place.
 #[async_trait]
@@ -161,6 +204,46 @@ pub trait Storage: Send + Sync + fmt::Debug {
         email: Option<&Email>,
         audit: &NewAuditEvent,
     ) -> StorageResult<UserRecord>;
+
+    /// Supersedes the user's unused invitations, stores the new one and its
+    /// email in the outbox, and appends the audit event, in one transaction.
+    async fn create_invitation(&self, invitation: &NewInvitation, audit: &NewAuditEvent) -> StorageResult<()>;
+
+    /// Consumes an invitation and links its user to `clerk_user_id`, in one
+    /// transaction. [`StorageError::NotFound`]`("invitation")` when the token
+    /// is unknown, expired, used or superseded (deliberately one answer).
+    async fn redeem_invitation(
+        &self,
+        token_hash: &str,
+        clerk_user_id: &ClerkUserId,
+        now: DateTime<Utc>,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<MappingRecord>;
+
+    /// Leases up to `limit` due messages to `worker` until `lease_until`;
+    /// messages leased to another live worker are skipped.
+    async fn claim_outbox(
+        &self,
+        worker: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: u32,
+    ) -> StorageResult<Vec<OutboxMessage>>;
+
+    /// Marks a message sent (after the server accepted it) and clears its bodies.
+    async fn outbox_sent(&self, id: uuid::Uuid, worker: &str) -> StorageResult<()>;
+
+    /// Records a failed attempt: retried at `retry_at`, or given up (bodies
+    /// cleared) when `None`.
+    async fn outbox_failed(
+        &self,
+        id: uuid::Uuid,
+        worker: &str,
+        error: &str,
+        retry_at: Option<DateTime<Utc>>,
+    ) -> StorageResult<()>;
+
+    async fn outbox_counts(&self) -> StorageResult<OutboxCounts>;
 
     /// Records a revocation and its audit event; revoking twice is a no-op.
     async fn revoke_token(&self, revocation: &NewRevocation, audit: &NewAuditEvent) -> StorageResult<()>;

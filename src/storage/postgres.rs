@@ -12,9 +12,9 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    AuditQuery, AuditRecord, Conflict, DatabaseOptions, MappingKey, MappingRecord, NewAuditEvent, NewLegacyUser,
-    NewRevocation, RevocationRecord, SettingRecord, Storage, StorageError, StorageResult, UserKey, UserRecord,
-    error::classify,
+    AuditQuery, AuditRecord, Conflict, DatabaseOptions, MappingKey, MappingRecord, NewAuditEvent, NewInvitation,
+    NewLegacyUser, NewRevocation, OutboxCounts, OutboxMessage, RevocationRecord, SettingRecord, Storage, StorageError,
+    StorageResult, UserKey, UserRecord, error::classify,
 };
 use crate::domain::{AuditOutcome, ClerkUserId, Email, UserId};
 
@@ -102,6 +102,70 @@ const USER_COLUMNS: &str = "id, email::text AS email, clerk_user_id, clerk_nativ
 /// seed's plain TIMESTAMP columns.
 const MAPPING_COLUMNS: &str =
     "user_id, clerk_user_id, created_at::timestamptz AS created_at, updated_at::timestamptz AS updated_at";
+
+/// Links inside the caller's transaction: locks the user row, writes the
+/// mapping and `users.clerk_user_id`.
+async fn link_in_tx(
+    conn: &mut sqlx::PgConnection,
+    user_id: UserId,
+    clerk_user_id: &ClerkUserId,
+) -> StorageResult<MappingRecord> {
+    let linked: Option<Option<String>> = sqlx::query_scalar("SELECT clerk_user_id FROM users WHERE id = $1 FOR UPDATE")
+        .bind(*user_id.as_uuid())
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db_err)?;
+    match linked {
+        None => return Err(StorageError::NotFound("user")),
+        Some(Some(_)) => return Err(StorageError::Conflict(Conflict::UserAlreadyLinked)),
+        Some(None) => {}
+    }
+    let existing: Option<String> =
+        sqlx::query_scalar("SELECT clerk_user_id FROM user_clerk_mappings WHERE user_id = $1")
+            .bind(*user_id.as_uuid())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db_err)?;
+    if existing.is_some() {
+        return Err(StorageError::Conflict(Conflict::UserAlreadyLinked));
+    }
+    let row = sqlx::query(
+        "INSERT INTO user_clerk_mappings (user_id, clerk_user_id, created_at, updated_at)
+         VALUES ($1, $2, now(), now())
+         RETURNING user_id, clerk_user_id, created_at::timestamptz AS created_at, updated_at::timestamptz AS updated_at",
+    )
+    .bind(*user_id.as_uuid())
+    .bind(clerk_user_id.as_str())
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+    sqlx::query("UPDATE users SET clerk_user_id = $1, updated_at = now() WHERE id = $2")
+        .bind(clerk_user_id.as_str())
+        .bind(*user_id.as_uuid())
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+    mapping_from_row(&row)
+}
+
+fn outbox_from_row(row: &PgRow) -> StorageResult<OutboxMessage> {
+    let attempts: i32 = row.try_get("attempts").map_err(db_err)?;
+    Ok(OutboxMessage {
+        id: row.try_get("id").map_err(db_err)?,
+        kind: row.try_get("kind").map_err(db_err)?,
+        recipient: row.try_get("recipient").map_err(db_err)?,
+        subject: row.try_get("subject").map_err(db_err)?,
+        body_text: row
+            .try_get::<Option<String>, _>("body_text")
+            .map_err(db_err)?
+            .unwrap_or_default(),
+        body_html: row
+            .try_get::<Option<String>, _>("body_html")
+            .map_err(db_err)?
+            .unwrap_or_default(),
+        attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+    })
+}
 
 impl PostgresStorage {
     pub async fn connect(url: &str, options: &DatabaseOptions) -> StorageResult<Self> {
@@ -202,45 +266,10 @@ impl Storage for PostgresStorage {
         audit: &NewAuditEvent,
     ) -> StorageResult<MappingRecord> {
         let mut tx = self.pool.begin().await.map_err(db_err)?;
-        let linked: Option<Option<String>> =
-            sqlx::query_scalar("SELECT clerk_user_id FROM users WHERE id = $1 FOR UPDATE")
-                .bind(*user_id.as_uuid())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db_err)?;
-        match linked {
-            None => return Err(StorageError::NotFound("user")),
-            Some(Some(_)) => return Err(StorageError::Conflict(Conflict::UserAlreadyLinked)),
-            Some(None) => {}
-        }
-        let existing: Option<String> =
-            sqlx::query_scalar("SELECT clerk_user_id FROM user_clerk_mappings WHERE user_id = $1")
-                .bind(*user_id.as_uuid())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db_err)?;
-        if existing.is_some() {
-            return Err(StorageError::Conflict(Conflict::UserAlreadyLinked));
-        }
-        let row = sqlx::query(
-            "INSERT INTO user_clerk_mappings (user_id, clerk_user_id, created_at, updated_at)
-             VALUES ($1, $2, now(), now())
-             RETURNING user_id, clerk_user_id, created_at::timestamptz AS created_at, updated_at::timestamptz AS updated_at",
-        )
-        .bind(*user_id.as_uuid())
-        .bind(clerk_user_id.as_str())
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
-        sqlx::query("UPDATE users SET clerk_user_id = $1, updated_at = now() WHERE id = $2")
-            .bind(clerk_user_id.as_str())
-            .bind(*user_id.as_uuid())
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+        let mapping = link_in_tx(&mut tx, user_id, clerk_user_id).await?;
         insert_audit(&mut tx, audit).await?;
         tx.commit().await.map_err(db_err)?;
-        mapping_from_row(&row)
+        Ok(mapping)
     }
 
     async fn unlink_user(&self, user_id: UserId, audit: &NewAuditEvent) -> StorageResult<MappingRecord> {
@@ -348,6 +377,170 @@ impl Storage for PostgresStorage {
         insert_audit(&mut tx, &audit).await?;
         tx.commit().await.map_err(db_err)?;
         user_from_row(&row)
+    }
+
+    async fn create_invitation(&self, invitation: &NewInvitation, audit: &NewAuditEvent) -> StorageResult<()> {
+        let user = *invitation.user_id.as_uuid();
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        sqlx::query(
+            "UPDATE user_migration_tokens SET superseded_at = now()
+             WHERE user_id = $1 AND used_at IS NULL AND superseded_at IS NULL",
+        )
+        .bind(user)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        sqlx::query("INSERT INTO user_migration_tokens (user_id, token_hash, expires_at) VALUES ($1, $2, $3)")
+            .bind(user)
+            .bind(&invitation.token_hash)
+            .bind(invitation.expires_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let email = &invitation.email;
+        sqlx::query(
+            "INSERT INTO identity_outbox (id, kind, user_id, recipient, subject, body_text, body_html)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(Uuid::new_v4())
+        .bind(&email.kind)
+        .bind(email.user_id.map(|id| *id.as_uuid()))
+        .bind(&email.recipient)
+        .bind(&email.subject)
+        .bind(&email.body_text)
+        .bind(&email.body_html)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn redeem_invitation(
+        &self,
+        token_hash: &str,
+        clerk_user_id: &ClerkUserId,
+        now: chrono::DateTime<chrono::Utc>,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<MappingRecord> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        // The row lock makes concurrent redemptions of one token queue up;
+        // all but the first then find it used.
+        let row = sqlx::query(
+            "SELECT id, user_id, used_at, superseded_at, expires_at FROM user_migration_tokens
+             WHERE token_hash = $1 FOR UPDATE",
+        )
+        .bind(token_hash)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_err)?
+        .ok_or(StorageError::NotFound("invitation"))?;
+        let used: Option<chrono::DateTime<chrono::Utc>> = row.try_get("used_at").map_err(db_err)?;
+        let superseded: Option<chrono::DateTime<chrono::Utc>> = row.try_get("superseded_at").map_err(db_err)?;
+        let expires: chrono::DateTime<chrono::Utc> = row.try_get("expires_at").map_err(db_err)?;
+        if used.is_some() || superseded.is_some() || expires <= now {
+            return Err(StorageError::NotFound("invitation"));
+        }
+        let token_id: Uuid = row.try_get("id").map_err(db_err)?;
+        let user_id = UserId::from_uuid(row.try_get("user_id").map_err(db_err)?);
+        let mapping = link_in_tx(&mut tx, user_id, clerk_user_id).await?;
+        sqlx::query("UPDATE user_migration_tokens SET used_at = $1 WHERE id = $2")
+            .bind(now)
+            .bind(token_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let audit = NewAuditEvent {
+            user_id: Some(user_id),
+            ..audit.clone()
+        };
+        insert_audit(&mut tx, &audit).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(mapping)
+    }
+
+    async fn claim_outbox(
+        &self,
+        worker: &str,
+        now: chrono::DateTime<chrono::Utc>,
+        lease_until: chrono::DateTime<chrono::Utc>,
+        limit: u32,
+    ) -> StorageResult<Vec<OutboxMessage>> {
+        let rows = sqlx::query(
+            "UPDATE identity_outbox SET locked_by = $1, locked_until = $2
+             WHERE id IN (
+                 SELECT id FROM identity_outbox
+                 WHERE sent_at IS NULL AND failed_at IS NULL AND next_attempt_at <= $3
+                   AND (locked_until IS NULL OR locked_until < $3)
+                 ORDER BY next_attempt_at LIMIT $4
+                 FOR UPDATE SKIP LOCKED)
+             RETURNING id, kind, recipient, subject, body_text, body_html, attempts",
+        )
+        .bind(worker)
+        .bind(lease_until)
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(outbox_from_row).collect()
+    }
+
+    async fn outbox_sent(&self, id: Uuid, worker: &str) -> StorageResult<()> {
+        sqlx::query(
+            "UPDATE identity_outbox SET sent_at = now(), attempts = attempts + 1, body_text = NULL, body_html = NULL,
+                 locked_until = NULL, last_error = NULL
+             WHERE id = $1 AND locked_by = $2",
+        )
+        .bind(id)
+        .bind(worker)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn outbox_failed(
+        &self,
+        id: Uuid,
+        worker: &str,
+        error: &str,
+        retry_at: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> StorageResult<()> {
+        let query = match retry_at {
+            Some(at) => sqlx::query(
+                "UPDATE identity_outbox SET attempts = attempts + 1, last_error = $1, next_attempt_at = $2, locked_until = NULL
+                 WHERE id = $3 AND locked_by = $4",
+            )
+            .bind(error)
+            .bind(at),
+            None => sqlx::query(
+                "UPDATE identity_outbox SET attempts = attempts + 1, last_error = $1, failed_at = now(), locked_until = NULL,
+                     body_text = NULL, body_html = NULL
+                 WHERE id = $2 AND locked_by = $3",
+            )
+            .bind(error),
+        };
+        query.bind(id).bind(worker).execute(&self.pool).await.map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn outbox_counts(&self) -> StorageResult<OutboxCounts> {
+        let row = sqlx::query(
+            "SELECT
+                 count(*) FILTER (WHERE sent_at IS NULL AND failed_at IS NULL) AS pending,
+                 count(*) FILTER (WHERE sent_at IS NOT NULL) AS sent,
+                 count(*) FILTER (WHERE failed_at IS NOT NULL) AS failed
+             FROM identity_outbox",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(OutboxCounts {
+            pending: row.try_get("pending").map_err(db_err)?,
+            sent: row.try_get("sent").map_err(db_err)?,
+            failed: row.try_get("failed").map_err(db_err)?,
+        })
     }
 
     async fn revoke_token(&self, revocation: &NewRevocation, audit: &NewAuditEvent) -> StorageResult<()> {

@@ -13,9 +13,9 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    AuditQuery, AuditRecord, Conflict, DatabaseOptions, MappingKey, MappingRecord, NewAuditEvent, NewLegacyUser,
-    NewRevocation, RevocationRecord, SettingRecord, Storage, StorageError, StorageResult, UserKey, UserRecord,
-    error::classify,
+    AuditQuery, AuditRecord, Conflict, DatabaseOptions, MappingKey, MappingRecord, NewAuditEvent, NewInvitation,
+    NewLegacyUser, NewRevocation, OutboxCounts, OutboxMessage, RevocationRecord, SettingRecord, Storage, StorageError,
+    StorageResult, UserKey, UserRecord, error::classify,
 };
 use crate::domain::{AuditOutcome, ClerkUserId, Email, UserId};
 
@@ -108,6 +108,69 @@ async fn insert_audit(conn: &mut sqlx::SqliteConnection, event: &NewAuditEvent) 
     Ok(())
 }
 
+/// Links inside the caller's transaction: mapping row and `users.clerk_user_id`.
+async fn link_in_tx(
+    conn: &mut sqlx::SqliteConnection,
+    user_id: UserId,
+    clerk_user_id: &ClerkUserId,
+) -> StorageResult<MappingRecord> {
+    let linked: Option<Option<String>> = sqlx::query_scalar("SELECT clerk_user_id FROM users WHERE id = ?")
+        .bind(user_id.to_string())
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db_err)?;
+    match linked {
+        None => return Err(StorageError::NotFound("user")),
+        Some(Some(_)) => return Err(StorageError::Conflict(Conflict::UserAlreadyLinked)),
+        Some(None) => {}
+    }
+    let now = micros(Utc::now());
+    sqlx::query(
+        "INSERT INTO user_clerk_mappings (id, user_id, clerk_user_id, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(Uuid::new_v4().to_string())
+    .bind(user_id.to_string())
+    .bind(clerk_user_id.as_str())
+    .bind(now)
+    .bind(now)
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+    sqlx::query("UPDATE users SET clerk_user_id = ?, updated_at = ? WHERE id = ?")
+        .bind(clerk_user_id.as_str())
+        .bind(now)
+        .bind(user_id.to_string())
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+    Ok(MappingRecord {
+        user_id,
+        clerk_user_id: clerk_user_id.clone(),
+        created_at: from_micros(now)?,
+        updated_at: from_micros(now)?,
+    })
+}
+
+fn outbox_from_row(row: &SqliteRow) -> StorageResult<OutboxMessage> {
+    let id: String = row.try_get("id").map_err(db_err)?;
+    let attempts: i64 = row.try_get("attempts").map_err(db_err)?;
+    Ok(OutboxMessage {
+        id: Uuid::parse_str(&id).map_err(|e| StorageError::Other(Box::new(e)))?,
+        kind: row.try_get("kind").map_err(db_err)?,
+        recipient: row.try_get("recipient").map_err(db_err)?,
+        subject: row.try_get("subject").map_err(db_err)?,
+        body_text: row
+            .try_get::<Option<String>, _>("body_text")
+            .map_err(db_err)?
+            .unwrap_or_default(),
+        body_html: row
+            .try_get::<Option<String>, _>("body_html")
+            .map_err(db_err)?
+            .unwrap_or_default(),
+        attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+    })
+}
+
 impl SqliteStorage {
     pub async fn connect(url: &str, options: &DatabaseOptions) -> StorageResult<Self> {
         let in_memory = url.contains(":memory:") || url.contains("mode=memory");
@@ -197,43 +260,10 @@ impl Storage for SqliteStorage {
         audit: &NewAuditEvent,
     ) -> StorageResult<MappingRecord> {
         let mut tx = self.begin_write().await?;
-        let linked: Option<Option<String>> = sqlx::query_scalar("SELECT clerk_user_id FROM users WHERE id = ?")
-            .bind(user_id.to_string())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        match linked {
-            None => return Err(StorageError::NotFound("user")),
-            Some(Some(_)) => return Err(StorageError::Conflict(Conflict::UserAlreadyLinked)),
-            Some(None) => {}
-        }
-        let now = Utc::now();
-        sqlx::query(
-            "INSERT INTO user_clerk_mappings (id, user_id, clerk_user_id, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(Uuid::new_v4().to_string())
-        .bind(user_id.to_string())
-        .bind(clerk_user_id.as_str())
-        .bind(micros(now))
-        .bind(micros(now))
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
-        sqlx::query("UPDATE users SET clerk_user_id = ?, updated_at = ? WHERE id = ?")
-            .bind(clerk_user_id.as_str())
-            .bind(micros(now))
-            .bind(user_id.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+        let mapping = link_in_tx(&mut tx, user_id, clerk_user_id).await?;
         insert_audit(&mut tx, audit).await?;
         tx.commit().await.map_err(db_err)?;
-        Ok(MappingRecord {
-            user_id,
-            clerk_user_id: clerk_user_id.clone(),
-            created_at: from_micros(micros(now))?,
-            updated_at: from_micros(micros(now))?,
-        })
+        Ok(mapping)
     }
 
     async fn unlink_user(&self, user_id: UserId, audit: &NewAuditEvent) -> StorageResult<MappingRecord> {
@@ -342,6 +372,181 @@ impl Storage for SqliteStorage {
             has_password: false,
             created_at: at,
             updated_at: at,
+        })
+    }
+
+    async fn create_invitation(&self, invitation: &NewInvitation, audit: &NewAuditEvent) -> StorageResult<()> {
+        let now = micros(Utc::now());
+        let user = invitation.user_id.to_string();
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "UPDATE user_migration_tokens SET superseded_at = ?
+             WHERE user_id = ? AND used_at IS NULL AND superseded_at IS NULL",
+        )
+        .bind(now)
+        .bind(&user)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        sqlx::query(
+            "INSERT INTO user_migration_tokens (id, user_id, token_hash, expires_at, created_at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(Uuid::new_v4().to_string())
+        .bind(&user)
+        .bind(&invitation.token_hash)
+        .bind(micros(invitation.expires_at))
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| classify(e, None))?;
+        let email = &invitation.email;
+        sqlx::query(
+            "INSERT INTO identity_outbox (id, kind, user_id, recipient, subject, body_text, body_html, next_attempt_at, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(Uuid::new_v4().to_string())
+        .bind(&email.kind)
+        .bind(email.user_id.map(|id| id.to_string()))
+        .bind(&email.recipient)
+        .bind(&email.subject)
+        .bind(&email.body_text)
+        .bind(&email.body_html)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn redeem_invitation(
+        &self,
+        token_hash: &str,
+        clerk_user_id: &ClerkUserId,
+        now: DateTime<Utc>,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<MappingRecord> {
+        let mut tx = self.begin_write().await?;
+        let row = sqlx::query(
+            "SELECT id, user_id FROM user_migration_tokens
+             WHERE token_hash = ? AND used_at IS NULL AND superseded_at IS NULL AND expires_at > ?",
+        )
+        .bind(token_hash)
+        .bind(micros(now))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_err)?
+        .ok_or(StorageError::NotFound("invitation"))?;
+        let token_id: String = row.try_get("id").map_err(db_err)?;
+        let user_id: String = row.try_get("user_id").map_err(db_err)?;
+        let user_id = parse_uuid(&user_id)?;
+        let mapping = link_in_tx(&mut tx, user_id, clerk_user_id).await?;
+        sqlx::query("UPDATE user_migration_tokens SET used_at = ? WHERE id = ?")
+            .bind(micros(now))
+            .bind(token_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let audit = NewAuditEvent {
+            user_id: Some(user_id),
+            ..audit.clone()
+        };
+        insert_audit(&mut tx, &audit).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(mapping)
+    }
+
+    async fn claim_outbox(
+        &self,
+        worker: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: u32,
+    ) -> StorageResult<Vec<OutboxMessage>> {
+        let mut tx = self.begin_write().await?;
+        let rows = sqlx::query(
+            "UPDATE identity_outbox SET locked_by = ?, locked_until = ?
+             WHERE id IN (
+                 SELECT id FROM identity_outbox
+                 WHERE sent_at IS NULL AND failed_at IS NULL AND next_attempt_at <= ?
+                   AND (locked_until IS NULL OR locked_until < ?)
+                 ORDER BY next_attempt_at LIMIT ?)
+             RETURNING id, kind, recipient, subject, body_text, body_html, attempts",
+        )
+        .bind(worker)
+        .bind(micros(lease_until))
+        .bind(micros(now))
+        .bind(micros(now))
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        rows.iter().map(outbox_from_row).collect()
+    }
+
+    async fn outbox_sent(&self, id: Uuid, worker: &str) -> StorageResult<()> {
+        sqlx::query(
+            "UPDATE identity_outbox SET sent_at = ?, attempts = attempts + 1, body_text = NULL, body_html = NULL,
+                 locked_until = NULL, last_error = NULL
+             WHERE id = ? AND locked_by = ?",
+        )
+        .bind(micros(Utc::now()))
+        .bind(id.to_string())
+        .bind(worker)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn outbox_failed(
+        &self,
+        id: Uuid,
+        worker: &str,
+        error: &str,
+        retry_at: Option<DateTime<Utc>>,
+    ) -> StorageResult<()> {
+        let query = match retry_at {
+            Some(at) => sqlx::query(
+                "UPDATE identity_outbox SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?, locked_until = NULL
+                 WHERE id = ? AND locked_by = ?",
+            )
+            .bind(error)
+            .bind(micros(at)),
+            None => sqlx::query(
+                "UPDATE identity_outbox SET attempts = attempts + 1, last_error = ?, failed_at = ?, locked_until = NULL,
+                     body_text = NULL, body_html = NULL
+                 WHERE id = ? AND locked_by = ?",
+            )
+            .bind(error)
+            .bind(micros(Utc::now())),
+        };
+        query
+            .bind(id.to_string())
+            .bind(worker)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn outbox_counts(&self) -> StorageResult<OutboxCounts> {
+        let row = sqlx::query(
+            "SELECT
+                 COALESCE(SUM(CASE WHEN sent_at IS NULL AND failed_at IS NULL THEN 1 ELSE 0 END), 0) AS pending,
+                 COALESCE(SUM(CASE WHEN sent_at IS NOT NULL THEN 1 ELSE 0 END), 0) AS sent,
+                 COALESCE(SUM(CASE WHEN failed_at IS NOT NULL THEN 1 ELSE 0 END), 0) AS failed
+             FROM identity_outbox",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(OutboxCounts {
+            pending: row.try_get("pending").map_err(db_err)?,
+            sent: row.try_get("sent").map_err(db_err)?,
+            failed: row.try_get("failed").map_err(db_err)?,
         })
     }
 

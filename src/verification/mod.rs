@@ -233,26 +233,126 @@ impl Verifier {
         expected_audience: Option<&str>,
     ) -> Result<Verdict, DomainError> {
         caller.require_any(&[Scope::Verify, Scope::Admin])?;
-        let token = token::strip_bearer(raw_token);
-        if token.is_empty() {
-            return Err(DomainError::invalid("token", "must not be empty"));
-        }
-        if token.len() > self.inner.max_token_bytes {
-            return Ok(Verdict::reject(RejectReason::Malformed, "token is too large"));
-        }
-        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let verified = match self.inner.cache.get(&digest) {
-            Some(hit) => hit,
-            None => match self.verify_cold(token).await? {
-                Ok(verified) => {
-                    let verified = Arc::new(verified);
-                    self.inner.cache.insert(digest, verified.clone());
-                    verified
-                }
-                Err(rejection) => return Ok(Verdict::Rejected(rejection)),
-            },
+        let (verified, digest) = match self.signature_checked("token", raw_token).await? {
+            Ok(found) => found,
+            Err(rejection) => return Ok(Verdict::Rejected(rejection)),
         };
         self.judge(caller, &verified, &digest, expected_audience).await
+    }
+
+    /// The Clerk user a session token speaks for, without resolving (or
+    /// provisioning) an internal user: for completing an invitation.
+    pub(crate) async fn clerk_subject(
+        &self,
+        field: &'static str,
+        raw_token: &str,
+    ) -> Result<Result<crate::domain::ClerkUserId, Rejection>, DomainError> {
+        let (verified, _) = match self.signature_checked(field, raw_token).await? {
+            Ok(found) => found,
+            Err(rejection) => return Ok(Err(rejection)),
+        };
+        let Verified::Clerk(token) = verified.as_ref() else {
+            return Ok(Err(Rejection::new(
+                RejectReason::AlgorithmNotAllowed,
+                "not a Clerk session token",
+            )));
+        };
+        if let Some(rejection) = self.clerk_time_and_mode(token) {
+            return Ok(Err(rejection));
+        }
+        Ok(Ok(token.clerk_user_id.clone()))
+    }
+
+    /// The user a legacy token speaks for (it must exist, be unrevoked and
+    /// accepted by the auth mode): for requesting an invitation.
+    pub(crate) async fn legacy_subject(
+        &self,
+        field: &'static str,
+        raw_token: &str,
+    ) -> Result<Result<crate::domain::UserId, Rejection>, DomainError> {
+        let (verified, digest) = match self.signature_checked(field, raw_token).await? {
+            Ok(found) => found,
+            Err(rejection) => return Ok(Err(rejection)),
+        };
+        let Verified::Legacy(token) = verified.as_ref() else {
+            return Ok(Err(Rejection::new(
+                RejectReason::AlgorithmNotAllowed,
+                "not a legacy token",
+            )));
+        };
+        if let Some(rejection) = self.legacy_time_mode_revocation(token, &digest) {
+            return Ok(Err(rejection));
+        }
+        match self.inner.principals.legacy(token.user_id).await? {
+            Ok(user) => Ok(Ok(user.id)),
+            Err(rejection) => Ok(Err(rejection)),
+        }
+    }
+
+    /// Size limit, cache, then routing and signature/claims on a miss.
+    async fn signature_checked(
+        &self,
+        field: &'static str,
+        raw_token: &str,
+    ) -> Result<Result<(Arc<Verified>, [u8; 32]), Rejection>, DomainError> {
+        let token = token::strip_bearer(raw_token);
+        if token.is_empty() {
+            return Err(DomainError::invalid(field, "must not be empty"));
+        }
+        if token.len() > self.inner.max_token_bytes {
+            return Ok(Err(Rejection::new(RejectReason::Malformed, "token is too large")));
+        }
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(hit) = self.inner.cache.get(&digest) {
+            return Ok(Ok((hit, digest)));
+        }
+        match self.verify_cold(token).await? {
+            Ok(verified) => {
+                let verified = Arc::new(verified);
+                self.inner.cache.insert(digest, verified.clone());
+                Ok(Ok((verified, digest)))
+            }
+            Err(rejection) => Ok(Err(rejection)),
+        }
+    }
+
+    fn legacy_time_mode_revocation(&self, token: &LegacyToken, digest: &[u8; 32]) -> Option<Rejection> {
+        let inner = &self.inner;
+        if !inner.modes.current().accepts_legacy() {
+            return Some(Rejection::new(
+                RejectReason::MethodDisabled,
+                "legacy tokens are not accepted",
+            ));
+        }
+        if token.expires_at.saturating_add(LEGACY_LEEWAY) < Utc::now().timestamp() {
+            return Some(Rejection::new(RejectReason::Expired, "token has expired"));
+        }
+        if inner.revocations.is_revoked(token.jti.as_deref(), &hex::encode(digest)) {
+            return Some(Rejection::new(RejectReason::Revoked, "token has been revoked"));
+        }
+        None
+    }
+
+    fn clerk_time_and_mode(&self, token: &ClerkToken) -> Option<Rejection> {
+        let inner = &self.inner;
+        if !inner.modes.current().accepts_clerk() {
+            return Some(Rejection::new(
+                RejectReason::MethodDisabled,
+                "Clerk tokens are not accepted",
+            ));
+        }
+        let now = Utc::now().timestamp();
+        let leeway = inner.clerk.as_ref().map(|c| c.leeway).unwrap_or(5);
+        if token.expires_at.saturating_add(leeway) < now {
+            return Some(Rejection::new(RejectReason::Expired, "token has expired"));
+        }
+        if token.not_before.is_some_and(|nbf| nbf > now.saturating_add(leeway)) {
+            return Some(Rejection::new(
+                RejectReason::NotYetValid,
+                "token is not valid yet (nbf)",
+            ));
+        }
+        None
     }
 
     /// Routes by header and `iss` (never by anything the token points to)
@@ -325,21 +425,13 @@ impl Verifier {
         expected_audience: Option<&str>,
     ) -> Result<Verdict, DomainError> {
         let inner = &self.inner;
-        let now = Utc::now().timestamp();
-        let mode = inner.modes.current();
         let expected = expected_audience
             .map(|a| a.trim().trim_end_matches('/'))
             .filter(|a| !a.is_empty());
         match verified {
             Verified::Legacy(token) => {
-                if !mode.accepts_legacy() {
-                    return Ok(Verdict::reject(
-                        RejectReason::MethodDisabled,
-                        "legacy tokens are not accepted",
-                    ));
-                }
-                if token.expires_at.saturating_add(LEGACY_LEEWAY) < now {
-                    return Ok(Verdict::reject(RejectReason::Expired, "token has expired"));
+                if let Some(rejection) = self.legacy_time_mode_revocation(token, digest) {
+                    return Ok(Verdict::Rejected(rejection));
                 }
                 if let Some(expected) = expected
                     && !token.audiences.iter().any(|a| a.trim_end_matches('/') == expected)
@@ -348,9 +440,6 @@ impl Verifier {
                         RejectReason::Audience,
                         "audience is not the expected one",
                     ));
-                }
-                if inner.revocations.is_revoked(token.jti.as_deref(), &hex::encode(digest)) {
-                    return Ok(Verdict::reject(RejectReason::Revoked, "token has been revoked"));
                 }
                 let user = match inner.principals.legacy(token.user_id).await? {
                     Ok(user) => user,
@@ -369,21 +458,8 @@ impl Verifier {
                 )))
             }
             Verified::Clerk(token) => {
-                if !mode.accepts_clerk() {
-                    return Ok(Verdict::reject(
-                        RejectReason::MethodDisabled,
-                        "Clerk tokens are not accepted",
-                    ));
-                }
-                let leeway = inner.clerk.as_ref().map(|c| c.leeway).unwrap_or(5);
-                if token.expires_at.saturating_add(leeway) < now {
-                    return Ok(Verdict::reject(RejectReason::Expired, "token has expired"));
-                }
-                if token.not_before.is_some_and(|nbf| nbf > now.saturating_add(leeway)) {
-                    return Ok(Verdict::reject(
-                        RejectReason::NotYetValid,
-                        "token is not valid yet (nbf)",
-                    ));
+                if let Some(rejection) = self.clerk_time_and_mode(token) {
+                    return Ok(Verdict::Rejected(rejection));
                 }
                 if let Some(expected) = expected
                     && token.authorized_party.as_deref() != Some(expected)

@@ -9,6 +9,7 @@ mod auth_mode_api;
 mod caller_access;
 mod cli;
 mod health_and_reflection;
+mod invitations;
 mod postgres_schema;
 mod storage_conformance;
 mod users_api;

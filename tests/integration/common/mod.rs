@@ -3,6 +3,7 @@
 //! and token minting.
 
 pub mod fake_clerk;
+pub mod fake_smtp;
 pub mod tokens;
 
 use std::{sync::Arc, time::Duration};
@@ -385,5 +386,45 @@ pub fn rejected(result: identity::pb::verify_token_response::Result) -> identity
     match result {
         identity::pb::verify_token_response::Result::Rejection(r) => r.reason(),
         identity::pb::verify_token_response::Result::Principal(p) => panic!("accepted: {p:?}"),
+    }
+}
+
+/// Runs a SQL statement against the test database directly (test set-up and inspection).
+pub async fn exec(db: &TestDb, sql: &str) {
+    match db.backend {
+        Backend::Sqlite => {
+            let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
+        Backend::Postgres => {
+            let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// The first column of every row, as text.
+pub async fn strings(db: &TestDb, sql: &str) -> Vec<Option<String>> {
+    match db.backend {
+        Backend::Sqlite => {
+            let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+                .fetch_all(&mut conn)
+                .await
+                .unwrap()
+        }
+        Backend::Postgres => {
+            let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+                .fetch_all(&mut conn)
+                .await
+                .unwrap()
+        }
     }
 }
