@@ -57,6 +57,8 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "IDENTITY_OUTBOX_POLL_SECONDS",
     "IDENTITY_OUTBOX_MAX_ATTEMPTS",
     "IDENTITY_OUTBOX_RETRY_BASE_SECONDS",
+    "IDENTITY_CLERK_API_RATE",
+    "IDENTITY_BULK_LEASE_SECONDS",
 ];
 
 /// Variables that may instead be given as `<NAME>_FILE`.
@@ -120,6 +122,7 @@ pub struct Config {
     pub verification: VerificationConfig,
     pub invitations: InvitationConfig,
     pub mail: MailConfig,
+    pub bulk: crate::domain::BulkConfig,
     /// Unknown `IDENTITY_*` names seen at load time (likely typos), to warn about.
     pub unknown_variables: Vec<String>,
 }
@@ -141,6 +144,7 @@ impl fmt::Debug for Config {
             .field("verification", &self.verification)
             .field("invitations", &self.invitations)
             .field("mail", &self.mail)
+            .field("bulk", &self.bulk)
             .finish()
     }
 }
@@ -296,6 +300,18 @@ impl Config {
         let verification = VerificationConfig::load(&vars)?;
         let invitations = InvitationConfig::load(&vars)?;
         let mail = MailConfig::load(&vars)?;
+        let default_rate: f64 = vars.parse("IDENTITY_CLERK_API_RATE", 9.0, "requests per second, e.g. 9 or 90")?;
+        if !(default_rate.is_finite() && default_rate > 0.0 && default_rate <= 100.0) {
+            return Err(ConfigError::new(
+                "IDENTITY_CLERK_API_RATE",
+                "must be above 0 and at most 100 (Clerk allows 100 requests per 10 s on development keys, 1000 on production)",
+            ));
+        }
+        let bulk = crate::domain::BulkConfig {
+            default_rate,
+            max_rate: 100.0,
+            lease: vars.seconds("IDENTITY_BULK_LEASE_SECONDS", 30, 2..=600)?,
+        };
 
         let mut unknown_variables: Vec<String> = vars
             .0
@@ -329,6 +345,7 @@ impl Config {
             verification,
             invitations,
             mail,
+            bulk,
             unknown_variables,
         })
     }

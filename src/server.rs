@@ -11,7 +11,7 @@ use tonic_health::ServingStatus;
 
 use crate::{
     config::Config,
-    domain::{AuditLog, AuthModes, Invitations, UserCache, UserDirectory},
+    domain::{AuditLog, AuthModes, BulkMigrations, Invitations, UserCache, UserDirectory},
     grpc::{ApiKeyInterceptor, IdentityApi, MigrationApi},
     health,
     mail::{Mailer, OutboxWorker},
@@ -109,7 +109,7 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
         user_cache.clone(),
         crate::clerk::http_client(),
     )?;
-    let invitations = Invitations::new(user_cache, verifier.clone(), config.invitations.clone());
+    let invitations = Invitations::new(user_cache.clone(), verifier.clone(), config.invitations.clone());
     let mailer = Mailer::new(&config.mail.transport, &config.mail.from).map_err(StartError::Mail)?;
     if let Err(err) = verifier.load_revocations().await {
         tracing::warn!(error = %err, "cannot load revocations yet; retrying in the background");
@@ -138,6 +138,18 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
     ));
     tokio::spawn(OutboxWorker::new(storage.clone(), mailer, config.mail.clone()).run(stop_rx.clone()));
     tokio::spawn(shrink_rate_limits(invitations.clone(), stop_rx.clone()));
+    let clerk_api = config.verification.clerk.as_ref().and_then(|c| {
+        c.secret_key
+            .as_ref()
+            .map(|secret| crate::clerk::ClerkApi::new(crate::clerk::http_client(), c.api_url.clone(), secret.clone()))
+    });
+    let bulk = BulkMigrations::new(
+        storage.clone(),
+        user_cache,
+        clerk_api,
+        config.bulk.clone(),
+        stop_rx.clone(),
+    );
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -152,7 +164,7 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
     let limit = config.max_request_bytes;
     let identity =
         IdentityServiceServer::new(IdentityApi::new(users.clone(), verifier)).max_decoding_message_size(limit);
-    let migration = MigrationServiceServer::new(MigrationApi::new(users, modes, audit, invitations))
+    let migration = MigrationServiceServer::new(MigrationApi::new(users, modes, audit, invitations, bulk))
         .max_decoding_message_size(limit);
 
     let listener = TcpListener::bind(config.listen_addr)

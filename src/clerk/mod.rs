@@ -2,9 +2,10 @@
 //! uses. Every call carries the secret key as bearer; transient failures
 //! (timeouts, 5xx, 429) are retried with backoff.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use backon::{ExponentialBuilder, Retryable};
+use governor::DefaultDirectRateLimiter;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
@@ -24,6 +25,9 @@ pub enum ClerkApiError {
     },
     #[error("Clerk's answer could not be read: {0}")]
     Decode(String),
+    /// Clerk refused the request as invalid (4xx other than 404/429), with its error code.
+    #[error("Clerk refused the request ({status}): {code}")]
+    Refused { status: reqwest::StatusCode, code: String },
 }
 
 impl ClerkApiError {
@@ -33,10 +37,20 @@ impl ClerkApiError {
             Self::Status { status, .. } => {
                 status.is_server_error() || *status == reqwest::StatusCode::TOO_MANY_REQUESTS
             }
-            Self::Decode(_) => false,
+            Self::Decode(_) | Self::Refused { .. } => false,
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Status { retry_after, .. } => *retry_after,
+            _ => None,
         }
     }
 }
+
+/// Longest wait honoured from a `Retry-After` header.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Deserialize)]
 struct Verification {
@@ -76,11 +90,48 @@ impl ClerkUser {
     }
 }
 
+/// A user to create in Clerk (`POST /v1/users`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NewClerkUser {
+    pub external_id: String,
+    pub email_address: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_digest: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_hasher: Option<String>,
+    /// Without a password digest the user signs in another way (or resets).
+    pub skip_password_requirement: bool,
+    /// The digest is the user's existing password; Clerk must not re-check its strength.
+    pub skip_password_checks: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct ClerkErrors {
+    #[serde(default)]
+    errors: Vec<ClerkErrorItem>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ClerkErrorItem {
+    #[serde(default)]
+    code: String,
+}
+
+/// `GET /v1/users` answers with an array (older API versions wrap it in `data`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum UserList {
+    Plain(Vec<ClerkUser>),
+    Wrapped { data: Vec<ClerkUser> },
+}
+
 #[derive(Clone)]
 pub struct ClerkApi {
     http: reqwest::Client,
     base: url::Url,
     secret: SecretString,
+    /// Paces every request (bulk jobs), retries included.
+    limiter: Option<Arc<DefaultDirectRateLimiter>>,
 }
 
 impl std::fmt::Debug for ClerkApi {
@@ -107,44 +158,157 @@ fn retry_after(response: &reqwest::Response) -> Option<Duration> {
 
 impl ClerkApi {
     pub fn new(http: reqwest::Client, base: url::Url, secret: SecretString) -> Self {
-        Self { http, base, secret }
+        Self {
+            http,
+            base,
+            secret,
+            limiter: None,
+        }
     }
 
-    /// `GET /v1/users/{id}`; `None` when Clerk does not know the user.
-    pub async fn get_user(&self, id: &ClerkUserId) -> Result<Option<ClerkUser>, ClerkApiError> {
-        let url = self
-            .base
-            .join(&format!("v1/users/{}", id.as_str()))
-            .map_err(|e| ClerkApiError::Decode(e.to_string()))?;
-        let call = || async {
+    /// The same client, pacing its requests with `limiter`.
+    pub fn paced(&self, limiter: Arc<DefaultDirectRateLimiter>) -> Self {
+        Self {
+            limiter: Some(limiter),
+            ..self.clone()
+        }
+    }
+
+    fn url(&self, path: &str) -> Result<url::Url, ClerkApiError> {
+        self.base.join(path).map_err(|e| ClerkApiError::Decode(e.to_string()))
+    }
+
+    /// Sends a request (rebuilt per attempt), pacing and retrying transient
+    /// failures; a 429 waits for its `Retry-After`.
+    async fn call<T, F, Fut>(&self, attempt: F) -> Result<T, ClerkApiError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClerkApiError>>,
+    {
+        let paced = || async {
+            if let Some(limiter) = &self.limiter {
+                limiter.until_ready().await;
+            }
+            attempt().await
+        };
+        paced
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(200))
+                    .with_max_delay(Duration::from_secs(10))
+                    .with_max_times(6),
+            )
+            .when(ClerkApiError::is_transient)
+            .adjust(|err, delay| err.retry_after().map(|d| d.min(MAX_RETRY_AFTER)).or(delay))
+            .await
+    }
+
+    /// Reads an error response into the error it means.
+    async fn error_from(response: reqwest::Response) -> ClerkApiError {
+        let status = response.status();
+        let retry_after = retry_after(&response);
+        if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            return ClerkApiError::Status { status, retry_after };
+        }
+        let code = response
+            .json::<ClerkErrors>()
+            .await
+            .ok()
+            .and_then(|e| e.errors.into_iter().next().map(|e| e.code))
+            .filter(|c| !c.is_empty())
+            .unwrap_or_else(|| "unknown".to_owned());
+        ClerkApiError::Refused { status, code }
+    }
+
+    /// `GET /v1/users?<key>=<value>`: users with that external id or email address.
+    pub async fn find_users(&self, key: &str, value: &str) -> Result<Vec<ClerkUser>, ClerkApiError> {
+        let mut url = self.url("v1/users")?;
+        url.query_pairs_mut().append_pair(key, value);
+        self.call(|| async {
             let response = self
                 .http
                 .get(url.clone())
                 .bearer_auth(self.secret.expose_secret())
                 .send()
                 .await?;
-            let status = response.status();
-            if status == reqwest::StatusCode::NOT_FOUND {
+            if !response.status().is_success() {
+                return Err(Self::error_from(response).await);
+            }
+            match response
+                .json::<UserList>()
+                .await
+                .map_err(|e| ClerkApiError::Decode(e.to_string()))?
+            {
+                UserList::Plain(users) | UserList::Wrapped { data: users } => Ok(users),
+            }
+        })
+        .await
+    }
+
+    /// `POST /v1/users`.
+    pub async fn create_user(&self, user: &NewClerkUser) -> Result<ClerkUser, ClerkApiError> {
+        let url = self.url("v1/users")?;
+        self.call(|| async {
+            let response = self
+                .http
+                .post(url.clone())
+                .bearer_auth(self.secret.expose_secret())
+                .json(user)
+                .send()
+                .await?;
+            if !response.status().is_success() {
+                return Err(Self::error_from(response).await);
+            }
+            response
+                .json::<ClerkUser>()
+                .await
+                .map_err(|e| ClerkApiError::Decode(e.to_string()))
+        })
+        .await
+    }
+
+    /// `PATCH /v1/users/{id}` setting `external_id`.
+    pub async fn set_external_id(&self, id: &str, external_id: &str) -> Result<(), ClerkApiError> {
+        let url = self.url(&format!("v1/users/{id}"))?;
+        let body = serde_json::json!({ "external_id": external_id });
+        self.call(|| async {
+            let response = self
+                .http
+                .patch(url.clone())
+                .bearer_auth(self.secret.expose_secret())
+                .json(&body)
+                .send()
+                .await?;
+            if !response.status().is_success() {
+                return Err(Self::error_from(response).await);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// `GET /v1/users/{id}`; `None` when Clerk does not know the user.
+    pub async fn get_user(&self, id: &ClerkUserId) -> Result<Option<ClerkUser>, ClerkApiError> {
+        let url = self.url(&format!("v1/users/{}", id.as_str()))?;
+        self.call(|| async {
+            let response = self
+                .http
+                .get(url.clone())
+                .bearer_auth(self.secret.expose_secret())
+                .send()
+                .await?;
+            if response.status() == reqwest::StatusCode::NOT_FOUND {
                 return Ok(None);
             }
-            if !status.is_success() {
-                return Err(ClerkApiError::Status {
-                    status,
-                    retry_after: retry_after(&response),
-                });
+            if !response.status().is_success() {
+                return Err(Self::error_from(response).await);
             }
             response
                 .json::<ClerkUser>()
                 .await
                 .map(Some)
                 .map_err(|e| ClerkApiError::Decode(e.to_string()))
-        };
-        call.retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(200))
-                .with_max_times(3),
-        )
-        .when(ClerkApiError::is_transient)
+        })
         .await
     }
 }

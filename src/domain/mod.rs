@@ -3,6 +3,7 @@
 
 pub(crate) mod audit;
 mod auth_mode;
+mod bulk;
 mod caller;
 mod error;
 mod ids;
@@ -13,6 +14,7 @@ mod users;
 
 pub use audit::{AuditLog, AuditOutcome, AuditPage, AuditPageRequest};
 pub use auth_mode::{AuthMode, AuthModeState, AuthModes};
+pub use bulk::{BulkConfig, BulkMigrations, BulkProgress, BulkRequest, password_hasher};
 pub use caller::{ApiKey, ApiKeyRegistry, Caller, Scope, generate_api_key};
 pub use error::DomainError;
 pub use ids::{ClerkUserId, Email, UserId};

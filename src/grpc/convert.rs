@@ -91,6 +91,34 @@ pub fn rejection(rejection: Rejection) -> pb::Rejection {
     }
 }
 
+pub fn bulk_state(state: crate::storage::BulkJobState) -> pb::BulkJobState {
+    use crate::storage::BulkJobState as S;
+    match state {
+        S::Running => pb::BulkJobState::Running,
+        S::Completed => pb::BulkJobState::Completed,
+        S::Cancelled => pb::BulkJobState::Cancelled,
+        S::Failed => pb::BulkJobState::Failed,
+    }
+}
+
+pub fn bulk_progress(progress: crate::domain::BulkProgress) -> pb::BulkMigrationProgress {
+    let c = progress.counters;
+    pb::BulkMigrationProgress {
+        job_id: progress.job_id.to_string(),
+        state: bulk_state(progress.state) as i32,
+        dry_run: progress.dry_run,
+        total: progress.total,
+        processed: c.processed,
+        created: c.created,
+        linked_existing: c.linked_existing,
+        skipped: c.skipped,
+        failed: c.failed,
+        users_per_second: progress.rate,
+        eta_seconds: progress.eta_seconds.unwrap_or(0),
+        message: progress.message,
+    }
+}
+
 pub fn mapping(mapping: MappingRecord) -> pb::UserMapping {
     pb::UserMapping {
         user_id: mapping.user_id.to_string(),

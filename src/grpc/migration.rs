@@ -4,7 +4,10 @@ use tonic::{Request, Response, Status};
 
 use super::{caller, convert, to_status};
 use crate::{
-    domain::{AuditLog, AuditPageRequest, AuthModes, ClerkUserId, DomainError, Invitations, UserDirectory, UserId},
+    domain::{
+        AuditLog, AuditPageRequest, AuthModes, BulkMigrations, BulkRequest, ClerkUserId, DomainError, Invitations,
+        UserDirectory, UserId,
+    },
     pb::{self, migration_service_server::MigrationService},
 };
 
@@ -14,21 +17,99 @@ pub struct MigrationApi {
     modes: AuthModes,
     audit: AuditLog,
     invitations: Invitations,
+    bulk: BulkMigrations,
 }
 
 impl MigrationApi {
-    pub fn new(users: UserDirectory, modes: AuthModes, audit: AuditLog, invitations: Invitations) -> Self {
+    pub fn new(
+        users: UserDirectory,
+        modes: AuthModes,
+        audit: AuditLog,
+        invitations: Invitations,
+        bulk: BulkMigrations,
+    ) -> Self {
         Self {
             users,
             modes,
             audit,
             invitations,
+            bulk,
         }
     }
 }
 
+fn parse_job_id(field: &'static str, raw: &str) -> Result<uuid::Uuid, DomainError> {
+    uuid::Uuid::parse_str(raw.trim()).map_err(|_| DomainError::invalid(field, "must be a job id (UUID)"))
+}
+
+fn bulk_request(body: pb::StartBulkMigrationRequest) -> Result<BulkRequest, DomainError> {
+    let user_ids = body
+        .user_ids
+        .iter()
+        .map(|id| UserId::parse("user_ids", id).map(|u| *u.as_uuid()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(BulkRequest {
+        dry_run: body.dry_run,
+        batch_size: u32::try_from(body.batch_size)
+            .map_err(|_| DomainError::invalid("batch_size", "must not be negative"))?,
+        max_requests_per_second: body.max_requests_per_second,
+        filter: crate::storage::BulkFilter {
+            user_ids,
+            created_before: body
+                .created_before
+                .as_ref()
+                .map(|t| convert::from_timestamp("created_before", t))
+                .transpose()?,
+        },
+        resume_job_id: (!body.resume_job_id.is_empty())
+            .then(|| parse_job_id("resume_job_id", &body.resume_job_id))
+            .transpose()?,
+    })
+}
+
 #[tonic::async_trait]
 impl MigrationService for MigrationApi {
+    type StartBulkMigrationStream = tokio_stream::wrappers::ReceiverStream<Result<pb::BulkMigrationProgress, Status>>;
+
+    #[tracing::instrument(name = "MigrationService/StartBulkMigration", skip_all)]
+    async fn start_bulk_migration(
+        &self,
+        request: Request<pb::StartBulkMigrationRequest>,
+    ) -> Result<Response<Self::StartBulkMigrationStream>, Status> {
+        let caller = caller(&request)?;
+        let bulk_request = bulk_request(request.into_inner()).map_err(to_status)?;
+        let mut progress = self.bulk.start(&caller, bulk_request).await.map_err(to_status)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        // Forwards snapshots until the job ends or the client goes away (the job goes on).
+        tokio::spawn(async move {
+            loop {
+                let snapshot = progress.borrow_and_update().clone();
+                let done = snapshot.state != crate::storage::BulkJobState::Running;
+                if tx.send(Ok(convert::bulk_progress(snapshot))).await.is_err() || done {
+                    return;
+                }
+                if progress.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    #[tracing::instrument(name = "MigrationService/CancelBulkMigration", skip_all)]
+    async fn cancel_bulk_migration(
+        &self,
+        request: Request<pb::CancelBulkMigrationRequest>,
+    ) -> Result<Response<pb::CancelBulkMigrationResponse>, Status> {
+        let caller = caller(&request)?;
+        let id = parse_job_id("job_id", &request.into_inner().job_id).map_err(to_status)?;
+        let job = self.bulk.cancel(&caller, id).await.map_err(to_status)?;
+        Ok(Response::new(pb::CancelBulkMigrationResponse {
+            state: convert::bulk_state(job.state) as i32,
+            processed: job.counters.processed,
+        }))
+    }
+
     #[tracing::instrument(name = "MigrationService/LinkUser", skip_all)]
     async fn link_user(&self, request: Request<pb::LinkUserRequest>) -> Result<Response<pb::LinkUserResponse>, Status> {
         let caller = caller(&request)?;

@@ -167,6 +167,88 @@ pub struct OutboxCounts {
     pub failed: i64,
 }
 
+/// Where a bulk migration job stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BulkJobState {
+    Running,
+    Completed,
+    Cancelled,
+    Failed,
+}
+
+impl BulkJobState {
+    pub fn as_db(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Completed => "completed",
+            Self::Cancelled => "cancelled",
+            Self::Failed => "failed",
+        }
+    }
+
+    pub fn from_db(value: &str) -> Option<Self> {
+        match value {
+            "running" => Some(Self::Running),
+            "completed" => Some(Self::Completed),
+            "cancelled" => Some(Self::Cancelled),
+            "failed" => Some(Self::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// A bulk job's tallies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BulkCounters {
+    pub processed: i64,
+    pub created: i64,
+    pub linked_existing: i64,
+    pub skipped: i64,
+    pub failed: i64,
+}
+
+/// A persisted bulk migration job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BulkJobRecord {
+    pub id: uuid::Uuid,
+    pub state: BulkJobState,
+    /// The job's parameters (JSON), so a resumed job runs as it started.
+    pub params: String,
+    /// The last user processed; the job continues after it.
+    pub cursor: Option<UserId>,
+    pub total: i64,
+    pub counters: BulkCounters,
+    pub started_by: String,
+    pub cancel_requested: bool,
+    pub lease_owner: Option<String>,
+    pub lease_until: Option<DateTime<Utc>>,
+    pub started_at: DateTime<Utc>,
+}
+
+/// Which unmigrated users a bulk job takes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BulkFilter {
+    /// Only these users, when not empty.
+    pub user_ids: Vec<uuid::Uuid>,
+    pub created_before: Option<DateTime<Utc>>,
+}
+
+/// A user a bulk job will create in Clerk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BulkCandidate {
+    pub id: UserId,
+    pub email: Option<String>,
+    pub password_hash: Option<String>,
+}
+
+/// What saving progress learned about the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BulkLease {
+    /// False when another runner took the job over (this one must stop).
+    pub held: bool,
+    pub cancel_requested: bool,
+}
+
 /// Everything the service stores. Implementations translate their database's
 /// errors into [`StorageError`] in one place.
 #[async_trait]
@@ -244,6 +326,69 @@ pub trait Storage: Send + Sync + fmt::Debug {
     ) -> StorageResult<()>;
 
     async fn outbox_counts(&self) -> StorageResult<OutboxCounts>;
+
+    /// Unmigrated legacy users matching the filter.
+    async fn count_bulk_candidates(&self, filter: &BulkFilter) -> StorageResult<i64>;
+
+    /// The next unmigrated legacy users after `after`, in id order.
+    async fn bulk_candidates(
+        &self,
+        filter: &BulkFilter,
+        after: Option<UserId>,
+        limit: u32,
+    ) -> StorageResult<Vec<BulkCandidate>>;
+
+    /// Creates a running job leased to `owner`; [`Conflict::BulkJobRunning`]
+    /// while another job is unfinished.
+    async fn create_bulk_job(
+        &self,
+        job: &BulkJobRecord,
+        lease_until: DateTime<Utc>,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<()>;
+
+    async fn get_bulk_job(&self, id: uuid::Uuid) -> StorageResult<Option<BulkJobRecord>>;
+
+    /// The unfinished job, if any.
+    async fn running_bulk_job(&self) -> StorageResult<Option<BulkJobRecord>>;
+
+    /// Takes over a running or failed job whose lease has expired (or is
+    /// already `owner`'s); false when another runner holds it.
+    async fn claim_bulk_job(
+        &self,
+        id: uuid::Uuid,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StorageResult<bool>;
+
+    /// Saves the cursor and counters and renews the lease.
+    async fn save_bulk_progress(
+        &self,
+        id: uuid::Uuid,
+        owner: &str,
+        cursor: Option<UserId>,
+        counters: &BulkCounters,
+        lease_until: DateTime<Utc>,
+    ) -> StorageResult<BulkLease>;
+
+    /// Records why one user failed (the latest reason wins).
+    async fn record_bulk_failure(&self, id: uuid::Uuid, user_id: UserId, reason: &str) -> StorageResult<()>;
+
+    /// The recorded failures of a job.
+    async fn bulk_failures(&self, id: uuid::Uuid) -> StorageResult<Vec<(UserId, String)>>;
+
+    /// Ends a job (completed, cancelled or failed) and releases its lease.
+    async fn finish_bulk_job(
+        &self,
+        id: uuid::Uuid,
+        state: BulkJobState,
+        counters: &BulkCounters,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<()>;
+
+    /// Asks the runner of a running job to stop.
+    async fn request_bulk_cancel(&self, id: uuid::Uuid, audit: &NewAuditEvent) -> StorageResult<BulkJobRecord>;
 
     /// Records a revocation and its audit event; revoking twice is a no-op.
     async fn revoke_token(&self, revocation: &NewRevocation, audit: &NewAuditEvent) -> StorageResult<()>;

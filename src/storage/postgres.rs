@@ -12,9 +12,10 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    AuditQuery, AuditRecord, Conflict, DatabaseOptions, MappingKey, MappingRecord, NewAuditEvent, NewInvitation,
-    NewLegacyUser, NewRevocation, OutboxCounts, OutboxMessage, RevocationRecord, SettingRecord, Storage, StorageError,
-    StorageResult, UserKey, UserRecord, error::classify,
+    AuditQuery, AuditRecord, BulkCandidate, BulkCounters, BulkFilter, BulkJobRecord, BulkJobState, BulkLease, Conflict,
+    DatabaseOptions, MappingKey, MappingRecord, NewAuditEvent, NewInvitation, NewLegacyUser, NewRevocation,
+    OutboxCounts, OutboxMessage, RevocationRecord, SettingRecord, Storage, StorageError, StorageResult, UserKey,
+    UserRecord, error::classify,
 };
 use crate::domain::{AuditOutcome, ClerkUserId, Email, UserId};
 
@@ -147,6 +148,39 @@ async fn link_in_tx(
         .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
     mapping_from_row(&row)
 }
+
+const JOB_COLUMNS: &str =
+    "id, state, params, cursor_user_id, total, processed, created, linked_existing, skipped, failed,
+    started_by, cancel_requested, lease_owner, lease_until, started_at";
+
+fn job_from_row(row: &PgRow) -> StorageResult<BulkJobRecord> {
+    let state: String = row.try_get("state").map_err(db_err)?;
+    let cursor: Option<Uuid> = row.try_get("cursor_user_id").map_err(db_err)?;
+    Ok(BulkJobRecord {
+        id: row.try_get("id").map_err(db_err)?,
+        state: BulkJobState::from_db(&state)
+            .ok_or_else(|| StorageError::Other(format!("unknown job state {state:?}").into()))?,
+        params: row.try_get("params").map_err(db_err)?,
+        cursor: cursor.map(UserId::from_uuid),
+        total: row.try_get("total").map_err(db_err)?,
+        counters: BulkCounters {
+            processed: row.try_get("processed").map_err(db_err)?,
+            created: row.try_get("created").map_err(db_err)?,
+            linked_existing: row.try_get("linked_existing").map_err(db_err)?,
+            skipped: row.try_get("skipped").map_err(db_err)?,
+            failed: row.try_get("failed").map_err(db_err)?,
+        },
+        started_by: row.try_get("started_by").map_err(db_err)?,
+        cancel_requested: row.try_get("cancel_requested").map_err(db_err)?,
+        lease_owner: row.try_get("lease_owner").map_err(db_err)?,
+        lease_until: row.try_get("lease_until").map_err(db_err)?,
+        started_at: row.try_get("started_at").map_err(db_err)?,
+    })
+}
+
+const CANDIDATE_FILTER: &str = "clerk_user_id IS NULL AND NOT clerk_native
+    AND (cardinality($1::uuid[]) = 0 OR id = ANY($1::uuid[]))
+    AND ($2::timestamptz IS NULL OR created_at < $2)";
 
 fn outbox_from_row(row: &PgRow) -> StorageResult<OutboxMessage> {
     let attempts: i32 = row.try_get("attempts").map_err(db_err)?;
@@ -466,15 +500,20 @@ impl Storage for PostgresStorage {
         lease_until: chrono::DateTime<chrono::Utc>,
         limit: u32,
     ) -> StorageResult<Vec<OutboxMessage>> {
+        // Oldest first: RETURNING alone does not keep the sub-select's order.
         let rows = sqlx::query(
-            "UPDATE identity_outbox SET locked_by = $1, locked_until = $2
-             WHERE id IN (
+            "WITH due AS (
                  SELECT id FROM identity_outbox
                  WHERE sent_at IS NULL AND failed_at IS NULL AND next_attempt_at <= $3
                    AND (locked_until IS NULL OR locked_until < $3)
-                 ORDER BY next_attempt_at LIMIT $4
-                 FOR UPDATE SKIP LOCKED)
-             RETURNING id, kind, recipient, subject, body_text, body_html, attempts",
+                 ORDER BY next_attempt_at, created_at LIMIT $4
+                 FOR UPDATE SKIP LOCKED),
+             claimed AS (
+                 UPDATE identity_outbox o SET locked_by = $1, locked_until = $2
+                 FROM due WHERE o.id = due.id
+                 RETURNING o.id, o.kind, o.recipient, o.subject, o.body_text, o.body_html, o.attempts,
+                           o.next_attempt_at, o.created_at)
+             SELECT * FROM claimed ORDER BY next_attempt_at, created_at",
         )
         .bind(worker)
         .bind(lease_until)
@@ -541,6 +580,218 @@ impl Storage for PostgresStorage {
             sent: row.try_get("sent").map_err(db_err)?,
             failed: row.try_get("failed").map_err(db_err)?,
         })
+    }
+
+    async fn count_bulk_candidates(&self, filter: &BulkFilter) -> StorageResult<i64> {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM users WHERE {CANDIDATE_FILTER}"
+        )))
+        .bind(&filter.user_ids)
+        .bind(filter.created_before)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_err)
+    }
+
+    async fn bulk_candidates(
+        &self,
+        filter: &BulkFilter,
+        after: Option<UserId>,
+        limit: u32,
+    ) -> StorageResult<Vec<BulkCandidate>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT id, email::text AS email, password_hash::text AS password_hash FROM users
+             WHERE {CANDIDATE_FILTER} AND ($3::uuid IS NULL OR id > $3)
+             ORDER BY id LIMIT $4"
+        )))
+        .bind(&filter.user_ids)
+        .bind(filter.created_before)
+        .bind(after.map(|id| *id.as_uuid()))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter()
+            .map(|row| {
+                Ok(BulkCandidate {
+                    id: UserId::from_uuid(row.try_get("id").map_err(db_err)?),
+                    email: row.try_get("email").map_err(db_err)?,
+                    password_hash: row.try_get("password_hash").map_err(db_err)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn create_bulk_job(
+        &self,
+        job: &BulkJobRecord,
+        lease_until: chrono::DateTime<chrono::Utc>,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<()> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        sqlx::query(
+            "INSERT INTO identity_bulk_jobs (id, state, params, total, started_by, lease_owner, lease_until)
+             VALUES ($1, 'running', $2, $3, $4, $5, $6)",
+        )
+        .bind(job.id)
+        .bind(&job.params)
+        .bind(job.total)
+        .bind(&job.started_by)
+        .bind(job.lease_owner.as_deref())
+        .bind(lease_until)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| classify(e, Some(Conflict::BulkJobRunning)))?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn get_bulk_job(&self, id: Uuid) -> StorageResult<Option<BulkJobRecord>> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM identity_bulk_jobs WHERE id = $1"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    async fn running_bulk_job(&self) -> StorageResult<Option<BulkJobRecord>> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM identity_bulk_jobs WHERE state = 'running' LIMIT 1"
+        )))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    async fn claim_bulk_job(
+        &self,
+        id: Uuid,
+        owner: &str,
+        now: chrono::DateTime<chrono::Utc>,
+        lease_until: chrono::DateTime<chrono::Utc>,
+    ) -> StorageResult<bool> {
+        let done = sqlx::query(
+            "UPDATE identity_bulk_jobs SET state = 'running', lease_owner = $1, lease_until = $2, updated_at = now(),
+                 cancel_requested = false, finished_at = NULL
+             WHERE id = $3 AND state IN ('running', 'failed')
+               AND (lease_until IS NULL OR lease_until < $4 OR lease_owner = $1)",
+        )
+        .bind(owner)
+        .bind(lease_until)
+        .bind(id)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| classify(e, Some(Conflict::BulkJobRunning)))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn save_bulk_progress(
+        &self,
+        id: Uuid,
+        owner: &str,
+        cursor: Option<UserId>,
+        counters: &BulkCounters,
+        lease_until: chrono::DateTime<chrono::Utc>,
+    ) -> StorageResult<BulkLease> {
+        let cancel: Option<bool> = sqlx::query_scalar(
+            "UPDATE identity_bulk_jobs SET cursor_user_id = $1, processed = $2, created = $3, linked_existing = $4,
+                 skipped = $5, failed = $6, lease_until = $7, updated_at = now()
+             WHERE id = $8 AND lease_owner = $9 AND state = 'running'
+             RETURNING cancel_requested",
+        )
+        .bind(cursor.map(|c| *c.as_uuid()))
+        .bind(counters.processed)
+        .bind(counters.created)
+        .bind(counters.linked_existing)
+        .bind(counters.skipped)
+        .bind(counters.failed)
+        .bind(lease_until)
+        .bind(id)
+        .bind(owner)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(BulkLease {
+            held: cancel.is_some(),
+            cancel_requested: cancel.unwrap_or(false),
+        })
+    }
+
+    async fn record_bulk_failure(&self, id: Uuid, user_id: UserId, reason: &str) -> StorageResult<()> {
+        sqlx::query(
+            "INSERT INTO identity_bulk_failures (job_id, user_id, reason) VALUES ($1, $2, $3)
+             ON CONFLICT (job_id, user_id) DO UPDATE SET reason = excluded.reason, occurred_at = now()",
+        )
+        .bind(id)
+        .bind(*user_id.as_uuid())
+        .bind(reason)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn bulk_failures(&self, id: Uuid) -> StorageResult<Vec<(UserId, String)>> {
+        let rows = sqlx::query("SELECT user_id, reason FROM identity_bulk_failures WHERE job_id = $1 ORDER BY user_id")
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    UserId::from_uuid(row.try_get("user_id").map_err(db_err)?),
+                    row.try_get("reason").map_err(db_err)?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn finish_bulk_job(
+        &self,
+        id: Uuid,
+        state: BulkJobState,
+        counters: &BulkCounters,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<()> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        sqlx::query(
+            "UPDATE identity_bulk_jobs SET state = $1, processed = $2, created = $3, linked_existing = $4, skipped = $5,
+                 failed = $6, lease_owner = NULL, lease_until = NULL, updated_at = now(), finished_at = now()
+             WHERE id = $7",
+        )
+        .bind(state.as_db())
+        .bind(counters.processed)
+        .bind(counters.created)
+        .bind(counters.linked_existing)
+        .bind(counters.skipped)
+        .bind(counters.failed)
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn request_bulk_cancel(&self, id: Uuid, audit: &NewAuditEvent) -> StorageResult<BulkJobRecord> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE identity_bulk_jobs SET cancel_requested = true WHERE id = $1 AND state = 'running' RETURNING {JOB_COLUMNS}"
+        )))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_err)?
+        .ok_or(StorageError::NotFound("running bulk job"))?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db_err)?;
+        job_from_row(&row)
     }
 
     async fn revoke_token(&self, revocation: &NewRevocation, audit: &NewAuditEvent) -> StorageResult<()> {

@@ -13,9 +13,10 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    AuditQuery, AuditRecord, Conflict, DatabaseOptions, MappingKey, MappingRecord, NewAuditEvent, NewInvitation,
-    NewLegacyUser, NewRevocation, OutboxCounts, OutboxMessage, RevocationRecord, SettingRecord, Storage, StorageError,
-    StorageResult, UserKey, UserRecord, error::classify,
+    AuditQuery, AuditRecord, BulkCandidate, BulkCounters, BulkFilter, BulkJobRecord, BulkJobState, BulkLease, Conflict,
+    DatabaseOptions, MappingKey, MappingRecord, NewAuditEvent, NewInvitation, NewLegacyUser, NewRevocation,
+    OutboxCounts, OutboxMessage, RevocationRecord, SettingRecord, Storage, StorageError, StorageResult, UserKey,
+    UserRecord, error::classify,
 };
 use crate::domain::{AuditOutcome, ClerkUserId, Email, UserId};
 
@@ -150,6 +151,56 @@ async fn link_in_tx(
         updated_at: from_micros(now)?,
     })
 }
+
+const JOB_COLUMNS: &str =
+    "id, state, params, cursor_user_id, total, processed, created, linked_existing, skipped, failed,
+    started_by, cancel_requested, lease_owner, lease_until, started_at";
+
+fn job_from_row(row: &SqliteRow) -> StorageResult<BulkJobRecord> {
+    let id: String = row.try_get("id").map_err(db_err)?;
+    let state: String = row.try_get("state").map_err(db_err)?;
+    let cursor: Option<String> = row.try_get("cursor_user_id").map_err(db_err)?;
+    let lease_until: Option<i64> = row.try_get("lease_until").map_err(db_err)?;
+    Ok(BulkJobRecord {
+        id: Uuid::parse_str(&id).map_err(|e| StorageError::Other(Box::new(e)))?,
+        state: BulkJobState::from_db(&state)
+            .ok_or_else(|| StorageError::Other(format!("unknown job state {state:?}").into()))?,
+        params: row.try_get("params").map_err(db_err)?,
+        cursor: cursor.as_deref().map(parse_uuid).transpose()?,
+        total: row.try_get("total").map_err(db_err)?,
+        counters: BulkCounters {
+            processed: row.try_get("processed").map_err(db_err)?,
+            created: row.try_get("created").map_err(db_err)?,
+            linked_existing: row.try_get("linked_existing").map_err(db_err)?,
+            skipped: row.try_get("skipped").map_err(db_err)?,
+            failed: row.try_get("failed").map_err(db_err)?,
+        },
+        started_by: row.try_get("started_by").map_err(db_err)?,
+        cancel_requested: row.try_get("cancel_requested").map_err(db_err)?,
+        lease_owner: row.try_get("lease_owner").map_err(db_err)?,
+        lease_until: lease_until.map(from_micros).transpose()?,
+        started_at: from_micros(row.try_get("started_at").map_err(db_err)?)?,
+    })
+}
+
+/// The candidate filter as SQL parameters: a JSON array of ids (or NULL) and a cut-off.
+fn filter_params(filter: &BulkFilter) -> (Option<String>, Option<i64>) {
+    let ids = (!filter.user_ids.is_empty()).then(|| {
+        serde_json::to_string(
+            &filter
+                .user_ids
+                .iter()
+                .map(|id| id.hyphenated().to_string())
+                .collect::<Vec<_>>(),
+        )
+        .unwrap_or_else(|_| "[]".to_owned())
+    });
+    (ids, filter.created_before.map(micros))
+}
+
+const CANDIDATE_FILTER: &str = "clerk_user_id IS NULL AND clerk_native = 0
+    AND (?1 IS NULL OR id IN (SELECT value FROM json_each(?1)))
+    AND (?2 IS NULL OR created_at < ?2)";
 
 fn outbox_from_row(row: &SqliteRow) -> StorageResult<OutboxMessage> {
     let id: String = row.try_get("id").map_err(db_err)?;
@@ -465,23 +516,32 @@ impl Storage for SqliteStorage {
         limit: u32,
     ) -> StorageResult<Vec<OutboxMessage>> {
         let mut tx = self.begin_write().await?;
-        let rows = sqlx::query(
-            "UPDATE identity_outbox SET locked_by = ?, locked_until = ?
-             WHERE id IN (
-                 SELECT id FROM identity_outbox
-                 WHERE sent_at IS NULL AND failed_at IS NULL AND next_attempt_at <= ?
-                   AND (locked_until IS NULL OR locked_until < ?)
-                 ORDER BY next_attempt_at LIMIT ?)
-             RETURNING id, kind, recipient, subject, body_text, body_html, attempts",
+        let due: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM identity_outbox
+             WHERE sent_at IS NULL AND failed_at IS NULL AND next_attempt_at <= ?1
+               AND (locked_until IS NULL OR locked_until < ?1)
+             ORDER BY next_attempt_at, created_at LIMIT ?2",
         )
-        .bind(worker)
-        .bind(micros(lease_until))
-        .bind(micros(now))
         .bind(micros(now))
         .bind(i64::from(limit))
         .fetch_all(&mut *tx)
         .await
         .map_err(db_err)?;
+        let mut rows = Vec::with_capacity(due.len());
+        // Oldest first, each leased to this worker inside one write transaction.
+        for id in due {
+            let row = sqlx::query(
+                "UPDATE identity_outbox SET locked_by = ?, locked_until = ? WHERE id = ?
+                 RETURNING id, kind, recipient, subject, body_text, body_html, attempts",
+            )
+            .bind(worker)
+            .bind(micros(lease_until))
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            rows.push(row);
+        }
         tx.commit().await.map_err(db_err)?;
         rows.iter().map(outbox_from_row).collect()
     }
@@ -548,6 +608,228 @@ impl Storage for SqliteStorage {
             sent: row.try_get("sent").map_err(db_err)?,
             failed: row.try_get("failed").map_err(db_err)?,
         })
+    }
+
+    async fn count_bulk_candidates(&self, filter: &BulkFilter) -> StorageResult<i64> {
+        let (ids, before) = filter_params(filter);
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM users WHERE {CANDIDATE_FILTER}"
+        )))
+        .bind(ids)
+        .bind(before)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_err)
+    }
+
+    async fn bulk_candidates(
+        &self,
+        filter: &BulkFilter,
+        after: Option<UserId>,
+        limit: u32,
+    ) -> StorageResult<Vec<BulkCandidate>> {
+        let (ids, before) = filter_params(filter);
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT id, email, password_hash FROM users WHERE {CANDIDATE_FILTER} AND (?3 IS NULL OR id > ?3)
+             ORDER BY id LIMIT ?4"
+        )))
+        .bind(ids)
+        .bind(before)
+        .bind(after.map(|id| id.to_string()))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get("id").map_err(db_err)?;
+                Ok(BulkCandidate {
+                    id: parse_uuid(&id)?,
+                    email: row.try_get("email").map_err(db_err)?,
+                    password_hash: row.try_get("password_hash").map_err(db_err)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn create_bulk_job(
+        &self,
+        job: &BulkJobRecord,
+        lease_until: DateTime<Utc>,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<()> {
+        let now = micros(Utc::now());
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO identity_bulk_jobs (id, state, params, total, started_by, lease_owner, lease_until, started_at, updated_at)
+             VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(job.id.to_string())
+        .bind(&job.params)
+        .bind(job.total)
+        .bind(&job.started_by)
+        .bind(job.lease_owner.as_deref())
+        .bind(micros(lease_until))
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| classify(e, Some(Conflict::BulkJobRunning)))?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn get_bulk_job(&self, id: Uuid) -> StorageResult<Option<BulkJobRecord>> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM identity_bulk_jobs WHERE id = ?"
+        )))
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    async fn running_bulk_job(&self) -> StorageResult<Option<BulkJobRecord>> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM identity_bulk_jobs WHERE state = 'running' LIMIT 1"
+        )))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    async fn claim_bulk_job(
+        &self,
+        id: Uuid,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StorageResult<bool> {
+        let done = sqlx::query(
+            "UPDATE identity_bulk_jobs SET state = 'running', lease_owner = ?, lease_until = ?, updated_at = ?,
+                 cancel_requested = 0, finished_at = NULL
+             WHERE id = ? AND state IN ('running', 'failed')
+               AND (lease_until IS NULL OR lease_until < ? OR lease_owner = ?)",
+        )
+        .bind(owner)
+        .bind(micros(lease_until))
+        .bind(micros(now))
+        .bind(id.to_string())
+        .bind(micros(now))
+        .bind(owner)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| classify(e, Some(Conflict::BulkJobRunning)))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn save_bulk_progress(
+        &self,
+        id: Uuid,
+        owner: &str,
+        cursor: Option<UserId>,
+        counters: &BulkCounters,
+        lease_until: DateTime<Utc>,
+    ) -> StorageResult<BulkLease> {
+        let cancel: Option<bool> = sqlx::query_scalar(
+            "UPDATE identity_bulk_jobs SET cursor_user_id = ?, processed = ?, created = ?, linked_existing = ?,
+                 skipped = ?, failed = ?, lease_until = ?, updated_at = ?
+             WHERE id = ? AND lease_owner = ? AND state = 'running'
+             RETURNING cancel_requested",
+        )
+        .bind(cursor.map(|c| c.to_string()))
+        .bind(counters.processed)
+        .bind(counters.created)
+        .bind(counters.linked_existing)
+        .bind(counters.skipped)
+        .bind(counters.failed)
+        .bind(micros(lease_until))
+        .bind(micros(Utc::now()))
+        .bind(id.to_string())
+        .bind(owner)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(BulkLease {
+            held: cancel.is_some(),
+            cancel_requested: cancel.unwrap_or(false),
+        })
+    }
+
+    async fn record_bulk_failure(&self, id: Uuid, user_id: UserId, reason: &str) -> StorageResult<()> {
+        sqlx::query(
+            "INSERT INTO identity_bulk_failures (job_id, user_id, reason, occurred_at) VALUES (?, ?, ?, ?)
+             ON CONFLICT (job_id, user_id) DO UPDATE SET reason = excluded.reason, occurred_at = excluded.occurred_at",
+        )
+        .bind(id.to_string())
+        .bind(user_id.to_string())
+        .bind(reason)
+        .bind(micros(Utc::now()))
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn bulk_failures(&self, id: Uuid) -> StorageResult<Vec<(UserId, String)>> {
+        let rows = sqlx::query("SELECT user_id, reason FROM identity_bulk_failures WHERE job_id = ? ORDER BY user_id")
+            .bind(id.to_string())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter()
+            .map(|row| {
+                let user: String = row.try_get("user_id").map_err(db_err)?;
+                Ok((parse_uuid(&user)?, row.try_get("reason").map_err(db_err)?))
+            })
+            .collect()
+    }
+
+    async fn finish_bulk_job(
+        &self,
+        id: Uuid,
+        state: BulkJobState,
+        counters: &BulkCounters,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<()> {
+        let now = micros(Utc::now());
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "UPDATE identity_bulk_jobs SET state = ?, processed = ?, created = ?, linked_existing = ?, skipped = ?,
+                 failed = ?, lease_owner = NULL, lease_until = NULL, updated_at = ?, finished_at = ?
+             WHERE id = ?",
+        )
+        .bind(state.as_db())
+        .bind(counters.processed)
+        .bind(counters.created)
+        .bind(counters.linked_existing)
+        .bind(counters.skipped)
+        .bind(counters.failed)
+        .bind(now)
+        .bind(now)
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn request_bulk_cancel(&self, id: Uuid, audit: &NewAuditEvent) -> StorageResult<BulkJobRecord> {
+        let mut tx = self.begin_write().await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE identity_bulk_jobs SET cancel_requested = 1 WHERE id = ? AND state = 'running' RETURNING {JOB_COLUMNS}"
+        )))
+        .bind(id.to_string())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_err)?
+        .ok_or(StorageError::NotFound("running bulk job"))?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db_err)?;
+        job_from_row(&row)
     }
 
     async fn revoke_token(&self, revocation: &NewRevocation, audit: &NewAuditEvent) -> StorageResult<()> {

@@ -6,6 +6,7 @@ mod common;
 
 mod audit_api;
 mod auth_mode_api;
+mod bulk;
 mod caller_access;
 mod cli;
 mod health_and_reflection;

@@ -13,7 +13,7 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::{Path, State},
+    extract::{Path, Query, State},
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::get,
@@ -30,6 +30,14 @@ pub struct FakeState {
     pub jwks_fetches: AtomicUsize,
     pub user_fetches: AtomicUsize,
     pub other_requests: AtomicUsize,
+    /// Users of the Backend API's user management (bulk import).
+    pub directory: Mutex<Vec<Value>>,
+    pub creates: AtomicUsize,
+    /// Backend API requests seen (user management), for fault injection.
+    pub api_requests: AtomicUsize,
+    /// Request numbers answered with 429 (Retry-After: 1) and with 500.
+    pub throttle_at: Mutex<Vec<usize>>,
+    pub error_at: Mutex<Vec<usize>>,
 }
 
 pub struct FakeClerk {
@@ -87,6 +95,104 @@ async fn user(State(state): State<Arc<FakeState>>, headers: HeaderMap, Path(id):
     }
 }
 
+/// Counts a user-management request and answers with an injected fault when due.
+fn injected_fault(state: &FakeState) -> Option<Response> {
+    let n = state.api_requests.fetch_add(1, Ordering::SeqCst) + 1;
+    if state.throttle_at.lock().unwrap().contains(&n) {
+        return Some((StatusCode::TOO_MANY_REQUESTS, [("retry-after", "1")], "slow down").into_response());
+    }
+    if state.error_at.lock().unwrap().contains(&n) {
+        return Some(StatusCode::INTERNAL_SERVER_ERROR.into_response());
+    }
+    None
+}
+
+async fn list_users(
+    State(state): State<Arc<FakeState>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if !authorized(&headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    if let Some(fault) = injected_fault(&state) {
+        return fault;
+    }
+    let directory = state.directory.lock().unwrap();
+    let found: Vec<Value> = directory
+        .iter()
+        .filter(|u| match (query.get("external_id"), query.get("email_address")) {
+            (Some(external), _) => u["external_id"].as_str() == Some(external.as_str()),
+            (None, Some(email)) => {
+                u["email_addresses"][0]["email_address"].as_str().map(str::to_lowercase) == Some(email.to_lowercase())
+            }
+            (None, None) => true,
+        })
+        .cloned()
+        .collect();
+    Json(Value::Array(found)).into_response()
+}
+
+async fn create_user(State(state): State<Arc<FakeState>>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+    if !authorized(&headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    if let Some(fault) = injected_fault(&state) {
+        return fault;
+    }
+    let email = body["email_address"][0].as_str().unwrap_or_default().to_lowercase();
+    let mut directory = state.directory.lock().unwrap();
+    if directory
+        .iter()
+        .any(|u| u["email_addresses"][0]["email_address"].as_str().map(str::to_lowercase) == Some(email.clone()))
+    {
+        return (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({"errors": [{"code": "form_identifier_exists"}]})),
+        )
+            .into_response();
+    }
+    let n = state.creates.fetch_add(1, Ordering::SeqCst) + 1;
+    let user = fake_user(&format!("user_created{n}"), body["external_id"].as_str(), &email);
+    let mut stored = user.clone();
+    stored["password_digest"] = body["password_digest"].clone();
+    stored["password_hasher"] = body["password_hasher"].clone();
+    directory.push(stored);
+    Json(user).into_response()
+}
+
+async fn patch_user(
+    State(state): State<Arc<FakeState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Json(body): Json<Value>,
+) -> Response {
+    if !authorized(&headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    if let Some(fault) = injected_fault(&state) {
+        return fault;
+    }
+    let mut directory = state.directory.lock().unwrap();
+    match directory.iter_mut().find(|u| u["id"].as_str() == Some(id.as_str())) {
+        Some(user) => {
+            user["external_id"] = body["external_id"].clone();
+            Json(user.clone()).into_response()
+        }
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// A Clerk user as the Backend API shows it.
+pub fn fake_user(id: &str, external_id: Option<&str>, email: &str) -> Value {
+    json!({
+        "id": id,
+        "external_id": external_id,
+        "primary_email_address_id": "idn_1",
+        "email_addresses": [{"id": "idn_1", "email_address": email, "verification": {"status": "verified"}}]
+    })
+}
+
 async fn fallback(State(state): State<Arc<FakeState>>) -> Response {
     state.other_requests.fetch_add(1, Ordering::SeqCst);
     StatusCode::NOT_FOUND.into_response()
@@ -100,7 +206,8 @@ impl FakeClerk {
         let app = Router::new()
             .route("/.well-known/jwks.json", get(jwks))
             .route("/v1/jwks", get(backend_jwks))
-            .route("/v1/users/{id}", get(user))
+            .route("/v1/users", get(list_users).post(create_user))
+            .route("/v1/users/{id}", get(user).patch(patch_user))
             .fallback(fallback)
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -295,10 +295,12 @@ impl TestApp {
         id
     }
 
-    pub async fn shutdown(mut self) {
+    /// Stops the server; the database lives on in the returned `TestDb`.
+    pub async fn shutdown(mut self) -> TestDb {
         if let Some(server) = self.server.take() {
             server.shutdown().await;
         }
+        self.db
     }
 }
 

@@ -1,0 +1,655 @@
+//! The big-bang strategy: a bulk job creates every unmigrated legacy user in
+//! Clerk through the Backend API (with the legacy password digest, so nobody
+//! resets a password) and writes the mappings.
+//!
+//! Safe against production: a user is looked up by `external_id` before it
+//! is created, so a crash between Clerk's create and our link never creates
+//! twice; progress (cursor and counters) is saved after every user under a
+//! lease, so a job interrupted by a crash or a restart resumes where it
+//! stopped; only one job is unfinished at a time across all replicas; Clerk's
+//! rate limits are honoured (a pace below them, `Retry-After` on 429).
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use chrono::{DateTime, Utc};
+use governor::{Quota, RateLimiter};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use super::{AuditOutcome, Caller, ClerkUserId, DomainError, Scope, UserCache, audit};
+use crate::{
+    clerk::{ClerkApi, ClerkApiError, NewClerkUser},
+    storage::{BulkCandidate, BulkCounters, BulkFilter, BulkJobRecord, BulkJobState, Conflict, Storage, StorageError},
+};
+
+/// Settings of bulk jobs.
+#[derive(Debug, Clone)]
+pub struct BulkConfig {
+    /// Default pace of Clerk requests (per second).
+    pub default_rate: f64,
+    /// Highest pace a request may ask for.
+    pub max_rate: f64,
+    /// How long a runner's claim on a job lasts without renewal (the resume delay after a crash).
+    pub lease: Duration,
+}
+
+impl Default for BulkConfig {
+    fn default() -> Self {
+        Self {
+            default_rate: 9.0,
+            max_rate: 100.0,
+            lease: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the caller asks for.
+#[derive(Debug, Clone, Default)]
+pub struct BulkRequest {
+    pub dry_run: bool,
+    /// 0 means the default (50).
+    pub batch_size: u32,
+    /// 0 means the configured default.
+    pub max_requests_per_second: f64,
+    pub filter: BulkFilter,
+    pub resume_job_id: Option<Uuid>,
+}
+
+/// The parameters a job keeps, so a resumed job runs as it started.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct JobParams {
+    batch_size: u32,
+    rate: f64,
+    filter: BulkFilter,
+}
+
+/// A snapshot of a job, streamed to the caller.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BulkProgress {
+    pub job_id: Uuid,
+    pub state: BulkJobState,
+    pub dry_run: bool,
+    pub total: i64,
+    pub counters: BulkCounters,
+    /// Users per second since this runner started.
+    pub rate: f64,
+    pub eta_seconds: Option<i64>,
+    pub message: String,
+}
+
+/// The result of one user.
+#[derive(Debug)]
+enum Outcome {
+    Created,
+    LinkedExisting,
+    Skipped,
+    Failed(String),
+}
+
+/// Clerk or the database is out: the job stops (resumable) instead of failing every user.
+#[derive(Debug)]
+struct Abort(String);
+
+#[derive(Clone)]
+pub struct BulkMigrations {
+    storage: Arc<dyn Storage>,
+    users: UserCache,
+    clerk: Option<ClerkApi>,
+    config: BulkConfig,
+    owner: String,
+    stop: watch::Receiver<bool>,
+    cancels: Arc<Mutex<HashMap<Uuid, Arc<AtomicBool>>>>,
+}
+
+impl std::fmt::Debug for BulkMigrations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BulkMigrations")
+            .field("owner", &self.owner)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+const DEFAULT_BATCH: u32 = 50;
+const MAX_BATCH: u32 = 500;
+const MAX_FILTER_IDS: usize = 10_000;
+
+/// Clerk's `password_hasher` for a stored digest; `Ok(None)` for no password.
+pub fn password_hasher(digest: Option<&str>) -> Result<Option<&'static str>, String> {
+    let Some(digest) = digest.map(str::trim).filter(|d| !d.is_empty()) else {
+        return Ok(None);
+    };
+    let is_hex = |len: usize| digest.len() == len && digest.bytes().all(|b| b.is_ascii_hexdigit());
+    let hasher = if ["$2a$", "$2b$", "$2y$"].iter().any(|p| digest.starts_with(p)) {
+        "bcrypt"
+    } else if digest.starts_with("$argon2id$") {
+        "argon2id"
+    } else if digest.starts_with("$argon2i$") {
+        "argon2i"
+    } else if digest.starts_with("$pbkdf2-sha256$") {
+        "pbkdf2_sha256"
+    } else if digest.starts_with("pbkdf2_sha256$") {
+        "pbkdf2_sha256_django"
+    } else if digest.starts_with("bcrypt_sha256$") {
+        "bcrypt_sha256_django"
+    } else if digest.starts_with("$P$") || digest.starts_with("$H$") {
+        "phpass"
+    } else if is_hex(32) {
+        "md5"
+    } else if is_hex(64) {
+        "sha256"
+    } else {
+        return Err("unsupported password hash format".into());
+    };
+    Ok(Some(hasher))
+}
+
+fn clerk_failure(err: ClerkApiError) -> Result<Outcome, Abort> {
+    if err.is_transient() {
+        Err(Abort(format!("Clerk unavailable: {err}")))
+    } else {
+        Ok(Outcome::Failed(err.to_string()))
+    }
+}
+
+impl BulkMigrations {
+    pub fn new(
+        storage: Arc<dyn Storage>,
+        users: UserCache,
+        clerk: Option<ClerkApi>,
+        config: BulkConfig,
+        stop: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            storage,
+            users,
+            clerk,
+            config,
+            owner: format!("bulk-{}", Uuid::new_v4().simple()),
+            stop,
+            cancels: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    fn lease_until(&self) -> DateTime<Utc> {
+        Utc::now() + chrono::Duration::from_std(self.config.lease).unwrap_or_else(|_| chrono::Duration::seconds(30))
+    }
+
+    /// Starts (or resumes) a job in the background; the receiver follows its progress.
+    pub async fn start(
+        &self,
+        caller: &Caller,
+        request: BulkRequest,
+    ) -> Result<watch::Receiver<BulkProgress>, DomainError> {
+        caller.require(Scope::Admin)?;
+        let clerk = self.clerk.clone().ok_or_else(|| {
+            DomainError::FailedPrecondition(
+                "bulk migration needs Clerk's Backend API (IDENTITY_CLERK_SECRET_KEY)".into(),
+            )
+        })?;
+        let (id, params, cursor, counters, total) = match request.resume_job_id {
+            Some(id) => self.resume(caller, id).await?,
+            None => self.create(caller, &request).await?,
+        };
+        let cancel = Arc::new(AtomicBool::new(false));
+        self.cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, cancel.clone());
+        let initial = BulkProgress {
+            job_id: id,
+            state: BulkJobState::Running,
+            dry_run: request.dry_run && request.resume_job_id.is_none(),
+            total,
+            counters,
+            rate: 0.0,
+            eta_seconds: None,
+            message: if request.resume_job_id.is_some() {
+                "resumed".into()
+            } else {
+                "started".into()
+            },
+        };
+        let (tx, rx) = watch::channel(initial.clone());
+        let limiter = Arc::new(RateLimiter::direct(
+            Quota::with_period(Duration::from_secs_f64(1.0 / params.rate))
+                .unwrap_or_else(|| Quota::per_second(std::num::NonZeroU32::MIN)),
+        ));
+        let runner = Runner {
+            jobs: self.clone(),
+            clerk: clerk.paced(limiter),
+            caller: caller.clone(),
+            params,
+            cursor,
+            progress: initial,
+            started: Instant::now(),
+            processed_at_start: counters.processed,
+            cancel,
+            tx,
+        };
+        let mut stop = self.stop.clone();
+        tokio::spawn(async move {
+            // A server shutdown stops the runner where it is, as a crash
+            // would; the lease expires and the job can be resumed.
+            tokio::select! {
+                _ = runner.run() => {}
+                _ = stop.changed() => tracing::warn!(job_id = %id, "bulk job interrupted by shutdown; resume it later"),
+            }
+        });
+        Ok(rx)
+    }
+
+    async fn create(
+        &self,
+        caller: &Caller,
+        request: &BulkRequest,
+    ) -> Result<(Uuid, JobParams, Option<super::UserId>, BulkCounters, i64), DomainError> {
+        let batch_size = match request.batch_size {
+            0 => DEFAULT_BATCH,
+            n if n <= MAX_BATCH => n,
+            _ => {
+                return Err(DomainError::invalid(
+                    "batch_size",
+                    format!("must be at most {MAX_BATCH}"),
+                ));
+            }
+        };
+        let rate = match request.max_requests_per_second {
+            0.0 => self.config.default_rate,
+            r if r.is_finite() && r > 0.0 && r <= self.config.max_rate => r,
+            _ => {
+                return Err(DomainError::invalid(
+                    "max_requests_per_second",
+                    format!("must be above 0 and at most {}", self.config.max_rate),
+                ));
+            }
+        };
+        if request.filter.user_ids.len() > MAX_FILTER_IDS {
+            return Err(DomainError::invalid(
+                "user_ids",
+                format!("at most {MAX_FILTER_IDS} ids"),
+            ));
+        }
+        let params = JobParams {
+            batch_size,
+            rate,
+            filter: request.filter.clone(),
+        };
+        let total = self.storage.count_bulk_candidates(&params.filter).await?;
+        let id = Uuid::new_v4();
+        if request.dry_run {
+            let event = audit::event(
+                caller,
+                "bulk.dry_run",
+                None,
+                AuditOutcome::Success,
+                format!("dry run {id} of {total} users"),
+            );
+            self.storage.append_audit(&event).await?;
+            return Ok((id, params, None, BulkCounters::default(), total));
+        }
+        let job = BulkJobRecord {
+            id,
+            state: BulkJobState::Running,
+            params: serde_json::to_string(&params).map_err(|e| DomainError::Internal(Box::new(e)))?,
+            cursor: None,
+            total,
+            counters: BulkCounters::default(),
+            started_by: caller.name.clone(),
+            cancel_requested: false,
+            lease_owner: Some(self.owner.clone()),
+            lease_until: None,
+            started_at: Utc::now(),
+        };
+        let event = audit::event(
+            caller,
+            "bulk.start",
+            None,
+            AuditOutcome::Success,
+            format!("job {id} for {total} users"),
+        );
+        match self.storage.create_bulk_job(&job, self.lease_until(), &event).await {
+            Ok(()) => Ok((id, params, None, BulkCounters::default(), total)),
+            Err(StorageError::Conflict(Conflict::BulkJobRunning)) => {
+                let running = self
+                    .storage
+                    .running_bulk_job()
+                    .await?
+                    .map(|j| j.id.to_string())
+                    .unwrap_or_default();
+                let err = DomainError::FailedPrecondition(format!(
+                    "bulk job {running} is unfinished: resume it with resume_job_id, or cancel it"
+                ));
+                audit::record_failure(self.storage.as_ref(), caller, "bulk.start", None, &err).await;
+                Err(err)
+            }
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    async fn resume(
+        &self,
+        caller: &Caller,
+        id: Uuid,
+    ) -> Result<(Uuid, JobParams, Option<super::UserId>, BulkCounters, i64), DomainError> {
+        let job = self
+            .storage
+            .get_bulk_job(id)
+            .await?
+            .ok_or_else(|| DomainError::NotFound("bulk job not found".into()))?;
+        if matches!(job.state, BulkJobState::Completed | BulkJobState::Cancelled) {
+            return Err(DomainError::FailedPrecondition(format!(
+                "bulk job {id} is {}",
+                job.state.as_db()
+            )));
+        }
+        let claimed = match self
+            .storage
+            .claim_bulk_job(id, &self.owner, Utc::now(), self.lease_until())
+            .await
+        {
+            Ok(claimed) => claimed,
+            Err(StorageError::Conflict(Conflict::BulkJobRunning)) => {
+                return Err(DomainError::FailedPrecondition("another bulk job is unfinished".into()));
+            }
+            Err(err) => return Err(err.into()),
+        };
+        if !claimed {
+            return Err(DomainError::FailedPrecondition(format!(
+                "bulk job {id} is running on another replica (its lease has not expired)"
+            )));
+        }
+        let params: JobParams = serde_json::from_str(&job.params).map_err(|e| DomainError::Internal(Box::new(e)))?;
+        let event = audit::event(
+            caller,
+            "bulk.resume",
+            None,
+            AuditOutcome::Success,
+            format!("job {id} resumed"),
+        );
+        self.storage.append_audit(&event).await?;
+        Ok((id, params, job.cursor, job.counters, job.total))
+    }
+
+    /// Asks a job to stop after the user in progress.
+    pub async fn cancel(&self, caller: &Caller, id: Uuid) -> Result<BulkJobRecord, DomainError> {
+        caller.require(Scope::Admin)?;
+        let local = self.cancels.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned();
+        if let Some(flag) = &local {
+            flag.store(true, Ordering::SeqCst);
+        }
+        let event = audit::event(
+            caller,
+            "bulk.cancel",
+            None,
+            AuditOutcome::Success,
+            format!("job {id} cancellation requested"),
+        );
+        match self.storage.request_bulk_cancel(id, &event).await {
+            Ok(job) => Ok(job),
+            // A dry run lives only here.
+            Err(StorageError::NotFound(_)) if local.is_some() => Ok(BulkJobRecord {
+                id,
+                state: BulkJobState::Cancelled,
+                params: String::new(),
+                cursor: None,
+                total: 0,
+                counters: BulkCounters::default(),
+                started_by: caller.name.clone(),
+                cancel_requested: true,
+                lease_owner: None,
+                lease_until: None,
+                started_at: Utc::now(),
+            }),
+            Err(StorageError::NotFound(_)) => Err(DomainError::NotFound("no running bulk job with this id".into())),
+            Err(err) => Err(err.into()),
+        }
+    }
+}
+
+struct Runner {
+    jobs: BulkMigrations,
+    clerk: ClerkApi,
+    caller: Caller,
+    params: JobParams,
+    cursor: Option<super::UserId>,
+    progress: BulkProgress,
+    started: Instant,
+    processed_at_start: i64,
+    cancel: Arc<AtomicBool>,
+    tx: watch::Sender<BulkProgress>,
+}
+
+impl Runner {
+    async fn run(mut self) {
+        let end = self.work().await;
+        let (state, message) = match end {
+            Ok(state) => (state, state.as_db().to_owned()),
+            Err(Abort(reason)) => (BulkJobState::Failed, reason),
+        };
+        self.finish(state, message).await;
+        self.jobs
+            .cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.progress.job_id);
+    }
+
+    async fn work(&mut self) -> Result<BulkJobState, Abort> {
+        let storage = self.jobs.storage.clone();
+        loop {
+            let batch = storage
+                .bulk_candidates(&self.params.filter, self.cursor, self.params.batch_size)
+                .await
+                .map_err(|e| Abort(format!("database unavailable: {e}")))?;
+            if batch.is_empty() {
+                return Ok(BulkJobState::Completed);
+            }
+            for candidate in batch {
+                if self.cancel.load(Ordering::SeqCst) {
+                    return Ok(BulkJobState::Cancelled);
+                }
+                let outcome = self.migrate(&candidate).await?;
+                let counters = &mut self.progress.counters;
+                counters.processed += 1;
+                match &outcome {
+                    Outcome::Created => counters.created += 1,
+                    Outcome::LinkedExisting => counters.linked_existing += 1,
+                    Outcome::Skipped => counters.skipped += 1,
+                    Outcome::Failed(_) => counters.failed += 1,
+                }
+                self.cursor = Some(candidate.id);
+                if !self.progress.dry_run {
+                    if let Outcome::Failed(reason) = &outcome
+                        && let Err(err) = storage
+                            .record_bulk_failure(self.progress.job_id, candidate.id, reason)
+                            .await
+                    {
+                        tracing::warn!(error = %err, "cannot record a bulk failure");
+                    }
+                    let lease = storage
+                        .save_bulk_progress(
+                            self.progress.job_id,
+                            &self.jobs.owner,
+                            self.cursor,
+                            &self.progress.counters,
+                            self.jobs.lease_until(),
+                        )
+                        .await
+                        .map_err(|e| Abort(format!("database unavailable: {e}")))?;
+                    if !lease.held {
+                        return Err(Abort("another runner took the job over".into()));
+                    }
+                    if lease.cancel_requested {
+                        return Ok(BulkJobState::Cancelled);
+                    }
+                }
+                self.publish(String::new());
+            }
+        }
+    }
+
+    fn publish(&mut self, message: String) {
+        let elapsed = self.started.elapsed().as_secs_f64().max(0.001);
+        let done_here = (self.progress.counters.processed - self.processed_at_start).max(0) as f64;
+        self.progress.rate = done_here / elapsed;
+        let remaining = (self.progress.total - self.progress.counters.processed).max(0) as f64;
+        self.progress.eta_seconds = (self.progress.rate > 0.0).then(|| (remaining / self.progress.rate).ceil() as i64);
+        self.progress.message = message;
+        self.tx.send_replace(self.progress.clone());
+    }
+
+    async fn finish(&mut self, state: BulkJobState, message: String) {
+        let job_id = self.progress.job_id;
+        if !self.progress.dry_run && !message.contains("took the job over") {
+            let c = &self.progress.counters;
+            let event = audit::event(
+                &self.caller,
+                "bulk.finish",
+                None,
+                if state == BulkJobState::Completed {
+                    AuditOutcome::Success
+                } else {
+                    AuditOutcome::Failure
+                },
+                format!(
+                    "job {job_id} {}: {} processed, {} created, {} linked, {} skipped, {} failed ({message})",
+                    state.as_db(),
+                    c.processed,
+                    c.created,
+                    c.linked_existing,
+                    c.skipped,
+                    c.failed
+                ),
+            );
+            if let Err(err) = self.jobs.storage.finish_bulk_job(job_id, state, c, &event).await {
+                tracing::error!(%job_id, error = %err, "cannot record the end of a bulk job; it stays resumable");
+            }
+        }
+        tracing::info!(%job_id, state = state.as_db(), processed = self.progress.counters.processed, "bulk job ended");
+        self.progress.state = state;
+        self.publish(message);
+    }
+
+    /// Creates (or finds) one user in Clerk and links it.
+    async fn migrate(&self, candidate: &BulkCandidate) -> Result<Outcome, Abort> {
+        let Some(email) = candidate.email.as_deref().filter(|e| !e.trim().is_empty()) else {
+            return Ok(Outcome::Failed("no email address".into()));
+        };
+        let external_id = candidate.id.to_string();
+        let existing = match self.clerk.find_users("external_id", &external_id).await {
+            Ok(users) => users,
+            Err(err) => return clerk_failure(err),
+        };
+        if let Some(user) = existing.first() {
+            return if self.progress.dry_run {
+                Ok(Outcome::LinkedExisting)
+            } else {
+                self.link(candidate, &user.id, Outcome::LinkedExisting).await
+            };
+        }
+        let hasher = match password_hasher(candidate.password_hash.as_deref()) {
+            Ok(hasher) => hasher,
+            Err(reason) => return Ok(Outcome::Failed(reason)),
+        };
+        if self.progress.dry_run {
+            return Ok(Outcome::Created);
+        }
+        let new_user = NewClerkUser {
+            external_id: external_id.clone(),
+            email_address: vec![email.to_owned()],
+            password_digest: hasher.and(candidate.password_hash.clone()),
+            password_hasher: hasher.map(str::to_owned),
+            skip_password_requirement: hasher.is_none(),
+            skip_password_checks: hasher.is_some(),
+        };
+        match self.clerk.create_user(&new_user).await {
+            Ok(created) => self.link(candidate, &created.id, Outcome::Created).await,
+            Err(ClerkApiError::Refused { code, .. }) if code == "form_identifier_exists" => {
+                // The email already belongs to a Clerk user: link it when it is not someone else's.
+                let owners = match self.clerk.find_users("email_address", email).await {
+                    Ok(users) => users,
+                    Err(err) => return clerk_failure(err),
+                };
+                let Some(owner) = owners.first() else {
+                    return Ok(Outcome::Failed(
+                        "Clerk reports the email taken but no user has it".into(),
+                    ));
+                };
+                match owner.external_id.as_deref() {
+                    None | Some("") => {
+                        if let Err(err) = self.clerk.set_external_id(&owner.id, &external_id).await {
+                            return clerk_failure(err);
+                        }
+                        self.link(candidate, &owner.id, Outcome::LinkedExisting).await
+                    }
+                    Some(id) if id == external_id => self.link(candidate, &owner.id, Outcome::LinkedExisting).await,
+                    Some(_) => Ok(Outcome::Failed(
+                        "conflict: the email belongs to a Clerk user with another external_id".into(),
+                    )),
+                }
+            }
+            Err(err) => clerk_failure(err),
+        }
+    }
+
+    async fn link(&self, candidate: &BulkCandidate, clerk_id: &str, done: Outcome) -> Result<Outcome, Abort> {
+        let Ok(clerk_user_id) = ClerkUserId::parse("clerk_user_id", clerk_id) else {
+            return Ok(Outcome::Failed("Clerk returned a malformed user id".into()));
+        };
+        let event = audit::event(
+            &self.caller,
+            "user.link",
+            Some(candidate.id),
+            AuditOutcome::Success,
+            format!("linked to {clerk_user_id} by bulk job {}", self.progress.job_id),
+        );
+        match self.jobs.storage.link_user(candidate.id, &clerk_user_id, &event).await {
+            Ok(_) => {
+                self.jobs.users.invalidate(candidate.id, Some(clerk_user_id.as_str()));
+                Ok(done)
+            }
+            Err(StorageError::Conflict(Conflict::UserAlreadyLinked) | StorageError::NotFound(_)) => {
+                Ok(Outcome::Skipped)
+            }
+            Err(StorageError::Conflict(_)) => {
+                Ok(Outcome::Failed("Clerk user is already linked to another user".into()))
+            }
+            Err(err) => Err(Abort(format!("database unavailable: {err}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn password_hashers_are_detected() {
+        assert_eq!(
+            password_hasher(Some("$2b$12$abcdefghijklmnopqrstuv")).unwrap(),
+            Some("bcrypt")
+        );
+        assert_eq!(password_hasher(Some("$2y$10$x")).unwrap(), Some("bcrypt"));
+        assert_eq!(
+            password_hasher(Some("$argon2id$v=19$m=65536,t=3,p=4$c2FsdA$aGFzaA")).unwrap(),
+            Some("argon2id")
+        );
+        assert_eq!(
+            password_hasher(Some("pbkdf2_sha256$260000$salt$hash")).unwrap(),
+            Some("pbkdf2_sha256_django")
+        );
+        assert_eq!(password_hasher(Some(&"a".repeat(32))).unwrap(), Some("md5"));
+        assert_eq!(password_hasher(None).unwrap(), None);
+        assert_eq!(password_hasher(Some("  ")).unwrap(), None);
+        assert!(password_hasher(Some("plaintext-password")).is_err());
+    }
+}

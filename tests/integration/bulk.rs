@@ -1,0 +1,352 @@
+//! The big-bang strategy against a fake Clerk Backend API: every user
+//! created once through throttling, server errors and a crash with resume;
+//! dry runs; one job at a time; cancellation.
+
+use std::{collections::HashSet, sync::atomic::Ordering, time::Duration};
+
+use identity::{
+    config::VerificationConfig,
+    domain::BulkConfig,
+    pb::{self, BulkJobState, StartBulkMigrationRequest},
+};
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+use crate::common::{
+    TestApp, TestDb, assert_invalid, clerk_config,
+    fake_clerk::{FakeClerk, fake_user},
+    strings, test_config,
+};
+
+async fn spawn(db: TestDb, fake: &FakeClerk) -> TestApp {
+    let (mut config, keys) = test_config(&db);
+    config.verification = VerificationConfig {
+        clerk: Some(clerk_config(fake)),
+        ..VerificationConfig::default()
+    };
+    config.bulk = BulkConfig {
+        default_rate: 1000.0,
+        max_rate: 10_000.0,
+        lease: Duration::from_secs(2),
+    };
+    TestApp::spawn_with(db, config, keys).await
+}
+
+/// Inserts `n` legacy users with bcrypt digests; returns their ids in insertion order.
+async fn seed(app: &TestApp, n: usize, prefix: &str) -> Vec<identity::domain::UserId> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        ids.push(app.legacy_user(&format!("{prefix}{i}@example.com")).await);
+    }
+    ids
+}
+
+async fn run_to_end(stream: &mut tonic::Streaming<pb::BulkMigrationProgress>) -> pb::BulkMigrationProgress {
+    let mut last = None;
+    while let Some(progress) = tokio::time::timeout(Duration::from_secs(120), stream.next())
+        .await
+        .expect("progress")
+    {
+        last = Some(progress.unwrap());
+    }
+    last.expect("at least one snapshot")
+}
+
+async fn every_user_is_created_once_through_faults_and_a_crash(db: TestDb) {
+    let fake = FakeClerk::start(&["clerk_a"]).await;
+    let app = spawn(db, &fake).await;
+    let ids = seed(&app, 500, "bulk").await;
+    // Already in Clerk: two with our external id (a create whose link was lost),
+    // three by email without an external id, one by email with someone else's.
+    {
+        let mut directory = fake.state.directory.lock().unwrap();
+        directory.push(fake_user("user_pre1", Some(&ids[10].to_string()), "bulk10@example.com"));
+        directory.push(fake_user("user_pre2", Some(&ids[20].to_string()), "bulk20@example.com"));
+        for n in [30, 40, 50] {
+            directory.push(fake_user(
+                &format!("user_mail{n}"),
+                None,
+                &format!("BULK{n}@example.com"),
+            ));
+        }
+        directory.push(fake_user("user_taken", Some("somebody-else"), "bulk60@example.com"));
+    }
+    *fake.state.throttle_at.lock().unwrap() = vec![5, 333];
+    *fake.state.error_at.lock().unwrap() = vec![40, 41, 600];
+
+    let mut admin = app.admin();
+    let mut stream = admin
+        .start_bulk_migration(StartBulkMigrationRequest {
+            batch_size: 25,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.next().await.unwrap().unwrap();
+    assert_eq!(first.total, 500);
+    let job_id = first.job_id.clone();
+    // Another job cannot start meanwhile.
+    let busy = admin
+        .start_bulk_migration(StartBulkMigrationRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(busy.code(), Code::FailedPrecondition);
+    assert!(busy.message().contains(&job_id), "{busy:?}");
+    loop {
+        let progress = stream.next().await.unwrap().unwrap();
+        if progress.processed >= 200 {
+            break;
+        }
+    }
+    // The server dies mid-run.
+    let db = app.shutdown().await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    let app = spawn(db, &fake).await;
+    let mut stream = app
+        .admin()
+        .start_bulk_migration(StartBulkMigrationRequest {
+            resume_job_id: job_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let last = run_to_end(&mut stream).await;
+    assert_eq!(last.state(), BulkJobState::Completed, "{last:?}");
+    assert_eq!(last.job_id, job_id);
+    assert_eq!(last.processed, 500);
+    assert_eq!(last.failed, 1, "{last:?}");
+    assert_eq!(
+        last.created + last.linked_existing + last.skipped + last.failed,
+        500,
+        "{last:?}"
+    );
+
+    // In Clerk: one user per legacy user, never two with one external id.
+    let directory = fake.state.directory.lock().unwrap().clone();
+    let externals: Vec<String> = directory
+        .iter()
+        .filter_map(|u| u["external_id"].as_str().map(str::to_owned))
+        .filter(|e| e != "somebody-else")
+        .collect();
+    let distinct: HashSet<_> = externals.iter().collect();
+    assert_eq!(externals.len(), distinct.len(), "a legacy user was created twice");
+    assert_eq!(distinct.len(), 499);
+    assert_eq!(fake.state.creates.load(Ordering::SeqCst), 499 - 5);
+    let created = directory
+        .iter()
+        .find(|u| u["external_id"].as_str() == Some(&ids[100].to_string()))
+        .unwrap();
+    assert_eq!(created["password_hasher"], "bcrypt");
+    assert!(created["password_digest"].as_str().unwrap().starts_with("$2b$"));
+
+    // Locally: everyone linked but the conflict, whose reason is kept.
+    let unlinked = strings(&app.db, "SELECT email FROM users WHERE clerk_user_id IS NULL").await;
+    assert_eq!(unlinked, vec![Some("bulk60@example.com".to_owned())]);
+    let mappings = strings(&app.db, "SELECT clerk_user_id FROM user_clerk_mappings").await;
+    assert_eq!(mappings.len(), 499);
+    let reasons = strings(&app.db, "SELECT reason FROM identity_bulk_failures").await;
+    assert_eq!(reasons.len(), 1);
+    assert!(reasons[0].as_deref().unwrap().contains("another external_id"));
+
+    let events = app
+        .admin()
+        .list_audit_events(pb::ListAuditEventsRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    for action in ["bulk.start", "bulk.resume", "bulk.finish"] {
+        assert!(events.iter().any(|e| e.action == action), "{action} not audited");
+    }
+    assert_eq!(events.iter().filter(|e| e.action == "user.link").count(), 499);
+    app.shutdown().await;
+}
+
+async fn dry_run_reports_and_writes_nothing(db: TestDb) {
+    let fake = FakeClerk::start(&["clerk_a"]).await;
+    let app = spawn(db, &fake).await;
+    let ids = seed(&app, 10, "dry").await;
+    fake.state
+        .directory
+        .lock()
+        .unwrap()
+        .push(fake_user("user_pre", Some(&ids[3].to_string()), "dry3@example.com"));
+    let mut stream = app
+        .admin()
+        .start_bulk_migration(StartBulkMigrationRequest {
+            dry_run: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let last = run_to_end(&mut stream).await;
+    assert_eq!(last.state(), BulkJobState::Completed);
+    assert!(last.dry_run);
+    assert_eq!(
+        (last.total, last.processed, last.created, last.linked_existing),
+        (10, 10, 9, 1)
+    );
+    assert_eq!(fake.state.creates.load(Ordering::SeqCst), 0);
+    assert!(
+        strings(&app.db, "SELECT clerk_user_id FROM user_clerk_mappings")
+            .await
+            .is_empty()
+    );
+    assert!(strings(&app.db, "SELECT id FROM identity_bulk_jobs").await.is_empty());
+
+    // A filter narrows the job.
+    let mut stream = app
+        .admin()
+        .start_bulk_migration(StartBulkMigrationRequest {
+            dry_run: true,
+            user_ids: vec![ids[0].to_string(), ids[1].to_string()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(run_to_end(&mut stream).await.total, 2);
+    app.shutdown().await;
+}
+
+async fn jobs_can_be_cancelled_and_bad_requests_refused(db: TestDb) {
+    let fake = FakeClerk::start(&["clerk_a"]).await;
+    let app = spawn(db, &fake).await;
+    seed(&app, 40, "slow").await;
+    let mut admin = app.admin();
+    let mut stream = admin
+        .start_bulk_migration(StartBulkMigrationRequest {
+            max_requests_per_second: 4.0,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.next().await.unwrap().unwrap();
+    let cancelled = admin
+        .cancel_bulk_migration(pb::CancelBulkMigrationRequest {
+            job_id: first.job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        cancelled.state(),
+        BulkJobState::Running,
+        "stops after the user in progress"
+    );
+    let last = run_to_end(&mut stream).await;
+    assert_eq!(last.state(), BulkJobState::Cancelled);
+    assert!(last.processed < 40);
+    let resumed = admin
+        .start_bulk_migration(StartBulkMigrationRequest {
+            resume_job_id: first.job_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(resumed.code(), Code::FailedPrecondition);
+    // A new job may start now.
+    let mut again = admin
+        .start_bulk_migration(StartBulkMigrationRequest { ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(run_to_end(&mut again).await.state(), BulkJobState::Completed);
+
+    assert_eq!(
+        app.migration(&app.verify_key)
+            .start_bulk_migration(StartBulkMigrationRequest::default())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    for (request, field) in [
+        (
+            StartBulkMigrationRequest {
+                batch_size: 10_000,
+                ..Default::default()
+            },
+            "batch_size",
+        ),
+        (
+            StartBulkMigrationRequest {
+                batch_size: -1,
+                ..Default::default()
+            },
+            "batch_size",
+        ),
+        (
+            StartBulkMigrationRequest {
+                max_requests_per_second: -3.0,
+                ..Default::default()
+            },
+            "max_requests_per_second",
+        ),
+        (
+            StartBulkMigrationRequest {
+                max_requests_per_second: f64::NAN,
+                ..Default::default()
+            },
+            "max_requests_per_second",
+        ),
+        (
+            StartBulkMigrationRequest {
+                user_ids: vec!["nope".into()],
+                ..Default::default()
+            },
+            "user_ids",
+        ),
+        (
+            StartBulkMigrationRequest {
+                resume_job_id: "x".into(),
+                ..Default::default()
+            },
+            "resume_job_id",
+        ),
+    ] {
+        assert_invalid(&admin.start_bulk_migration(request).await.unwrap_err(), field);
+    }
+    let unknown = admin
+        .start_bulk_migration(StartBulkMigrationRequest {
+            resume_job_id: uuid::Uuid::new_v4().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    assert_invalid(
+        &admin
+            .cancel_bulk_migration(pb::CancelBulkMigrationRequest { job_id: "1".into() })
+            .await
+            .unwrap_err(),
+        "job_id",
+    );
+    app.shutdown().await;
+}
+
+async fn bulk_needs_the_backend_api(db: TestDb) {
+    let app = TestApp::spawn(db).await;
+    let status = app
+        .admin()
+        .start_bulk_migration(StartBulkMigrationRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    app.shutdown().await;
+}
+
+crate::backend_tests!(
+    every_user_is_created_once_through_faults_and_a_crash,
+    dry_run_reports_and_writes_nothing,
+    jobs_can_be_cancelled_and_bad_requests_refused,
+    bulk_needs_the_backend_api,
+);
