@@ -392,8 +392,23 @@ class ChartTest(unittest.TestCase):
         metrics_from = policy["ingress"][1]["from"][0]["namespaceSelector"]["matchLabels"]
         self.assertEqual(metrics_from, {"kubernetes.io/metadata.name": "monitoring"})
         egress_ports = sorted({p["port"] for rule in policy["egress"] for p in rule["ports"]})
-        self.assertEqual(egress_ports, [53, 443, 5432], "DNS, Clerk, database (SMTP is off in production.yaml)")
+        self.assertEqual(egress_ports, [53, 443, 587, 5432], "DNS, Clerk, SMTP (smtp transport), database")
         self.assertEqual(policy["egress"][1]["to"], [{"ipBlock": {"cidr": "10.20.0.0/16"}}])
+        smtp = [rule for rule in policy["egress"] if [p["port"] for p in rule["ports"]] == [587]]
+        self.assertEqual(len(smtp), 1)
+        self.assertEqual(smtp[0]["to"], [{"ipBlock": {"cidr": "10.30.0.25/32"}}], "SMTP only to the relay")
+        # SMTP egress follows the mail transport unless set explicitly
+        def smtp_ports(override: dict[str, Any]) -> list[int]:
+            render = Rendered(deep_merge(REQUIRED, deep_merge({"networkPolicy": {"enabled": True}}, override)))
+            rules = render.one("NetworkPolicy")["spec"]["egress"]
+            return sorted(p["port"] for rule in rules for p in rule["ports"] if p["port"] in (25, 465, 587))
+        self.assertEqual(smtp_ports({}), [], "log transport: no SMTP")
+        self.assertEqual(smtp_ports({"secrets": {"smtpUrl": "smtps://mail.example.com:465"}}), [465, 587])
+        self.assertEqual(smtp_ports({"secrets": {"smtpUrl": "smtps://mail.example.com:465"},
+                                     "config": {"mail": {"transport": "log"}}}), [])
+        self.assertEqual(smtp_ports({"networkPolicy": {"egress": {"smtp": {"enabled": True, "ports": [25]}}}}), [25])
+        self.assertEqual(smtp_ports({"secrets": {"smtpUrl": "smtp://mail.example.com:587"},
+                                     "networkPolicy": {"egress": {"smtp": {"enabled": False}}}}), [])
         # default (same-namespace) callers
         default = Rendered(deep_merge(REQUIRED, {"networkPolicy": {"enabled": True}}))
         rule = default.one("NetworkPolicy")["spec"]["ingress"][0]
@@ -437,6 +452,41 @@ class ChartTest(unittest.TestCase):
         env = {e["name"]: e for e in container["env"]}
         self.assertEqual(env["IDENTITY_API_KEYS_FILE"]["value"], "/var/run/secrets/identity/api-keys")
         self.assertNotIn("IDENTITY_API_KEYS", env)
+
+    def test_mail_wiring(self):
+        # production.yaml: SMTP URL from a key of the existing Secret, smtp transport
+        render = rendered("production.yaml", load_values("production.yaml"))
+        container = render.one("Deployment")["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e for e in container["env"]}
+        self.assertEqual(
+            env["IDENTITY_SMTP_URL"]["valueFrom"]["secretKeyRef"],
+            {"name": "identity-credentials", "key": "SMTP_URL"},
+        )
+        config = render.one("ConfigMap")["data"]
+        self.assertEqual(config["IDENTITY_MAIL_TRANSPORT"], "smtp")
+        self.assertEqual(config["IDENTITY_FRONTEND_URL"], "https://app.example.com")
+        for job in render.jobs():
+            names = {e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+            self.assertNotIn("IDENTITY_SMTP_URL", names, "the migration Job sends no mail")
+        # a fractional rate stays fractional
+        self.assertEqual(rendered("full.yaml", load_values("full.yaml")).one("ConfigMap")["data"]["IDENTITY_CLERK_API_RATE"], "4.5")
+        # defaults: nothing set, the binary's defaults apply (log transport)
+        config = rendered("defaults+required", REQUIRED).one("ConfigMap")["data"]
+        self.assertFalse({k for k in config if "MAIL" in k or "SMTP" in k or "OUTBOX" in k or "INVIT" in k})
+        # chart-created Secret: the SMTP URL under smtp-url
+        render = Rendered(deep_merge(REQUIRED, {"secrets": {"smtpUrl": "smtps://u:p@mail.example.com:465"}}))
+        data = {k: base64.b64decode(v).decode() for k, v in render.one("Secret", "identity")["data"].items()}
+        self.assertEqual(data["smtp-url"], "smtps://u:p@mail.example.com:465")
+        self.assertIn("WARNING: config.mail.from is not set", render.notes)
+        self.assertIn("WARNING: config.invitations.frontendUrl is not set", render.notes)
+        # file transport on a volume the pod can write
+        for mounts, directory in (([], "/tmp/mail"), ([], "outbox"), ([{"name": "mail", "mountPath": "/srv/mail"}], "/srv/mail/x")):
+            with self.subTest(directory=directory):
+                Rendered(deep_merge(REQUIRED, {
+                    "config": {"mail": {"transport": "file", "dir": directory}},
+                    "extraVolumes": [{"name": "mail", "emptyDir": {}}] if mounts else [],
+                    "extraVolumeMounts": mounts,
+                }))
 
     def test_readme_lists_every_value(self):
         with open(CHART / "values.yaml", encoding="utf-8") as f:
@@ -484,6 +534,23 @@ class ChartTest(unittest.TestCase):
         ("pull policy", {"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
         ("pdb percentage", {"podDisruptionBudget": {"minAvailable": "half"}}, "/podDisruptionBudget/minAvailable"),
         ("network policy switch", {"networkPolicy": {"enabled": "yes"}}, "/networkPolicy/enabled"),
+        ("frontend URL scheme", {"config": {"invitations": {"frontendUrl": "ftp://app.example.com"}}}, "/config/invitations/frontendUrl"),
+        ("product name length", {"config": {"invitations": {"productName": "x" * 101}}}, "/config/invitations/productName"),
+        ("invitation TTL range", {"config": {"invitations": {"ttlSeconds": 30}}}, "/config/invitations/ttlSeconds"),
+        ("invitation TTL maximum", {"config": {"invitations": {"ttlSeconds": 2592001}}}, "/config/invitations/ttlSeconds"),
+        ("invites per user", {"config": {"invitations": {"perUserPerHour": 0}}}, "/config/invitations/perUserPerHour"),
+        ("invites per caller", {"config": {"invitations": {"perCallerPerMinute": 0}}}, "/config/invitations/perCallerPerMinute"),
+        ("mail transport", {"config": {"mail": {"transport": "sendmail"}}}, "/config/mail/transport"),
+        ("mail from without address", {"config": {"mail": {"from": "LeafLock"}}}, "/config/mail/from"),
+        ("mail from unquoted comma", {"config": {"mail": {"from": "Leaf, Lock <a@example.com>"}}}, "/config/mail/from"),
+        ("outbox poll range", {"config": {"mail": {"outbox": {"pollSeconds": 0}}}}, "/config/mail/outbox/pollSeconds"),
+        ("outbox attempts range", {"config": {"mail": {"outbox": {"maxAttempts": 101}}}}, "/config/mail/outbox/maxAttempts"),
+        ("outbox retry range", {"config": {"mail": {"outbox": {"retryBaseSeconds": 3601}}}}, "/config/mail/outbox/retryBaseSeconds"),
+        ("SMTP URL scheme", {"secrets": {"smtpUrl": "https://mail.example.com"}}, "/secrets/smtpUrl"),
+        ("Clerk request rate above 0", {"config": {"bulk": {"clerkRequestsPerSecond": 0}}}, "/config/bulk/clerkRequestsPerSecond"),
+        ("Clerk request rate at most 100", {"config": {"bulk": {"clerkRequestsPerSecond": 150}}}, "/config/bulk/clerkRequestsPerSecond"),
+        ("bulk lease range", {"config": {"bulk": {"leaseSeconds": 1}}}, "/config/bulk/leaseSeconds"),
+        ("SMTP egress needs ports", {"networkPolicy": {"egress": {"smtp": {"ports": []}}}}, "/networkPolicy/egress/smtp/ports"),
     ]
 
     TEMPLATE_RULES = [
@@ -497,6 +564,14 @@ class ChartTest(unittest.TestCase):
         ("HPA bounds", {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}, "minReplicas"),
         ("link_by_email needs the secret key", {"config": {"clerk": {"unmappedUser": "link_by_email", "issuer": "https://c.example.com"}}}, "needs secrets.clerkSecretKey"),
         ("HPA target", {"autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": None}}, "autoscaling needs"),
+        ("SMTP URL in ConfigMap", {"env": {"IDENTITY_SMTP_URL": "smtp://mail:587"}}, "env.IDENTITY_SMTP_URL"),
+        ("smtp transport needs the URL", {"config": {"mail": {"transport": "smtp"}}}, "needs secrets.smtpUrl"),
+        ("smtp transport, existing Secret without the key",
+         {"secrets": {"existingSecret": "creds", "smtpUrl": "smtp://mail:587"}, "config": {"mail": {"transport": "smtp"}}},
+         "needs secrets.smtpUrl"),
+        ("mail folder on the read-only root", {"config": {"mail": {"transport": "file", "dir": "/var/mail"}}}, "read-only root filesystem"),
+        ("mail folder escaping the volume", {"config": {"mail": {"transport": "file", "dir": "../../etc/mail"}}}, "read-only root filesystem"),
+        ("product name over 100 bytes", {"config": {"invitations": {"productName": "é" * 60}}}, "at most 100"),
     ]
 
     def test_values_violating_the_schema_are_refused(self):
@@ -560,6 +635,7 @@ class BinaryRun:
                 "databaseUrl": "postgres://replaced-by-the-test-database",
                 "apiKeys": api_key_line(),
                 "legacyJwtSecret": secrets.token_hex(32),
+                "smtpUrl": "smtp://identity:test@127.0.0.1:2525?tls=required",
             }
             keys = render.merged["secrets"]["keys"]
             self.external[existing] = {keys[name]: value for name, value in test_values.items() if keys.get(name)}
@@ -692,6 +768,10 @@ class BinaryRun:
                     process.wait()
         self.check_logs(log_path.read_text(encoding="utf-8"), env)
         self.check_database_used()
+        if env.get("IDENTITY_MAIL_TRANSPORT") == "file":
+            mail_dir = env.get("IDENTITY_MAIL_DIR", "mail")
+            if not mail_dir.startswith("/"):
+                self.test.assertTrue((self.workdir(container) / mail_dir).is_dir(), "file transport: mail folder not created")
 
     def wait_serving(self, process: subprocess.Popen, target: str, services: list[str], log_path: Path) -> None:
         deadline = time.monotonic() + 20

@@ -89,6 +89,7 @@ values.yaml and values.schema.json, and a row in README.md.
 - {value: legacyJwtSecret, env: IDENTITY_LEGACY_JWT_SECRET, key: legacy-jwt-secret, required: false, job: false}
 - {value: clerkSecretKey, env: IDENTITY_CLERK_SECRET_KEY, key: clerk-secret-key, required: false, job: false}
 - {value: clerkJwtKey, env: IDENTITY_CLERK_JWT_KEY, key: clerk-jwt-key, required: false, job: false}
+- {value: smtpUrl, env: IDENTITY_SMTP_URL, key: smtp-url, required: false, job: false}
 {{- end }}
 
 {{/* The value of a secret variable as a string (apiKeys may be a list). Arguments: root, value. */}}
@@ -123,6 +124,28 @@ value (chart-created Secret) or a key named in secrets.keys (existing Secret).
 {{- ternary "false" "true" .Values.migration.enabled }}
 {{- else }}
 {{- ternary "true" "false" .Values.config.migrateOnStart }}
+{{- end }}
+{{- end }}
+
+{{/*
+The mail transport the server ends up with: config.mail.transport, or (like
+the binary) smtp when the SMTP URL is wired, else log.
+*/}}
+{{- define "identity.mailTransport" -}}
+{{- $t := toString (.Values.config.mail.transport | default "") | trim }}
+{{- if $t }}{{ $t }}
+{{- else if include "identity.wiredSecrets" . | contains "IDENTITY_SMTP_URL" }}smtp
+{{- else }}log
+{{- end }}
+{{- end }}
+
+{{/* Whether the NetworkPolicy allows SMTP: networkPolicy.egress.smtp.enabled, or with null the smtp transport. */}}
+{{- define "identity.smtpEgress" -}}
+{{- $enabled := .Values.networkPolicy.egress.smtp.enabled }}
+{{- if kindIs "invalid" $enabled }}
+{{- ternary "true" "" (eq (include "identity.mailTransport" .) "smtp") }}
+{{- else }}
+{{- ternary "true" "" $enabled }}
 {{- end }}
 {{- end }}
 
@@ -168,6 +191,18 @@ Non-secret configuration as a YAML map NAME: "value" (the ConfigMap's data).
   "IDENTITY_TOKEN_CACHE_SIZE" $c.verification.tokenCacheSize
   "IDENTITY_USER_CACHE_SECONDS" $c.verification.userCacheSeconds
   "IDENTITY_REVOCATION_DEFAULT_SECONDS" $c.verification.revocationDefaultSeconds
+  "IDENTITY_FRONTEND_URL" $c.invitations.frontendUrl
+  "IDENTITY_PRODUCT_NAME" $c.invitations.productName
+  "IDENTITY_INVITATION_TTL_SECONDS" $c.invitations.ttlSeconds
+  "IDENTITY_INVITES_PER_USER_PER_HOUR" $c.invitations.perUserPerHour
+  "IDENTITY_INVITES_PER_CALLER_PER_MINUTE" $c.invitations.perCallerPerMinute
+  "IDENTITY_MAIL_TRANSPORT" $c.mail.transport
+  "IDENTITY_MAIL_FROM" $c.mail.from
+  "IDENTITY_MAIL_DIR" $c.mail.dir
+  "IDENTITY_OUTBOX_POLL_SECONDS" $c.mail.outbox.pollSeconds
+  "IDENTITY_OUTBOX_MAX_ATTEMPTS" $c.mail.outbox.maxAttempts
+  "IDENTITY_OUTBOX_RETRY_BASE_SECONDS" $c.mail.outbox.retryBaseSeconds
+  "IDENTITY_BULK_LEASE_SECONDS" $c.bulk.leaseSeconds
 -}}
 {{- range $k, $v := $optional }}
 {{- if kindIs "float64" $v }}
@@ -177,6 +212,10 @@ Non-secret configuration as a YAML map NAME: "value" (the ConfigMap's data).
 {{- else if and (not (kindIs "invalid" $v)) (ne (toString $v) "") }}
 {{- $_ := set $d $k (toString $v) }}
 {{- end }}
+{{- end }}
+{{- /* A fractional number: not through the whole-number conversion above. */ -}}
+{{- if not (kindIs "invalid" $c.bulk.clerkRequestsPerSecond) }}
+{{- $_ := set $d "IDENTITY_CLERK_API_RATE" (toString $c.bulk.clerkRequestsPerSecond) }}
 {{- end }}
 {{- /* When the binary gains IDENTITY_METRICS_ADDR, set it here from .Values.metrics. */ -}}
 {{- range $k, $v := .Values.env }}
@@ -277,6 +316,37 @@ only the variables the migration Job needs), secretName.
 {{- $clerk := $v.config.clerk }}
 {{- if and (eq (toString $clerk.unmappedUser) "link_by_email") (not (include "identity.wiredSecrets" . | contains "IDENTITY_CLERK_SECRET_KEY")) }}
 {{- fail "config.clerk.unmappedUser link_by_email needs secrets.clerkSecretKey (or secrets.keys.clerkSecretKey with existingSecret)" }}
+{{- end }}
+{{- $mail := $v.config.mail }}
+{{- $smtpWired := include "identity.wiredSecrets" . | contains "IDENTITY_SMTP_URL" }}
+{{- if and (eq (toString $mail.transport) "smtp") (not $smtpWired) }}
+{{- fail "config.mail.transport smtp needs secrets.smtpUrl (or secrets.keys.smtpUrl with existingSecret)" }}
+{{- end }}
+{{- if eq (toString $mail.transport) "file" }}
+{{- $dir := toString ($mail.dir | default "mail") | trim }}
+{{- if not (hasPrefix "/" $dir) }}
+{{- $dir = printf "/var/lib/identity/%s" $dir }}
+{{- end }}
+{{- $dir = clean $dir }}
+{{- $writable := list "/tmp" "/var/lib/identity" }}
+{{- range $v.extraVolumeMounts }}
+{{- if and .mountPath (not .readOnly) }}
+{{- $writable = append $writable (clean (toString .mountPath)) }}
+{{- end }}
+{{- end }}
+{{- $ok := false }}
+{{- range $writable }}
+{{- if or (eq $dir .) (hasPrefix (printf "%s/" (trimSuffix "/" .)) $dir) }}
+{{- $ok = true }}
+{{- end }}
+{{- end }}
+{{- if not $ok }}
+{{- fail (printf "config.mail.dir %s is on the read-only root filesystem: use a folder under /tmp or /var/lib/identity (emptyDirs), or mount a volume there with extraVolumes/extraVolumeMounts" $dir) }}
+{{- end }}
+{{- end }}
+{{- $product := toString ($v.config.invitations.productName | default "") | trim }}
+{{- if gt (len $product) 100 }}
+{{- fail (printf "config.invitations.productName is %d bytes: the binary accepts at most 100 (UTF-8 bytes)" (len $product)) }}
 {{- end }}
 {{- if and $v.metrics.serviceMonitor.enabled (not $v.metrics.enabled) }}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.enabled" }}
