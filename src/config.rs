@@ -59,6 +59,8 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "IDENTITY_OUTBOX_RETRY_BASE_SECONDS",
     "IDENTITY_CLERK_API_RATE",
     "IDENTITY_BULK_LEASE_SECONDS",
+    "IDENTITY_METRICS_ADDR",
+    "IDENTITY_STATS_FLUSH_SECONDS",
 ];
 
 /// Variables that may instead be given as `<NAME>_FILE`.
@@ -123,6 +125,10 @@ pub struct Config {
     pub invitations: InvitationConfig,
     pub mail: MailConfig,
     pub bulk: crate::domain::BulkConfig,
+    /// Where Prometheus scrapes `/metrics`; `None` turns the endpoint off.
+    pub metrics_addr: Option<SocketAddr>,
+    /// How often this replica adds its auth figures to the shared buckets.
+    pub stats_flush: Duration,
     /// Unknown `IDENTITY_*` names seen at load time (likely typos), to warn about.
     pub unknown_variables: Vec<String>,
 }
@@ -145,6 +151,8 @@ impl fmt::Debug for Config {
             .field("invitations", &self.invitations)
             .field("mail", &self.mail)
             .field("bulk", &self.bulk)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("stats_flush", &self.stats_flush)
             .finish()
     }
 }
@@ -313,6 +321,17 @@ impl Config {
             lease: vars.seconds("IDENTITY_BULK_LEASE_SECONDS", 30, 2..=600)?,
         };
 
+        let metrics_addr = match vars.plain("IDENTITY_METRICS_ADDR").map(str::trim) {
+            Some("off") => None,
+            Some(raw) => Some(raw.parse::<SocketAddr>().map_err(|_| {
+                ConfigError::new(
+                    "IDENTITY_METRICS_ADDR",
+                    format!("invalid value {raw:?}: expected an address like 0.0.0.0:9464, or off"),
+                )
+            })?),
+            None => Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+        };
+
         let mut unknown_variables: Vec<String> = vars
             .0
             .keys()
@@ -346,6 +365,8 @@ impl Config {
             invitations,
             mail,
             bulk,
+            metrics_addr,
+            stats_flush: vars.seconds("IDENTITY_STATS_FLUSH_SECONDS", 10, 1..=300)?,
             unknown_variables,
         })
     }

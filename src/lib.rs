@@ -13,6 +13,7 @@ pub mod domain;
 pub mod grpc;
 mod health;
 pub mod mail;
+pub mod metrics;
 pub mod server;
 pub mod storage;
 pub mod telemetry;

@@ -12,9 +12,10 @@ use tonic_health::ServingStatus;
 use crate::{
     config::Config,
     domain::{AuditLog, AuthModes, BulkMigrations, Invitations, UserCache, UserDirectory},
-    grpc::{ApiKeyInterceptor, IdentityApi, MigrationApi},
+    grpc::{ApiKeyInterceptor, IdentityApi, MigrationApi, MigrationParts},
     health,
     mail::{Mailer, OutboxWorker},
+    metrics::{AuthRecorder, MigrationStats, prometheus},
     pb::{self, identity_service_server::IdentityServiceServer, migration_service_server::MigrationServiceServer},
     storage::{self, Storage, redact_url},
     verification::{KeyError, Verifier},
@@ -40,6 +41,8 @@ pub enum StartError {
 pub struct RunningServer {
     /// The address actually bound (useful with port 0).
     pub addr: SocketAddr,
+    /// Where `/metrics` is served, when it is.
+    pub metrics_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
     grace: Duration,
@@ -103,11 +106,14 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
     if let Err(err) = modes.refresh().await {
         tracing::warn!(error = %err, "cannot read the auth mode yet; using the default until the next refresh");
     }
+    let recorder = Arc::new(AuthRecorder::default());
+    let stats = MigrationStats::new(storage.clone(), recorder.clone(), modes.clone());
     let verifier = Verifier::new(
         &config.verification,
         modes.clone(),
         user_cache.clone(),
         crate::clerk::http_client(),
+        recorder.clone(),
     )?;
     let invitations = Invitations::new(user_cache.clone(), verifier.clone(), config.invitations.clone());
     let mailer = Mailer::new(&config.mail.transport, &config.mail.from).map_err(StartError::Mail)?;
@@ -138,6 +144,17 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
     ));
     tokio::spawn(OutboxWorker::new(storage.clone(), mailer, config.mail.clone()).run(stop_rx.clone()));
     tokio::spawn(shrink_rate_limits(invitations.clone(), stop_rx.clone()));
+    tokio::spawn(stats.clone().run_flusher(config.stats_flush, stop_rx.clone()));
+    // Installs the recorder so every counter from here on is exported.
+    let exporting = prometheus::handle().is_some();
+    let metrics_addr = match config.metrics_addr {
+        Some(addr) if exporting => Some(
+            prometheus::serve(addr, stop_rx.clone())
+                .await
+                .map_err(|source| StartError::Bind { addr, source })?,
+        ),
+        _ => None,
+    };
     let clerk_api = config.verification.clerk.as_ref().and_then(|c| {
         c.secret_key
             .as_ref()
@@ -164,8 +181,16 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
     let limit = config.max_request_bytes;
     let identity =
         IdentityServiceServer::new(IdentityApi::new(users.clone(), verifier)).max_decoding_message_size(limit);
-    let migration = MigrationServiceServer::new(MigrationApi::new(users, modes, audit, invitations, bulk))
-        .max_decoding_message_size(limit);
+    let migration = MigrationServiceServer::new(MigrationApi::new(MigrationParts {
+        users,
+        modes,
+        audit,
+        invitations,
+        bulk,
+        stats: stats.clone(),
+        stop: stop_rx.clone(),
+    }))
+    .max_decoding_message_size(limit);
 
     let listener = TcpListener::bind(config.listen_addr)
         .await
@@ -181,6 +206,7 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
     let mut shutdown_rx = stop_rx;
     let drain_reporter = reporter.clone();
     let router = tonic::transport::Server::builder()
+        .layer(prometheus::GrpcMetricsLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -197,6 +223,7 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
     tracing::info!(%addr, database = %redact_url(config.database_url.expose_secret()), "identity service listening");
     Ok(RunningServer {
         addr,
+        metrics_addr,
         stop: stop_tx,
         task,
         grace: config.shutdown_grace,

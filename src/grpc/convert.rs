@@ -119,6 +119,92 @@ pub fn bulk_progress(progress: crate::domain::BulkProgress) -> pb::BulkMigration
     }
 }
 
+pub fn window(raw: i32) -> Result<crate::metrics::Window, DomainError> {
+    use crate::metrics::Window;
+    match pb::StatsWindow::try_from(raw) {
+        Ok(pb::StatsWindow::Unspecified | pb::StatsWindow::LastHour) => Ok(Window::LastHour),
+        Ok(pb::StatsWindow::Last5Minutes) => Ok(Window::Last5Minutes),
+        Ok(pb::StatsWindow::LastDay) => Ok(Window::LastDay),
+        Ok(pb::StatsWindow::AllTime) => Ok(Window::AllTime),
+        Err(_) => Err(DomainError::invalid("window", "is not a known window")),
+    }
+}
+
+pub fn stats(snapshot: crate::metrics::StatsSnapshot) -> pb::MigrationStats {
+    use crate::metrics::Window;
+    let users = snapshot.users;
+    let total = users.legacy_only + users.migrated + users.clerk_native;
+    pb::MigrationStats {
+        at: Some(timestamp(snapshot.at)),
+        window: match snapshot.window {
+            Window::Last5Minutes => pb::StatsWindow::Last5Minutes,
+            Window::LastHour => pb::StatsWindow::LastHour,
+            Window::LastDay => pb::StatsWindow::LastDay,
+            Window::AllTime => pb::StatsWindow::AllTime,
+        } as i32,
+        total_users: total,
+        legacy_users: users.legacy_only,
+        migrated_users: users.migrated,
+        clerk_native_users: users.clerk_native,
+        migrated_ratio: if total > 0 {
+            (users.migrated + users.clerk_native) as f64 / total as f64
+        } else {
+            0.0
+        },
+        auth_attempts: snapshot.attempts,
+        auth_successes: snapshot.successes,
+        auth_rejections: snapshot.rejections,
+        auth_errors: snapshot.errors,
+        success_rate: snapshot.success_rate,
+        error_rate: snapshot.error_rate,
+        methods: snapshot
+            .methods
+            .into_iter()
+            .map(|m| pb::MethodStats {
+                method: m.method,
+                attempts: m.attempts,
+                successes: m.successes,
+                errors: m.errors,
+                rejections: m
+                    .rejections
+                    .into_iter()
+                    .map(|(reason, count)| pb::ReasonCount { reason, count })
+                    .collect(),
+            })
+            .collect(),
+        latency_p50_us: snapshot.p50_us,
+        latency_p95_us: snapshot.p95_us,
+        latency_p99_us: snapshot.p99_us,
+        invitations: Some(pb::InvitationStats {
+            sent: snapshot.invitations.sent,
+            pending: snapshot.invitations.pending,
+            redeemed: snapshot.invitations.redeemed,
+            expired: snapshot.invitations.expired,
+        }),
+        bulk_job: snapshot.bulk_job.map(|job| pb::BulkMigrationProgress {
+            job_id: job.id.to_string(),
+            state: bulk_state(job.state) as i32,
+            dry_run: false,
+            total: job.total,
+            processed: job.counters.processed,
+            created: job.counters.created,
+            linked_existing: job.counters.linked_existing,
+            skipped: job.counters.skipped,
+            failed: job.counters.failed,
+            users_per_second: 0.0,
+            eta_seconds: 0,
+            message: String::new(),
+        }),
+        readiness: Some(pb::CutoverReadiness {
+            days: snapshot.readiness_days,
+            active_users: snapshot.readiness.active_users,
+            would_be_locked_out: snapshot.readiness.legacy_only_unlinked,
+            legacy_verifications_by_migrated_users: snapshot.readiness.legacy_verifications_by_migrated,
+        }),
+        auth_mode: auth_mode(snapshot.auth_mode) as i32,
+    }
+}
+
 pub fn mapping(mapping: MappingRecord) -> pb::UserMapping {
     pb::UserMapping {
         user_id: mapping.user_id.to_string(),

@@ -8,8 +8,14 @@ use crate::{
         AuditLog, AuditPageRequest, AuthModes, BulkMigrations, BulkRequest, ClerkUserId, DomainError, Invitations,
         UserDirectory, UserId,
     },
+    metrics::MigrationStats,
     pb::{self, migration_service_server::MigrationService},
 };
+
+/// Bounds of StreamMigrationMetrics' interval.
+const MIN_INTERVAL_SECONDS: u32 = 1;
+const MAX_INTERVAL_SECONDS: u32 = 3600;
+const DEFAULT_INTERVAL_SECONDS: u32 = 5;
 
 #[derive(Debug, Clone)]
 pub struct MigrationApi {
@@ -18,22 +24,42 @@ pub struct MigrationApi {
     audit: AuditLog,
     invitations: Invitations,
     bulk: BulkMigrations,
+    stats: MigrationStats,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Everything the migration service needs.
+#[derive(Debug, Clone)]
+pub struct MigrationParts {
+    pub users: UserDirectory,
+    pub modes: AuthModes,
+    pub audit: AuditLog,
+    pub invitations: Invitations,
+    pub bulk: BulkMigrations,
+    pub stats: MigrationStats,
+    /// Flips at shutdown: open metric streams end.
+    pub stop: tokio::sync::watch::Receiver<bool>,
 }
 
 impl MigrationApi {
-    pub fn new(
-        users: UserDirectory,
-        modes: AuthModes,
-        audit: AuditLog,
-        invitations: Invitations,
-        bulk: BulkMigrations,
-    ) -> Self {
+    pub fn new(parts: MigrationParts) -> Self {
+        let MigrationParts {
+            users,
+            modes,
+            audit,
+            invitations,
+            bulk,
+            stats,
+            stop,
+        } = parts;
         Self {
             users,
             modes,
             audit,
             invitations,
             bulk,
+            stats,
+            stop,
         }
     }
 }
@@ -69,6 +95,79 @@ fn bulk_request(body: pb::StartBulkMigrationRequest) -> Result<BulkRequest, Doma
 
 #[tonic::async_trait]
 impl MigrationService for MigrationApi {
+    type StreamMigrationMetricsStream =
+        tokio_stream::wrappers::ReceiverStream<Result<pb::StreamMigrationMetricsResponse, Status>>;
+
+    #[tracing::instrument(name = "MigrationService/GetMigrationStats", skip_all)]
+    async fn get_migration_stats(
+        &self,
+        request: Request<pb::GetMigrationStatsRequest>,
+    ) -> Result<Response<pb::GetMigrationStatsResponse>, Status> {
+        let caller = caller(&request)?;
+        let body = request.into_inner();
+        let window = convert::window(body.window).map_err(to_status)?;
+        let snapshot = self
+            .stats
+            .snapshot(&caller, window, body.readiness_days)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::GetMigrationStatsResponse {
+            stats: Some(convert::stats(snapshot)),
+        }))
+    }
+
+    #[tracing::instrument(name = "MigrationService/StreamMigrationMetrics", skip_all)]
+    async fn stream_migration_metrics(
+        &self,
+        request: Request<pb::StreamMigrationMetricsRequest>,
+    ) -> Result<Response<Self::StreamMigrationMetricsStream>, Status> {
+        let caller = caller(&request)?;
+        let body = request.into_inner();
+        let window = convert::window(body.window).map_err(to_status)?;
+        let interval = match body.interval_seconds {
+            0 => DEFAULT_INTERVAL_SECONDS,
+            n if (MIN_INTERVAL_SECONDS..=MAX_INTERVAL_SECONDS).contains(&n) => n,
+            _ => {
+                return Err(to_status(DomainError::invalid(
+                    "interval_seconds",
+                    format!("must be {MIN_INTERVAL_SECONDS} to {MAX_INTERVAL_SECONDS}"),
+                )));
+            }
+        };
+        // Fail before streaming when the caller may not read stats.
+        let first = self
+            .stats
+            .snapshot(&caller, window, body.readiness_days)
+            .await
+            .map_err(to_status)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let stats = self.stats.clone();
+        let mut stop = self.stop.clone();
+        let readiness_days = body.readiness_days;
+        tokio::spawn(async move {
+            let mut next = Ok(first);
+            loop {
+                let message = next
+                    .map(|s| pb::StreamMigrationMetricsResponse {
+                        stats: Some(convert::stats(s)),
+                    })
+                    .map_err(to_status);
+                let failed = message.is_err();
+                if tx.send(message).await.is_err() || failed {
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(u64::from(interval))) => {}
+                    // The client went away, or the server is shutting down.
+                    _ = tx.closed() => return,
+                    _ = stop.changed() => return,
+                }
+                next = stats.snapshot(&caller, window, readiness_days).await;
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
     type StartBulkMigrationStream = tokio_stream::wrappers::ReceiverStream<Result<pb::BulkMigrationProgress, Status>>;
 
     #[tracing::instrument(name = "MigrationService/StartBulkMigration", skip_all)]

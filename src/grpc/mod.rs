@@ -9,5 +9,5 @@ mod status;
 
 pub use auth::{ApiKeyInterceptor, caller};
 pub use identity::IdentityApi;
-pub use migration::MigrationApi;
+pub use migration::{MigrationApi, MigrationParts};
 pub use status::{error_chain, to_status};

@@ -249,6 +249,56 @@ pub struct BulkLease {
     pub cancel_requested: bool,
 }
 
+/// Users by migration state, kept exact by database triggers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UserCounts {
+    pub legacy_only: i64,
+    pub migrated: i64,
+    pub clerk_native: i64,
+}
+
+/// One replica's verification figures since its last flush.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuthFlush {
+    /// (minute bucket in Unix seconds, method, outcome, count)
+    pub counts: Vec<(i64, String, String, i64)>,
+    /// (minute bucket, latency slot, count)
+    pub latency: Vec<(i64, i32, i64)>,
+    /// Per user and day: (user, day since epoch, legacy, clerk, legacy while migrated)
+    pub activity: Vec<(UserId, i64, i64, i64, i64)>,
+}
+
+/// Verification figures summed over all replicas.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuthTotals {
+    /// (method, outcome, count)
+    pub counts: Vec<(String, String, i64)>,
+    /// (latency slot, count)
+    pub latency: Vec<(i32, i64)>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InvitationCounts {
+    /// Invitation emails the mail server accepted.
+    pub sent: i64,
+    /// Unused, unexpired, not superseded tokens.
+    pub pending: i64,
+    pub redeemed: i64,
+    /// Unused tokens past their expiry (superseded ones are not counted).
+    pub expired: i64,
+}
+
+/// Who would be locked out by `clerk_only`, from recorded activity.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Readiness {
+    /// Users who authenticated in the window.
+    pub active_users: i64,
+    /// Of them, users who only used legacy tokens and have no Clerk link.
+    pub legacy_only_unlinked: i64,
+    /// Legacy-token verifications by users who were already migrated.
+    pub legacy_verifications_by_migrated: i64,
+}
+
 /// Everything the service stores. Implementations translate their database's
 /// errors into [`StorageError`] in one place.
 #[async_trait]
@@ -389,6 +439,23 @@ pub trait Storage: Send + Sync + fmt::Debug {
 
     /// Asks the runner of a running job to stop.
     async fn request_bulk_cancel(&self, id: uuid::Uuid, audit: &NewAuditEvent) -> StorageResult<BulkJobRecord>;
+
+    /// Users by migration state, without scanning `users`.
+    async fn user_counts(&self) -> StorageResult<UserCounts>;
+
+    /// Adds one replica's figures to the shared buckets.
+    async fn flush_auth_stats(&self, flush: &AuthFlush) -> StorageResult<()>;
+
+    /// Sums the buckets at or after `since_bucket` (all when `None`).
+    async fn auth_totals(&self, since_bucket: Option<i64>) -> StorageResult<AuthTotals>;
+
+    async fn invitation_counts(&self, now: DateTime<Utc>) -> StorageResult<InvitationCounts>;
+
+    /// The most recently started bulk job.
+    async fn latest_bulk_job(&self) -> StorageResult<Option<BulkJobRecord>>;
+
+    /// Cutover readiness from the activity of days `since_day` onwards.
+    async fn readiness(&self, since_day: i64) -> StorageResult<Readiness>;
 
     /// Records a revocation and its audit event; revoking twice is a no-op.
     async fn revoke_token(&self, revocation: &NewRevocation, audit: &NewAuditEvent) -> StorageResult<()>;

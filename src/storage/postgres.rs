@@ -12,10 +12,10 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    AuditQuery, AuditRecord, BulkCandidate, BulkCounters, BulkFilter, BulkJobRecord, BulkJobState, BulkLease, Conflict,
-    DatabaseOptions, MappingKey, MappingRecord, NewAuditEvent, NewInvitation, NewLegacyUser, NewRevocation,
-    OutboxCounts, OutboxMessage, RevocationRecord, SettingRecord, Storage, StorageError, StorageResult, UserKey,
-    UserRecord, error::classify,
+    AuditQuery, AuditRecord, AuthFlush, AuthTotals, BulkCandidate, BulkCounters, BulkFilter, BulkJobRecord,
+    BulkJobState, BulkLease, Conflict, DatabaseOptions, InvitationCounts, MappingKey, MappingRecord, NewAuditEvent,
+    NewInvitation, NewLegacyUser, NewRevocation, OutboxCounts, OutboxMessage, Readiness, RevocationRecord,
+    SettingRecord, Storage, StorageError, StorageResult, UserCounts, UserKey, UserRecord, error::classify,
 };
 use crate::domain::{AuditOutcome, ClerkUserId, Email, UserId};
 
@@ -792,6 +792,170 @@ impl Storage for PostgresStorage {
         insert_audit(&mut tx, audit).await?;
         tx.commit().await.map_err(db_err)?;
         job_from_row(&row)
+    }
+
+    async fn user_counts(&self) -> StorageResult<UserCounts> {
+        let row = sqlx::query("SELECT legacy_only, migrated, clerk_native FROM identity_user_counts WHERE id")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(UserCounts {
+            legacy_only: row.try_get("legacy_only").map_err(db_err)?,
+            migrated: row.try_get("migrated").map_err(db_err)?,
+            clerk_native: row.try_get("clerk_native").map_err(db_err)?,
+        })
+    }
+
+    async fn flush_auth_stats(&self, flush: &AuthFlush) -> StorageResult<()> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        if !flush.counts.is_empty() {
+            let (buckets, methods, outcomes, counts): (Vec<i64>, Vec<String>, Vec<String>, Vec<i64>) = flush
+                .counts
+                .iter()
+                .cloned()
+                .fold(Default::default(), |mut acc, (b, m, o, c)| {
+                    acc.0.push(b);
+                    acc.1.push(m);
+                    acc.2.push(o);
+                    acc.3.push(c);
+                    acc
+                });
+            sqlx::query(
+                "INSERT INTO identity_auth_counts (bucket, method, outcome, count)
+                 SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::bigint[])
+                 ON CONFLICT (bucket, method, outcome) DO UPDATE SET count = identity_auth_counts.count + excluded.count",
+            )
+            .bind(buckets)
+            .bind(methods)
+            .bind(outcomes)
+            .bind(counts)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        if !flush.latency.is_empty() {
+            let buckets: Vec<i64> = flush.latency.iter().map(|l| l.0).collect();
+            let slots: Vec<i32> = flush.latency.iter().map(|l| l.1).collect();
+            let counts: Vec<i64> = flush.latency.iter().map(|l| l.2).collect();
+            sqlx::query(
+                "INSERT INTO identity_auth_latency (bucket, slot, count)
+                 SELECT * FROM UNNEST($1::bigint[], $2::int[], $3::bigint[])
+                 ON CONFLICT (bucket, slot) DO UPDATE SET count = identity_auth_latency.count + excluded.count",
+            )
+            .bind(buckets)
+            .bind(slots)
+            .bind(counts)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        if !flush.activity.is_empty() {
+            let users: Vec<Uuid> = flush.activity.iter().map(|a| *a.0.as_uuid()).collect();
+            let days: Vec<i64> = flush.activity.iter().map(|a| a.1).collect();
+            let legacy: Vec<i64> = flush.activity.iter().map(|a| a.2).collect();
+            let clerk: Vec<i64> = flush.activity.iter().map(|a| a.3).collect();
+            let lwm: Vec<i64> = flush.activity.iter().map(|a| a.4).collect();
+            sqlx::query(
+                "INSERT INTO identity_auth_activity (user_id, day, legacy, clerk, legacy_while_migrated)
+                 SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])
+                 ON CONFLICT (user_id, day) DO UPDATE SET legacy = identity_auth_activity.legacy + excluded.legacy,
+                     clerk = identity_auth_activity.clerk + excluded.clerk,
+                     legacy_while_migrated = identity_auth_activity.legacy_while_migrated + excluded.legacy_while_migrated",
+            )
+            .bind(users)
+            .bind(days)
+            .bind(legacy)
+            .bind(clerk)
+            .bind(lwm)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn auth_totals(&self, since_bucket: Option<i64>) -> StorageResult<AuthTotals> {
+        let counts = sqlx::query(
+            "SELECT method, outcome, SUM(count)::bigint AS n FROM identity_auth_counts
+             WHERE ($1::bigint IS NULL OR bucket >= $1) GROUP BY method, outcome",
+        )
+        .bind(since_bucket)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?
+        .iter()
+        .map(|row| {
+            Ok((
+                row.try_get("method").map_err(db_err)?,
+                row.try_get("outcome").map_err(db_err)?,
+                row.try_get("n").map_err(db_err)?,
+            ))
+        })
+        .collect::<StorageResult<Vec<_>>>()?;
+        let latency = sqlx::query(
+            "SELECT slot, SUM(count)::bigint AS n FROM identity_auth_latency
+             WHERE ($1::bigint IS NULL OR bucket >= $1) GROUP BY slot",
+        )
+        .bind(since_bucket)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?
+        .iter()
+        .map(|row| Ok((row.try_get("slot").map_err(db_err)?, row.try_get("n").map_err(db_err)?)))
+        .collect::<StorageResult<Vec<_>>>()?;
+        Ok(AuthTotals { counts, latency })
+    }
+
+    async fn invitation_counts(&self, now: chrono::DateTime<chrono::Utc>) -> StorageResult<InvitationCounts> {
+        let row = sqlx::query(
+            "SELECT
+                 (SELECT count(*) FROM identity_outbox WHERE kind = 'migration_invite' AND sent_at IS NOT NULL) AS sent,
+                 count(*) FILTER (WHERE used_at IS NULL AND superseded_at IS NULL AND expires_at > $1) AS pending,
+                 count(*) FILTER (WHERE used_at IS NOT NULL) AS redeemed,
+                 count(*) FILTER (WHERE used_at IS NULL AND superseded_at IS NULL AND expires_at <= $1) AS expired
+             FROM user_migration_tokens",
+        )
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(InvitationCounts {
+            sent: row.try_get("sent").map_err(db_err)?,
+            pending: row.try_get("pending").map_err(db_err)?,
+            redeemed: row.try_get("redeemed").map_err(db_err)?,
+            expired: row.try_get("expired").map_err(db_err)?,
+        })
+    }
+
+    async fn latest_bulk_job(&self) -> StorageResult<Option<BulkJobRecord>> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM identity_bulk_jobs ORDER BY started_at DESC LIMIT 1"
+        )))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    async fn readiness(&self, since_day: i64) -> StorageResult<Readiness> {
+        let row = sqlx::query(
+            "WITH active AS (
+                 SELECT user_id, SUM(legacy) AS legacy, SUM(clerk) AS clerk, SUM(legacy_while_migrated) AS lwm
+                 FROM identity_auth_activity WHERE day >= $1 GROUP BY user_id)
+             SELECT count(*) AS active_users,
+                    count(*) FILTER (WHERE a.legacy > 0 AND a.clerk = 0 AND u.clerk_user_id IS NULL) AS legacy_only_unlinked,
+                    COALESCE(SUM(a.lwm), 0)::bigint AS lwm
+             FROM active a LEFT JOIN users u ON u.id = a.user_id",
+        )
+        .bind(since_day)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(Readiness {
+            active_users: row.try_get("active_users").map_err(db_err)?,
+            legacy_only_unlinked: row.try_get("legacy_only_unlinked").map_err(db_err)?,
+            legacy_verifications_by_migrated: row.try_get("lwm").map_err(db_err)?,
+        })
     }
 
     async fn revoke_token(&self, revocation: &NewRevocation, audit: &NewAuditEvent) -> StorageResult<()> {

@@ -13,10 +13,10 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    AuditQuery, AuditRecord, BulkCandidate, BulkCounters, BulkFilter, BulkJobRecord, BulkJobState, BulkLease, Conflict,
-    DatabaseOptions, MappingKey, MappingRecord, NewAuditEvent, NewInvitation, NewLegacyUser, NewRevocation,
-    OutboxCounts, OutboxMessage, RevocationRecord, SettingRecord, Storage, StorageError, StorageResult, UserKey,
-    UserRecord, error::classify,
+    AuditQuery, AuditRecord, AuthFlush, AuthTotals, BulkCandidate, BulkCounters, BulkFilter, BulkJobRecord,
+    BulkJobState, BulkLease, Conflict, DatabaseOptions, InvitationCounts, MappingKey, MappingRecord, NewAuditEvent,
+    NewInvitation, NewLegacyUser, NewRevocation, OutboxCounts, OutboxMessage, Readiness, RevocationRecord,
+    SettingRecord, Storage, StorageError, StorageResult, UserCounts, UserKey, UserRecord, error::classify,
 };
 use crate::domain::{AuditOutcome, ClerkUserId, Email, UserId};
 
@@ -830,6 +830,151 @@ impl Storage for SqliteStorage {
         insert_audit(&mut tx, audit).await?;
         tx.commit().await.map_err(db_err)?;
         job_from_row(&row)
+    }
+
+    async fn user_counts(&self) -> StorageResult<UserCounts> {
+        let row = sqlx::query("SELECT legacy_only, migrated, clerk_native FROM identity_user_counts WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(UserCounts {
+            legacy_only: row.try_get("legacy_only").map_err(db_err)?,
+            migrated: row.try_get("migrated").map_err(db_err)?,
+            clerk_native: row.try_get("clerk_native").map_err(db_err)?,
+        })
+    }
+
+    async fn flush_auth_stats(&self, flush: &AuthFlush) -> StorageResult<()> {
+        let mut tx = self.begin_write().await?;
+        for (bucket, method, outcome, count) in &flush.counts {
+            sqlx::query(
+                "INSERT INTO identity_auth_counts (bucket, method, outcome, count) VALUES (?, ?, ?, ?)
+                 ON CONFLICT (bucket, method, outcome) DO UPDATE SET count = count + excluded.count",
+            )
+            .bind(bucket)
+            .bind(method)
+            .bind(outcome)
+            .bind(count)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        for (bucket, slot, count) in &flush.latency {
+            sqlx::query(
+                "INSERT INTO identity_auth_latency (bucket, slot, count) VALUES (?, ?, ?)
+                 ON CONFLICT (bucket, slot) DO UPDATE SET count = count + excluded.count",
+            )
+            .bind(bucket)
+            .bind(slot)
+            .bind(count)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        for (user, day, legacy, clerk, while_migrated) in &flush.activity {
+            sqlx::query(
+                "INSERT INTO identity_auth_activity (user_id, day, legacy, clerk, legacy_while_migrated) VALUES (?, ?, ?, ?, ?)
+                 ON CONFLICT (user_id, day) DO UPDATE SET legacy = legacy + excluded.legacy, clerk = clerk + excluded.clerk,
+                     legacy_while_migrated = legacy_while_migrated + excluded.legacy_while_migrated",
+            )
+            .bind(user.to_string())
+            .bind(day)
+            .bind(legacy)
+            .bind(clerk)
+            .bind(while_migrated)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn auth_totals(&self, since_bucket: Option<i64>) -> StorageResult<AuthTotals> {
+        let counts = sqlx::query(
+            "SELECT method, outcome, SUM(count) AS n FROM identity_auth_counts WHERE (?1 IS NULL OR bucket >= ?1)
+             GROUP BY method, outcome",
+        )
+        .bind(since_bucket)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?
+        .iter()
+        .map(|row| {
+            Ok((
+                row.try_get("method").map_err(db_err)?,
+                row.try_get("outcome").map_err(db_err)?,
+                row.try_get("n").map_err(db_err)?,
+            ))
+        })
+        .collect::<StorageResult<Vec<_>>>()?;
+        let latency = sqlx::query(
+            "SELECT slot, SUM(count) AS n FROM identity_auth_latency WHERE (?1 IS NULL OR bucket >= ?1) GROUP BY slot",
+        )
+        .bind(since_bucket)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?
+        .iter()
+        .map(|row| {
+            Ok((
+                row.try_get::<i64, _>("slot").map_err(db_err)? as i32,
+                row.try_get("n").map_err(db_err)?,
+            ))
+        })
+        .collect::<StorageResult<Vec<_>>>()?;
+        Ok(AuthTotals { counts, latency })
+    }
+
+    async fn invitation_counts(&self, now: DateTime<Utc>) -> StorageResult<InvitationCounts> {
+        let row = sqlx::query(
+            "SELECT
+                 (SELECT count(*) FROM identity_outbox WHERE kind = 'migration_invite' AND sent_at IS NOT NULL) AS sent,
+                 COALESCE(SUM(used_at IS NULL AND superseded_at IS NULL AND expires_at > ?1), 0) AS pending,
+                 COALESCE(SUM(used_at IS NOT NULL), 0) AS redeemed,
+                 COALESCE(SUM(used_at IS NULL AND superseded_at IS NULL AND expires_at <= ?1), 0) AS expired
+             FROM user_migration_tokens",
+        )
+        .bind(micros(now))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(InvitationCounts {
+            sent: row.try_get("sent").map_err(db_err)?,
+            pending: row.try_get("pending").map_err(db_err)?,
+            redeemed: row.try_get("redeemed").map_err(db_err)?,
+            expired: row.try_get("expired").map_err(db_err)?,
+        })
+    }
+
+    async fn latest_bulk_job(&self) -> StorageResult<Option<BulkJobRecord>> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM identity_bulk_jobs ORDER BY started_at DESC LIMIT 1"
+        )))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    async fn readiness(&self, since_day: i64) -> StorageResult<Readiness> {
+        let row = sqlx::query(
+            "WITH active AS (
+                 SELECT user_id, SUM(legacy) AS legacy, SUM(clerk) AS clerk, SUM(legacy_while_migrated) AS lwm
+                 FROM identity_auth_activity WHERE day >= ? GROUP BY user_id)
+             SELECT count(*) AS active_users,
+                    COALESCE(SUM(a.legacy > 0 AND a.clerk = 0 AND u.clerk_user_id IS NULL), 0) AS legacy_only_unlinked,
+                    COALESCE(SUM(a.lwm), 0) AS lwm
+             FROM active a LEFT JOIN users u ON u.id = a.user_id",
+        )
+        .bind(since_day)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(Readiness {
+            active_users: row.try_get("active_users").map_err(db_err)?,
+            legacy_only_unlinked: row.try_get("legacy_only_unlinked").map_err(db_err)?,
+            legacy_verifications_by_migrated: row.try_get("lwm").map_err(db_err)?,
+        })
     }
 
     async fn revoke_token(&self, revocation: &NewRevocation, audit: &NewAuditEvent) -> StorageResult<()> {

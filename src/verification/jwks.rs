@@ -228,11 +228,13 @@ impl RemoteJwks {
                 // Kids that were unknown may exist now.
                 self.unknown_kids.invalidate_all();
                 self.stats.fetches_ok.fetch_add(1, Ordering::Relaxed);
+                ::metrics::counter!("identity_jwks_fetches_total", "result" => "ok").increment(1);
                 tracing::debug!(url = %self.url, keys = count, "fetched Clerk JWKS");
                 true
             }
             Err(err) => {
                 self.stats.fetches_failed.fetch_add(1, Ordering::Relaxed);
+                ::metrics::counter!("identity_jwks_fetches_total", "result" => "failed").increment(1);
                 tracing::warn!(url = %self.url, error = %err, "cannot fetch Clerk JWKS; keeping the last good keys");
                 false
             }

@@ -84,6 +84,7 @@ struct Inner {
     max_token_bytes: usize,
     reject_legacy_after_migration: bool,
     revocation_default_ttl: Duration,
+    recorder: Arc<crate::metrics::AuthRecorder>,
 }
 
 #[derive(Clone)]
@@ -111,6 +112,7 @@ impl Verifier {
         modes: AuthModes,
         users: UserCache,
         http: reqwest::Client,
+        recorder: Arc<crate::metrics::AuthRecorder>,
     ) -> Result<Self, KeyError> {
         let clerk = match &config.clerk {
             None => None,
@@ -167,6 +169,7 @@ impl Verifier {
                 max_token_bytes: config.max_token_bytes,
                 reject_legacy_after_migration: config.reject_legacy_after_migration,
                 revocation_default_ttl: config.revocation_default_ttl,
+                recorder,
             }),
         })
     }
@@ -233,11 +236,34 @@ impl Verifier {
         expected_audience: Option<&str>,
     ) -> Result<Verdict, DomainError> {
         caller.require_any(&[Scope::Verify, Scope::Admin])?;
-        let (verified, digest) = match self.signature_checked("token", raw_token).await? {
-            Ok(found) => found,
-            Err(rejection) => return Ok(Verdict::Rejected(rejection)),
+        let started = std::time::Instant::now();
+        let result = match self.signature_checked("token", raw_token).await {
+            Ok(Ok((verified, digest))) => self.judge(caller, &verified, &digest, expected_audience).await,
+            Ok(Err(rejection)) => Ok(Verdict::Rejected(rejection)),
+            Err(err) => Err(err),
         };
-        self.judge(caller, &verified, &digest, expected_audience).await
+        self.record(raw_token, &result, started.elapsed());
+        result
+    }
+
+    /// Counts the outcome by method and reason, with its latency and, for an
+    /// accepted token, the user's activity (for cutover readiness).
+    fn record(&self, raw_token: &str, result: &Result<Verdict, DomainError>, elapsed: Duration) {
+        use crate::metrics::AuthOutcome;
+        let (method, outcome, user) = match result {
+            Ok(Verdict::Accepted(principal)) => {
+                let migrated_legacy = principal.method == AuthMethod::LegacyJwt
+                    && principal.migration_state == crate::domain::MigrationState::Migrated;
+                (
+                    Some(principal.method),
+                    AuthOutcome::Success,
+                    Some((principal.user_id, migrated_legacy)),
+                )
+            }
+            Ok(Verdict::Rejected(rejection)) => (method_of(raw_token), AuthOutcome::Rejected(rejection.reason), None),
+            Err(_) => (method_of(raw_token), AuthOutcome::Error, None),
+        };
+        self.inner.recorder.record(method, outcome, elapsed, user);
     }
 
     /// The Clerk user a session token speaks for, without resolving (or
@@ -304,8 +330,10 @@ impl Verifier {
         }
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(hit) = self.inner.cache.get(&digest) {
+            ::metrics::counter!("identity_token_cache_requests_total", "result" => "hit").increment(1);
             return Ok(Ok((hit, digest)));
         }
+        ::metrics::counter!("identity_token_cache_requests_total", "result" => "miss").increment(1);
         match self.verify_cold(token).await? {
             Ok(verified) => {
                 let verified = Arc::new(verified);
@@ -579,6 +607,18 @@ impl Verifier {
 impl Inner {
     fn revocations_storage(&self) -> &Arc<dyn crate::storage::Storage> {
         self.principals.users.storage()
+    }
+}
+
+/// The method a token claims by its header, for counting rejections (not trusted for anything else).
+fn method_of(raw_token: &str) -> Option<AuthMethod> {
+    let header = token::peek(token::strip_bearer(raw_token)).ok()?.header;
+    if is_rsa(&header.alg).is_some() {
+        Some(AuthMethod::Clerk)
+    } else if header.alg.starts_with("HS") {
+        Some(AuthMethod::LegacyJwt)
+    } else {
+        None
     }
 }
 

@@ -501,7 +501,109 @@ async fn revocations_are_idempotent_listed_and_purged(db: TestDb) {
     assert_eq!(audit_count(storage.as_ref(), "token.revoke").await, 4);
 }
 
+async fn user_counts_stay_exact_through_every_change(db: TestDb) {
+    use identity::storage::UserCounts;
+    let storage = db.storage().await;
+    let counts = || async { storage.user_counts().await.unwrap() };
+    assert_eq!(counts().await, UserCounts::default());
+    let ann = insert(storage.as_ref(), "ann@example.com", None).await;
+    insert(storage.as_ref(), "bob@example.com", None).await;
+    assert_eq!(
+        counts().await,
+        UserCounts {
+            legacy_only: 2,
+            migrated: 0,
+            clerk_native: 0
+        }
+    );
+    storage
+        .link_user(ann, &clerk("user_ann"), &audit("user.link", Some(ann)))
+        .await
+        .unwrap();
+    assert_eq!(
+        counts().await,
+        UserCounts {
+            legacy_only: 1,
+            migrated: 1,
+            clerk_native: 0
+        }
+    );
+    storage
+        .provision_clerk_user(&clerk("user_new"), None, &audit("user.provision", None))
+        .await
+        .unwrap();
+    assert_eq!(
+        counts().await,
+        UserCounts {
+            legacy_only: 1,
+            migrated: 1,
+            clerk_native: 1
+        }
+    );
+    storage
+        .unlink_user(ann, &audit("user.unlink", Some(ann)))
+        .await
+        .unwrap();
+    assert_eq!(
+        counts().await,
+        UserCounts {
+            legacy_only: 2,
+            migrated: 0,
+            clerk_native: 1
+        }
+    );
+    // A failed link changes nothing.
+    let _ = storage
+        .link_user(ann, &clerk("user_new"), &audit("user.link", Some(ann)))
+        .await;
+    assert_eq!(
+        counts().await,
+        UserCounts {
+            legacy_only: 2,
+            migrated: 0,
+            clerk_native: 1
+        }
+    );
+}
+
+async fn auth_figures_add_up_across_flushes(db: TestDb) {
+    use identity::storage::AuthFlush;
+    let storage = db.storage().await;
+    let ann = insert(storage.as_ref(), "ann@example.com", None).await;
+    let bucket = Utc::now().timestamp() / 60 * 60;
+    let day = Utc::now().timestamp() / 86_400;
+    let flush = AuthFlush {
+        counts: vec![
+            (bucket, "legacy_jwt".into(), "success".into(), 3),
+            (bucket - 7200, "clerk".into(), "expired".into(), 2),
+        ],
+        latency: vec![(bucket, 2, 3), (bucket - 7200, 5, 2)],
+        activity: vec![(ann, day, 3, 0, 0)],
+    };
+    storage.flush_auth_stats(&flush).await.unwrap();
+    storage.flush_auth_stats(&flush).await.unwrap();
+    let recent = storage.auth_totals(Some(bucket - 3600)).await.unwrap();
+    assert_eq!(recent.counts, vec![("legacy_jwt".to_owned(), "success".to_owned(), 6)]);
+    assert_eq!(recent.latency, vec![(2, 6)]);
+    let all = storage.auth_totals(None).await.unwrap();
+    assert_eq!(all.counts.iter().map(|c| c.2).sum::<i64>(), 10);
+    let readiness = storage.readiness(day).await.unwrap();
+    assert_eq!((readiness.active_users, readiness.legacy_only_unlinked), (1, 1));
+    storage
+        .link_user(ann, &clerk("user_ann"), &audit("user.link", Some(ann)))
+        .await
+        .unwrap();
+    assert_eq!(
+        storage.readiness(day).await.unwrap().legacy_only_unlinked,
+        0,
+        "ann can use Clerk now"
+    );
+    assert_eq!(storage.readiness(day + 1).await.unwrap().active_users, 0);
+}
+
 crate::backend_tests!(
+    user_counts_stay_exact_through_every_change,
+    auth_figures_add_up_across_flushes,
     provisioning_creates_one_clerk_native_user,
     revocations_are_idempotent_listed_and_purged,
     ping_answers,

@@ -222,6 +222,8 @@ pub struct TestApp {
     pub db: TestDb,
     pub storage: Arc<dyn Storage>,
     pub channel: Channel,
+    /// Where the server serves `/metrics`.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     pub admin_key: String,
     pub verify_key: String,
     pub migrate_key: String,
@@ -238,6 +240,8 @@ pub fn test_config(db: &TestDb) -> (Config, [String; 3]) {
     config.health_interval = Duration::from_secs(1);
     config.settings_refresh = Duration::from_secs(1);
     config.shutdown_grace = Duration::from_secs(5);
+    config.stats_flush = Duration::from_secs(1);
+    config.metrics_addr = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
     (config, [admin_key, verify_key, migrate_key])
 }
 
@@ -253,6 +257,7 @@ impl TestApp {
             .await
             .expect("server starts");
         let addr = server.addr;
+        let metrics_addr = server.metrics_addr;
         let channel = Channel::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect()
@@ -262,6 +267,7 @@ impl TestApp {
             db,
             storage,
             channel,
+            metrics_addr,
             admin_key,
             verify_key,
             migrate_key,

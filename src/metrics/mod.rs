@@ -1,0 +1,10 @@
+//! Metrics: verification counters flushed into shared buckets, the
+//! migration stats behind GetMigrationStats and StreamMigrationMetrics, and
+//! the Prometheus endpoint.
+
+pub mod auth;
+pub mod prometheus;
+mod stats;
+
+pub use auth::{AuthOutcome, AuthRecorder};
+pub use stats::{MethodFigures, MigrationStats, StatsSnapshot, Window};

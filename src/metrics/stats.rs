@@ -1,0 +1,209 @@
+//! The migration dashboard as an API: user counts (exact, O(1)), auth
+//! figures over a window (cluster-wide), latency percentiles, invitations,
+//! the bulk job, and cutover readiness.
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::{DateTime, Utc};
+
+use super::auth::{AuthRecorder, LATENCY_BOUNDS_US, percentile};
+use crate::{
+    domain::{AuthMode, AuthModes, Caller, DomainError, Scope},
+    storage::{BulkJobRecord, InvitationCounts, Readiness, Storage, UserCounts},
+};
+
+/// The span of time auth figures cover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    Last5Minutes,
+    LastHour,
+    LastDay,
+    /// Everything recorded.
+    AllTime,
+}
+
+impl Window {
+    fn seconds(self) -> Option<i64> {
+        match self {
+            Self::Last5Minutes => Some(300),
+            Self::LastHour => Some(3600),
+            Self::LastDay => Some(86_400),
+            Self::AllTime => None,
+        }
+    }
+}
+
+/// Figures for one method (legacy, Clerk, or unknown for undecodable tokens).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MethodFigures {
+    pub method: String,
+    pub attempts: i64,
+    pub successes: i64,
+    pub errors: i64,
+    /// (reason, count), most frequent first.
+    pub rejections: Vec<(String, i64)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatsSnapshot {
+    pub at: DateTime<Utc>,
+    pub window: Window,
+    pub users: UserCounts,
+    pub methods: Vec<MethodFigures>,
+    pub attempts: i64,
+    pub successes: i64,
+    pub rejections: i64,
+    pub errors: i64,
+    pub success_rate: f64,
+    pub error_rate: f64,
+    /// Verification latency percentiles in microseconds (slot upper bounds).
+    pub p50_us: u64,
+    pub p95_us: u64,
+    pub p99_us: u64,
+    pub invitations: InvitationCounts,
+    pub bulk_job: Option<BulkJobRecord>,
+    pub readiness_days: u32,
+    pub readiness: Readiness,
+    pub auth_mode: AuthMode,
+}
+
+#[derive(Debug, Clone)]
+pub struct MigrationStats {
+    storage: Arc<dyn Storage>,
+    recorder: Arc<AuthRecorder>,
+    modes: AuthModes,
+}
+
+/// Default and maximum look-back for cutover readiness.
+const DEFAULT_READINESS_DAYS: u32 = 30;
+const MAX_READINESS_DAYS: u32 = 365;
+
+impl MigrationStats {
+    pub fn new(storage: Arc<dyn Storage>, recorder: Arc<AuthRecorder>, modes: AuthModes) -> Self {
+        Self {
+            storage,
+            recorder,
+            modes,
+        }
+    }
+
+    /// Writes this replica's pending figures; on failure they are kept for the next try.
+    pub async fn flush(&self) -> Result<(), DomainError> {
+        let pending = self.recorder.take();
+        if pending.counts.is_empty() && pending.activity.is_empty() {
+            return Ok(());
+        }
+        if let Err(err) = self.storage.flush_auth_stats(&pending).await {
+            self.recorder.restore(pending);
+            return Err(err.into());
+        }
+        Ok(())
+    }
+
+    /// Flushes every `every` until `stop` flips, and once more at the end.
+    pub async fn run_flusher(self, every: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.changed() => {
+                    let _ = self.flush().await;
+                    return;
+                }
+            }
+            if let Err(err) = self.flush().await {
+                tracing::warn!(error = %err, "cannot flush auth figures; keeping them for the next try");
+            }
+        }
+    }
+
+    pub fn check_readiness_days(days: u32) -> Result<u32, DomainError> {
+        match days {
+            0 => Ok(DEFAULT_READINESS_DAYS),
+            d if d <= MAX_READINESS_DAYS => Ok(d),
+            _ => Err(DomainError::invalid(
+                "readiness_days",
+                format!("must be at most {MAX_READINESS_DAYS}"),
+            )),
+        }
+    }
+
+    pub async fn snapshot(
+        &self,
+        caller: &Caller,
+        window: Window,
+        readiness_days: u32,
+    ) -> Result<StatsSnapshot, DomainError> {
+        caller.require_any(&Scope::ALL)?;
+        let readiness_days = Self::check_readiness_days(readiness_days)?;
+        // This replica's own figures are exact; other replicas' lag by one flush interval.
+        if let Err(err) = self.flush().await {
+            tracing::warn!(error = %err, "cannot flush auth figures before reading stats");
+        }
+        let now = Utc::now();
+        let since_bucket = window.seconds().map(|s| {
+            let start = now.timestamp() - s;
+            start - start.rem_euclid(60)
+        });
+        let since_day = now.timestamp().div_euclid(86_400) - i64::from(readiness_days) + 1;
+        let (users, totals, invitations, bulk_job, readiness) = tokio::try_join!(
+            self.storage.user_counts(),
+            self.storage.auth_totals(since_bucket),
+            self.storage.invitation_counts(now),
+            self.storage.latest_bulk_job(),
+            self.storage.readiness(since_day),
+        )?;
+
+        let mut methods: Vec<MethodFigures> = Vec::new();
+        for (method, outcome, count) in totals.counts {
+            let figures = match methods.iter_mut().find(|m| m.method == method) {
+                Some(existing) => existing,
+                None => {
+                    methods.push(MethodFigures {
+                        method: method.clone(),
+                        ..Default::default()
+                    });
+                    methods.last_mut().unwrap_or_else(|| unreachable!("just pushed"))
+                }
+            };
+            figures.attempts += count;
+            match outcome.as_str() {
+                "success" => figures.successes += count,
+                "error" => figures.errors += count,
+                _ => figures.rejections.push((outcome, count)),
+            }
+        }
+        for figures in &mut methods {
+            figures.rejections.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        }
+        methods.sort_by(|a, b| a.method.cmp(&b.method));
+        let attempts: i64 = methods.iter().map(|m| m.attempts).sum();
+        let successes: i64 = methods.iter().map(|m| m.successes).sum();
+        let errors: i64 = methods.iter().map(|m| m.errors).sum();
+        let rate = |n: i64| if attempts > 0 { n as f64 / attempts as f64 } else { 0.0 };
+        let pct = |q| {
+            percentile(&totals.latency, q)
+                .map(|v| v.min(LATENCY_BOUNDS_US[LATENCY_BOUNDS_US.len() - 2]))
+                .unwrap_or(0)
+        };
+        Ok(StatsSnapshot {
+            at: now,
+            window,
+            users,
+            attempts,
+            successes,
+            rejections: attempts - successes - errors,
+            errors,
+            success_rate: rate(successes),
+            error_rate: rate(errors),
+            p50_us: pct(0.5),
+            p95_us: pct(0.95),
+            p99_us: pct(0.99),
+            methods,
+            invitations,
+            bulk_job,
+            readiness_days,
+            readiness,
+            auth_mode: self.modes.current(),
+        })
+    }
+}
