@@ -87,7 +87,13 @@ pub async fn run(cli: Cli) -> ExitCode {
             return ExitCode::from(78); // EX_CONFIG
         }
     };
-    telemetry::init_logging(config.log_format, &config.log_level);
+    let _telemetry = match telemetry::init(config.log_format, &config.log_level) {
+        Ok(guard) => guard,
+        Err(err) => {
+            eprintln!("configuration error: {err}");
+            return ExitCode::from(78);
+        }
+    };
     let result = match cli.command {
         Command::Serve => serve(config).await,
         Command::Migrate => migrate(config).await,

@@ -53,7 +53,8 @@ pub async fn serve(addr: SocketAddr, mut stop: watch::Receiver<bool>) -> std::io
     Ok(bound)
 }
 
-/// Counts gRPC requests and their latency by service, method and status code.
+/// Counts gRPC requests and their latency by service, method and status
+/// code, and runs each in a span that continues the caller's trace.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GrpcMetricsLayer;
 
@@ -84,9 +85,12 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        use tracing::Instrument;
         let path = request.uri().path().to_owned();
         let started = Instant::now();
+        let span = crate::telemetry::rpc_span(&path, request.headers());
         let future = self.inner.call(request);
+        let record_span = span.clone();
         Box::pin(async move {
             let response = future.await?;
             let mut parts = path.trim_start_matches('/').splitn(2, '/');
@@ -101,11 +105,13 @@ where
                 .and_then(|v| v.parse::<i32>().ok())
                 .map(|c| format!("{:?}", tonic::Code::from_i32(c)))
                 .unwrap_or_else(|| "Ok".to_owned());
+            record_span.record("rpc.grpc.status_code", code.as_str());
             ::metrics::counter!("identity_grpc_requests_total", "service" => service.clone(), "method" => method.clone(), "code" => code)
                 .increment(1);
             ::metrics::histogram!("identity_grpc_request_duration_seconds", "service" => service, "method" => method)
                 .record(started.elapsed().as_secs_f64());
             Ok(response)
-        })
+        }
+        .instrument(span))
     }
 }

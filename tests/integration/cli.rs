@@ -254,3 +254,63 @@ async fn generated_api_key_admits_its_caller() {
         .unwrap();
     assert!(!bad.status.success());
 }
+
+#[tokio::test]
+async fn json_logs_carry_the_callers_trace_id() {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut child = command(&db.url)
+        .arg("serve")
+        .env("IDENTITY_LISTEN_ADDR", &addr)
+        .env("IDENTITY_LOG_FORMAT", "json")
+        .env("IDENTITY_METRICS_ADDR", "off")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(wait_serving(&addr).await);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = identity::pb::migration_service_client::MigrationServiceClient::new(channel);
+    let mut request = tonic::Request::new(identity::pb::SetAuthModeRequest {
+        mode: identity::pb::AuthMode::ClerkOnly as i32,
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            .parse()
+            .unwrap(),
+    );
+    client.set_auth_mode(request).await.unwrap();
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let output = tokio::task::spawn_blocking(move || {
+        child.wait().unwrap();
+        let mut text = String::new();
+        use std::io::Read;
+        child.stdout.take().unwrap().read_to_string(&mut text).unwrap();
+        text
+    })
+    .await
+    .unwrap();
+    let line = output
+        .lines()
+        .find(|l| l.contains("auth mode changed"))
+        .unwrap_or_else(|| panic!("no log line for the change in:\n{output}"));
+    let json: serde_json::Value = serde_json::from_str(line).expect("JSON log line");
+    let spans = json["spans"].as_array().expect("span list");
+    assert!(
+        spans
+            .iter()
+            .any(|s| s["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"),
+        "{line}"
+    );
+    assert!(
+        output
+            .lines()
+            .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()),
+        "every line is JSON"
+    );
+}

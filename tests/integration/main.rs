@@ -14,6 +14,7 @@ mod invitations;
 mod metrics_api;
 mod postgres_schema;
 mod storage_conformance;
+mod tracing_api;
 mod users_api;
 mod verify_clerk;
 mod verify_legacy;
