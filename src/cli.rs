@@ -41,6 +41,16 @@ pub enum Command {
         #[arg(long, value_enum)]
         format: Option<FormatArg>,
     },
+    /// Mint a legacy JWT for a user with the configured IDENTITY_LEGACY_JWT_SECRET
+    /// (development and debugging: the application's login normally issues them).
+    LegacyToken {
+        /// The user id (UUID) the token speaks for.
+        #[arg(long)]
+        user: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
     /// Generate an API key and print the configuration line that admits it.
     GenApiKey {
         /// A name for the caller, recorded in the audit log.
@@ -98,6 +108,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Serve => serve(config).await,
         Command::Migrate => migrate(config).await,
         Command::ImportUsers { file, format } => import_users(config, file, format).await,
+        Command::LegacyToken { user, ttl } => legacy_token(&config, &user, ttl),
         Command::GenApiKey { .. } => Ok(ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|message| {
@@ -173,6 +184,36 @@ async fn import_users(config: Config, file: PathBuf, format: Option<FormatArg>) 
     } else {
         ExitCode::from(2)
     })
+}
+
+fn legacy_token(config: &Config, user: &str, ttl: u64) -> Result<ExitCode, String> {
+    let legacy = config
+        .verification
+        .legacy
+        .as_ref()
+        .ok_or("IDENTITY_LEGACY_JWT_SECRET (or JWT_SECRET) is not set")?;
+    let user = crate::domain::UserId::parse("--user", user).map_err(|e| e.to_string())?;
+    let now = chrono::Utc::now().timestamp();
+    let mut claims = serde_json::json!({
+        "sub": user.to_string(),
+        "iat": now,
+        "exp": now.saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX / 2)),
+        "jti": uuid::Uuid::new_v4().to_string(),
+    });
+    if let Some(issuer) = &legacy.issuer {
+        claims["iss"] = issuer.clone().into();
+    }
+    if let Some(audience) = &legacy.audience {
+        claims["aud"] = audience.clone().into();
+    }
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(legacy.algorithm),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(legacy.secret.expose_secret().as_bytes()),
+    )
+    .map_err(|e| format!("cannot sign: {e}"))?;
+    println!("{token}");
+    Ok(ExitCode::SUCCESS)
 }
 
 fn gen_api_key(name: &str, scopes: &[ScopeArg]) -> ExitCode {

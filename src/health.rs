@@ -40,6 +40,9 @@ pub(crate) async fn watch_database(
 ) {
     let mut healthy: Option<bool> = None;
     loop {
+        let (open, idle) = storage.pool_status();
+        ::metrics::gauge!("identity_db_pool_connections", "state" => "open").set(f64::from(open));
+        ::metrics::gauge!("identity_db_pool_connections", "state" => "idle").set(f64::from(idle));
         let ok = match tokio::time::timeout(interval.max(Duration::from_secs(1)), storage.ping()).await {
             Ok(Ok(())) => true,
             Ok(Err(err)) => {

@@ -89,6 +89,8 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
 
 /// Like [`start`], with storage that is already open.
 pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Result<RunningServer, StartError> {
+    // Installs the recorder first, so every figure from here on is exported.
+    let exporting = prometheus::handle().is_some();
     for name in &config.unknown_variables {
         tracing::warn!(variable = %name, "ignoring unknown configuration variable");
     }
@@ -145,8 +147,6 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
     tokio::spawn(OutboxWorker::new(storage.clone(), mailer, config.mail.clone()).run(stop_rx.clone()));
     tokio::spawn(shrink_rate_limits(invitations.clone(), stop_rx.clone()));
     tokio::spawn(stats.clone().run_flusher(config.stats_flush, stop_rx.clone()));
-    // Installs the recorder so every counter from here on is exported.
-    let exporting = prometheus::handle().is_some();
     let metrics_addr = match config.metrics_addr {
         Some(addr) if exporting => Some(
             prometheus::serve(addr, stop_rx.clone())
@@ -168,14 +168,8 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
         stop_rx.clone(),
     );
 
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let interceptor = ApiKeyInterceptor::new(Arc::new(config.api_keys.clone()));
     let limit = config.max_request_bytes;
@@ -268,6 +262,17 @@ async fn refresh_auth_mode(modes: AuthModes, every: Duration, mut stop: watch::R
             Err(err) => tracing::warn!(error = %err, "cannot refresh the auth mode; keeping the last known one"),
         }
     }
+}
+
+/// Server reflection describing every service, both reflection versions
+/// included, so `grpcurl list` shows them whichever version it speaks.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .include_reflection_service(false)
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
 }
 
 /// Resolves on SIGTERM or SIGINT.

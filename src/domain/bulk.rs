@@ -504,6 +504,24 @@ impl Runner {
         let remaining = (self.progress.total - self.progress.counters.processed).max(0) as f64;
         self.progress.eta_seconds = (self.progress.rate > 0.0).then(|| (remaining / self.progress.rate).ceil() as i64);
         self.progress.message = message;
+        if !self.progress.dry_run {
+            let c = &self.progress.counters;
+            for (name, value) in [
+                ("total", self.progress.total),
+                ("processed", c.processed),
+                ("created", c.created),
+                ("linked_existing", c.linked_existing),
+                ("skipped", c.skipped),
+                ("failed", c.failed),
+            ] {
+                ::metrics::gauge!("identity_bulk_job_users", "count" => name).set(value as f64);
+            }
+            ::metrics::gauge!("identity_bulk_job_running").set(if self.progress.state == BulkJobState::Running {
+                1.0
+            } else {
+                0.0
+            });
+        }
         self.tx.send_replace(self.progress.clone());
     }
 

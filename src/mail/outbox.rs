@@ -90,10 +90,20 @@ impl OutboxWorker {
         batch.len()
     }
 
+    /// Publishes the outbox depth for Prometheus.
+    async fn report_depth(&self) {
+        if let Ok(counts) = self.storage.outbox_counts().await {
+            ::metrics::gauge!("identity_outbox_messages", "state" => "pending").set(counts.pending as f64);
+            ::metrics::gauge!("identity_outbox_messages", "state" => "sent").set(counts.sent as f64);
+            ::metrics::gauge!("identity_outbox_messages", "state" => "failed").set(counts.failed as f64);
+        }
+    }
+
     /// Polls until `stop` flips.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         loop {
             let handled = self.run_once().await;
+            self.report_depth().await;
             if handled as u32 >= BATCH {
                 continue;
             }

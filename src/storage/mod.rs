@@ -306,6 +306,9 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Cheap round trip, for health checks.
     async fn ping(&self) -> StorageResult<()>;
 
+    /// Connections in the pool: (open, idle), for metrics.
+    fn pool_status(&self) -> (u32, u32);
+
     async fn find_user(&self, key: &UserKey) -> StorageResult<Option<UserRecord>>;
 
     /// Inserts a legacy user; [`Conflict::UserExists`] when the id or email is taken.

@@ -262,6 +262,13 @@ impl SqliteStorage {
 
 #[async_trait]
 impl Storage for SqliteStorage {
+    fn pool_status(&self) -> (u32, u32) {
+        (
+            self.pool.size(),
+            u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX),
+        )
+    }
+
     async fn ping(&self) -> StorageResult<()> {
         sqlx::query("SELECT 1")
             .execute(&self.pool)

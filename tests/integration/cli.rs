@@ -314,3 +314,36 @@ async fn json_logs_carry_the_callers_trace_id() {
         "every line is JSON"
     );
 }
+
+#[tokio::test]
+async fn legacy_token_command_mints_a_verifiable_token() {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    let user = uuid::Uuid::new_v4().to_string();
+    let output = command(&db.url)
+        .args(["legacy-token", "--user", &user, "--ttl", "600"])
+        .env("JWT_SECRET", "s3cret-for-test")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let token = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.set_required_spec_claims(&["exp", "sub"]);
+    let data = jsonwebtoken::decode::<serde_json::Value>(
+        &token,
+        &jsonwebtoken::DecodingKey::from_secret(b"s3cret-for-test"),
+        &validation,
+    )
+    .unwrap();
+    assert_eq!(data.claims["sub"], user.as_str());
+    let refused = command(&db.url)
+        .args(["legacy-token", "--user", &user])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "no secret, no token");
+    let bad = command(&db.url)
+        .args(["legacy-token", "--user", "x"])
+        .env("JWT_SECRET", "s")
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+}

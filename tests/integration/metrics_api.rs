@@ -248,13 +248,23 @@ async fn prometheus_endpoint_exposes_the_service(db: TestDb) {
     let url = format!("http://{}/metrics", app.metrics_addr.expect("metrics served"));
     let response = reqwest::get(&url).await.unwrap();
     assert_eq!(response.status(), 200);
-    let body = response.text().await.unwrap();
+    let mut body = response.text().await.unwrap();
+    // Gauges are refreshed by background loops (every second in tests).
+    for _ in 0..30 {
+        if body.contains("identity_db_pool_connections") && body.contains("identity_outbox_messages") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        body = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    }
     for needle in [
         "identity_grpc_requests_total{service=\"identity.v1.IdentityService\",method=\"VerifyToken\",code=\"Ok\"}",
         "identity_verifications_total{method=\"legacy_jwt\",outcome=\"success\"}",
         "identity_verification_duration_seconds_bucket",
         "identity_token_cache_requests_total",
         "identity_grpc_request_duration_seconds_bucket",
+        "identity_db_pool_connections{state=\"open\"}",
+        "identity_outbox_messages{state=\"pending\"}",
     ] {
         assert!(body.contains(needle), "{needle} missing from:\n{body}");
     }
