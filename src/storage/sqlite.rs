@@ -77,6 +77,14 @@ fn mapping_from_row(row: &SqliteRow) -> StorageResult<MappingRecord> {
     })
 }
 
+fn setting_from_row(row: &SqliteRow) -> StorageResult<SettingRecord> {
+    Ok(SettingRecord {
+        value: row.try_get("value").map_err(db_err)?,
+        updated_at: from_micros(row.try_get("updated_at").map_err(db_err)?)?,
+        updated_by: row.try_get("updated_by").map_err(db_err)?,
+    })
+}
+
 fn audit_from_row(row: &SqliteRow) -> StorageResult<AuditRecord> {
     let user_id: Option<String> = row.try_get("user_id").map_err(db_err)?;
     let outcome: String = row.try_get("outcome").map_err(db_err)?;
@@ -1035,14 +1043,7 @@ impl Storage for SqliteStorage {
             .fetch_optional(&self.pool)
             .await
             .map_err(db_err)?;
-        row.map(|row| {
-            Ok(SettingRecord {
-                value: row.try_get("value").map_err(db_err)?,
-                updated_at: from_micros(row.try_get("updated_at").map_err(db_err)?)?,
-                updated_by: row.try_get("updated_by").map_err(db_err)?,
-            })
-        })
-        .transpose()
+        row.as_ref().map(setting_from_row).transpose()
     }
 
     async fn put_setting(&self, key: &str, value: &str, audit: &NewAuditEvent) -> StorageResult<Option<SettingRecord>> {
@@ -1052,13 +1053,8 @@ impl Storage for SqliteStorage {
             .fetch_optional(&mut *tx)
             .await
             .map_err(db_err)?
-            .map(|row| {
-                Ok::<_, StorageError>(SettingRecord {
-                    value: row.try_get("value").map_err(db_err)?,
-                    updated_at: from_micros(row.try_get("updated_at").map_err(db_err)?)?,
-                    updated_by: row.try_get("updated_by").map_err(db_err)?,
-                })
-            })
+            .as_ref()
+            .map(setting_from_row)
             .transpose()?;
         sqlx::query(
             "INSERT INTO identity_settings (key, value, updated_at, updated_by) VALUES (?, ?, ?, ?)

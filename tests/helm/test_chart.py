@@ -8,11 +8,13 @@
   OpenAPI schemas (PyPI `kubernetes-validate`); the Prometheus Operator's
   ServiceMonitor (a CRD, no schema there) is checked by hand;
 * the environment the chart sets only uses variables the binary knows
-  (KNOWN_VARIABLES / SECRET_VARIABLES in src/config.rs), and reaches all of them;
+  (KNOWN_VARIABLES / SECRET_VARIABLES in src/config.rs, and the standard
+  OpenTelemetry variables in OTEL_VARIABLES), and reaches all of them;
 * the real binary, started with exactly the rendered configuration (ConfigMap
   and Secret values resolved, test values for external secrets, a fresh SQLite
-  database) runs the migration Job's command and then serves, SERVING on
-  every probe's health service, and exits 0 on SIGTERM.
+  database, free ports, a fake OTLP collector) runs the migration Job's
+  command and then serves, SERVING on every probe's health service, serves
+  /metrics, exports a trace when tracing is on, and exits 0 on SIGTERM.
 
 Run: pip install -r tests/helm/requirements.txt && python3 tests/helm/test_chart.py
 Environment: IDENTITY_BIN (default target/debug/identity); without the binary
@@ -33,8 +35,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
+import urllib.request
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +105,17 @@ def rust_string_array(source: str, name: str) -> list[str]:
 CONFIG_SOURCE = CONFIG_RS.read_text(encoding="utf-8")
 KNOWN_VARIABLES = set(rust_string_array(CONFIG_SOURCE, "KNOWN_VARIABLES"))
 SECRET_VARIABLES = set(rust_string_array(CONFIG_SOURCE, "SECRET_VARIABLES"))
+# Standard OpenTelemetry variables the binary's OTLP exporter and SDK read
+# (src/telemetry.rs), the only names outside KNOWN_VARIABLES the chart may set.
+OTEL_VARIABLES = {
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_HEADERS",
+    "OTEL_SERVICE_NAME",
+    "OTEL_SDK_DISABLED",
+    "OTEL_TRACES_SAMPLER",
+    "OTEL_TRACES_SAMPLER_ARG",
+}
 
 
 class Rendered:
@@ -283,6 +299,8 @@ class ChartTest(unittest.TestCase):
             self.assertTrue(endpoint["path"].startswith("/"))
             for key in ("interval", "scrapeTimeout"):
                 self.assertRegex(endpoint[key], r"^[0-9]+(ms|s|m|h)$")
+        self.assertEqual([e["port"] for e in spec["endpoints"]], ["metrics"])
+        self.assertEqual([e["path"] for e in spec["endpoints"]], ["/metrics"])
         # off by default
         self.assertEqual([], rendered("defaults+required", REQUIRED).all("ServiceMonitor"))
 
@@ -409,16 +427,85 @@ class ChartTest(unittest.TestCase):
         self.assertEqual(smtp_ports({"networkPolicy": {"egress": {"smtp": {"enabled": True, "ports": [25]}}}}), [25])
         self.assertEqual(smtp_ports({"secrets": {"smtpUrl": "smtp://mail.example.com:587"},
                                      "networkPolicy": {"egress": {"smtp": {"enabled": False}}}}), [])
-        # default (same-namespace) callers
+        # default (same-namespace) callers; metrics (on by default) from the monitoring namespace
         default = Rendered(deep_merge(REQUIRED, {"networkPolicy": {"enabled": True}}))
         rule = default.one("NetworkPolicy")["spec"]["ingress"][0]
         self.assertEqual(list(rule["from"][0]), ["podSelector"])
-        self.assertEqual(len(default.one("NetworkPolicy")["spec"]["ingress"]), 1, "no metrics rule without metrics")
+        self.assertEqual([p["port"] for r in default.one("NetworkPolicy")["spec"]["ingress"] for p in r["ports"]], ["grpc", "metrics"])
+        no_metrics = Rendered(deep_merge(REQUIRED, {"networkPolicy": {"enabled": True}, "metrics": {"enabled": False}}))
+        self.assertEqual(len(no_metrics.one("NetworkPolicy")["spec"]["ingress"]), 1, "no metrics rule without metrics")
+        # OTLP egress follows tracing unless set explicitly
+        def otlp_rules(override: dict[str, Any]) -> list[dict[str, Any]]:
+            render = Rendered(deep_merge(REQUIRED, deep_merge({"networkPolicy": {"enabled": True}}, override)))
+            rules = render.one("NetworkPolicy")["spec"]["egress"]
+            return [rule for rule in rules if any(p["port"] in (4317, 4320) for p in rule["ports"])]
+        tracing = {"tracing": {"enabled": True, "endpoint": "http://otel-collector.observability.svc:4317"}}
+        self.assertEqual(otlp_rules({}), [], "no tracing: no OTLP")
+        self.assertEqual(otlp_rules(tracing), [{"ports": [{"port": 4317, "protocol": "TCP"}]}])
+        peer = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}}}]
+        self.assertEqual(
+            otlp_rules(deep_merge(tracing, {"networkPolicy": {"egress": {"otlp": {"ports": [4320], "to": peer}}}})),
+            [{"ports": [{"port": 4320, "protocol": "TCP"}], "to": peer}],
+        )
+        self.assertEqual(otlp_rules(deep_merge(tracing, {"networkPolicy": {"egress": {"otlp": {"enabled": False}}}})), [])
+        self.assertEqual(len(otlp_rules({"networkPolicy": {"egress": {"otlp": {"enabled": True}}}})), 1)
+
+    def test_metrics_and_tracing_wiring(self):
+        def wiring(render: Rendered) -> tuple[dict[str, str], dict[str, int], dict[str, Any], dict[str, Any]]:
+            container = render.one("Deployment")["spec"]["template"]["spec"]["containers"][0]
+            ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+            service = {p["name"]: p for p in render.one("Service")["spec"]["ports"]}
+            env = {e["name"]: e for e in container["env"]}
+            return render.one("ConfigMap")["data"], ports, service, env
+
+        # defaults: metrics on, on all interfaces, port 9464 on the pod and the Service; no traces
+        config, ports, service, env = wiring(rendered("defaults+required", REQUIRED))
+        self.assertEqual(config["IDENTITY_METRICS_ADDR"], "0.0.0.0:9464")
+        self.assertEqual(ports["metrics"], 9464)
+        self.assertEqual((service["metrics"]["port"], service["metrics"]["targetPort"]), (9464, "metrics"))
+        self.assertFalse({k for k in [*config, *env] if k.startswith("OTEL_")}, "tracing is off by default")
+        self.assertNotIn("IDENTITY_STATS_FLUSH_SECONDS", config, "null: the binary's default")
+        # IPv6 bind: the metrics listener follows config.listenHost
+        config, _, _, _ = wiring(rendered("secret-files.yaml", load_values("secret-files.yaml")))
+        self.assertEqual(config["IDENTITY_METRICS_ADDR"], "[::]:9464")
+        # metrics off: the binary's loopback default is switched off too
+        config, ports, service, _ = wiring(Rendered(deep_merge(REQUIRED, {"metrics": {"enabled": False}})))
+        self.assertEqual(config["IDENTITY_METRICS_ADDR"], "off")
+        self.assertNotIn("metrics", ports)
+        self.assertNotIn("metrics", service)
+        # full.yaml: every tracing setting
+        render = rendered("full.yaml", load_values("full.yaml"))
+        config, ports, service, env = wiring(render)
+        self.assertEqual(config["IDENTITY_METRICS_ADDR"], "0.0.0.0:9465")
+        self.assertEqual((ports["metrics"], service["metrics"]["port"]), (9465, 9465))
+        self.assertEqual(config["IDENTITY_STATS_FLUSH_SECONDS"], "15")
+        self.assertEqual(
+            {k: v for k, v in config.items() if k.startswith("OTEL_")},
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317",
+                "OTEL_SERVICE_NAME": "identity-full",
+                "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                "OTEL_TRACES_SAMPLER_ARG": "0.25",
+            },
+        )
+        self.assertEqual(
+            env["OTEL_EXPORTER_OTLP_HEADERS"]["valueFrom"]["secretKeyRef"],
+            {"name": "otel-credentials", "key": "otlp-headers"},
+        )
+        for job in render.jobs():
+            names = {e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+            self.assertFalse({n for n in names if n.startswith("OTEL_") or n == "IDENTITY_METRICS_ADDR"},
+                             "the migration Job neither serves metrics nor exports traces")
+        # minimal tracing: endpoint and service name only
+        config, _, _, env = wiring(Rendered(deep_merge(REQUIRED, {"tracing": {"enabled": True, "endpoint": "http://otel:4317"}})))
+        self.assertEqual({k for k in config if k.startswith("OTEL_")}, {"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SERVICE_NAME"})
+        self.assertEqual(config["OTEL_SERVICE_NAME"], "identity")
+        self.assertNotIn("OTEL_EXPORTER_OTLP_HEADERS", env)
 
     # --- the binary's configuration contract ------------------------------
 
     def test_env_names_are_known_to_the_binary(self):
-        allowed = KNOWN_VARIABLES | {f"{name}_FILE" for name in SECRET_VARIABLES}
+        allowed = KNOWN_VARIABLES | {f"{name}_FILE" for name in SECRET_VARIABLES} | OTEL_VARIABLES
         for label, values in value_sets():
             render = rendered(label, values)
             for workload in render.workloads():
@@ -426,7 +513,7 @@ class ChartTest(unittest.TestCase):
                     names = container_env_names(render, workload)
                     self.assertTrue(names)
                     unknown = sorted(names - allowed)
-                    self.assertEqual(unknown, [], f"not in KNOWN_VARIABLES of src/config.rs (nor <SECRET>_FILE)")
+                    self.assertEqual(unknown, [], "not in KNOWN_VARIABLES of src/config.rs (nor <SECRET>_FILE, nor OTEL_VARIABLES)")
 
     def test_every_known_variable_is_reachable_from_values(self):
         reached: set[str] = set()
@@ -551,6 +638,14 @@ class ChartTest(unittest.TestCase):
         ("Clerk request rate at most 100", {"config": {"bulk": {"clerkRequestsPerSecond": 150}}}, "/config/bulk/clerkRequestsPerSecond"),
         ("bulk lease range", {"config": {"bulk": {"leaseSeconds": 1}}}, "/config/bulk/leaseSeconds"),
         ("SMTP egress needs ports", {"networkPolicy": {"egress": {"smtp": {"ports": []}}}}, "/networkPolicy/egress/smtp/ports"),
+        ("stats flush range", {"config": {"statsFlushSeconds": 301}}, "/config/statsFlushSeconds"),
+        ("metrics port range", {"metrics": {"port": 0}}, "/metrics/port"),
+        ("OTLP endpoint without a scheme", {"tracing": {"enabled": True, "endpoint": "otel.example.com:4317"}}, "/tracing/endpoint"),
+        ("OTLP endpoint without scheme", {"tracing": {"enabled": True, "endpoint": "otel:4317"}}, "/tracing/endpoint"),
+        ("trace sampler", {"tracing": {"sampler": {"type": "sometimes"}}}, "/tracing/sampler/type"),
+        ("trace sampler ratio", {"tracing": {"sampler": {"arg": 1.5}}}, "/tracing/sampler/arg"),
+        ("unknown tracing value", {"tracing": {"protocol": "http/protobuf"}}, "protocol"),
+        ("OTLP egress needs ports", {"networkPolicy": {"egress": {"otlp": {"ports": []}}}}, "/networkPolicy/egress/otlp/ports"),
     ]
 
     TEMPLATE_RULES = [
@@ -560,7 +655,13 @@ class ChartTest(unittest.TestCase):
         ("grace too short", {"terminationGracePeriodSeconds": 20}, "must exceed"),
         ("secret in ConfigMap", {"env": {"IDENTITY_API_KEYS": "x"}}, "env.IDENTITY_API_KEYS"),
         ("secret file in ConfigMap", {"env": {"IDENTITY_DATABASE_URL_FILE": "/x"}}, "env.IDENTITY_DATABASE_URL_FILE"),
-        ("ServiceMonitor without metrics", {"metrics": {"serviceMonitor": {"enabled": True}}}, "needs metrics.enabled"),
+        ("ServiceMonitor without metrics", {"metrics": {"enabled": False, "serviceMonitor": {"enabled": True}}}, "needs metrics.enabled"),
+        ("metrics on the gRPC port", {"metrics": {"port": 50051}}, "must differ from config.port"),
+        ("tracing without an endpoint", {"tracing": {"enabled": True}}, "needs tracing.endpoint"),
+        ("ratio sampler without a ratio",
+         {"tracing": {"enabled": True, "endpoint": "http://otel:4317", "sampler": {"type": "traceidratio"}}},
+         "needs tracing.sampler.arg"),
+        ("trace headers without the key", {"tracing": {"headers": {"secretName": "otel"}}}, "needs both secretName and secretKey"),
         ("HPA bounds", {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}, "minReplicas"),
         ("link_by_email needs the secret key", {"config": {"clerk": {"unmappedUser": "link_by_email", "issuer": "https://c.example.com"}}}, "needs secrets.clerkSecretKey"),
         ("HPA target", {"autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": None}}, "autoscaling needs"),
@@ -606,7 +707,8 @@ class ChartTest(unittest.TestCase):
             if os.environ.get("CI") == "true":
                 self.fail(message)
             self.skipTest(message)
-        for label, values in value_sets():
+        sets = value_sets() + [("metrics-off", deep_merge(REQUIRED, {"metrics": {"enabled": False}}))]
+        for label, values in sets:
             with self.subTest(values=label):
                 BinaryRun(self, binary, rendered(label, values)).run()
 
@@ -639,6 +741,11 @@ class BinaryRun:
             }
             keys = render.merged["secrets"]["keys"]
             self.external[existing] = {keys[name]: value for name, value in test_values.items() if keys.get(name)}
+        # The OTLP headers Secret (tracing.headers) is always the user's.
+        self.otlp_header = ("x-chart-test", secrets.token_hex(8))
+        headers = render.merged["tracing"]["headers"]
+        if render.merged["tracing"]["enabled"] and headers["secretName"]:
+            self.external.setdefault(headers["secretName"], {})[headers["secretKey"]] = "=".join(self.otlp_header)
 
     def secret_data(self, name: str) -> dict[str, str]:
         doc = self.render.find("Secret", name)
@@ -739,6 +846,23 @@ class BinaryRun:
         bind_host = host.strip("[]")
         port = free_port(bind_host)
         env["IDENTITY_LISTEN_ADDR"] = f"{host}:{port}"
+        # The metrics listener too gets a free port (the rendered one may be taken on this machine).
+        ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+        metrics_target = None
+        if env.get("IDENTITY_METRICS_ADDR", "off") != "off":
+            metrics_host, _, metrics_port = env["IDENTITY_METRICS_ADDR"].rpartition(":")
+            self.test.assertEqual(str(ports.get("metrics")), metrics_port, "the metrics container port is the listener's")
+            free = free_port(metrics_host.strip("[]"))
+            env["IDENTITY_METRICS_ADDR"] = f"{metrics_host}:{free}"
+            metrics_target = f"{'[::1]' if ':' in metrics_host.strip('[]') else '127.0.0.1'}:{free}"
+        else:
+            self.test.assertNotIn("metrics", ports, "a metrics port without a listener")
+        # Trace export goes to a fake collector instead of the rendered endpoint.
+        collector = None
+        if env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+            self.test.assertRegex(env["OTEL_EXPORTER_OTLP_ENDPOINT"], r"^http://", "the binary has no TLS for OTLP")
+            collector = FakeCollector()
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = collector.endpoint
         probes = {name: container[name] for name in ("startupProbe", "readinessProbe", "livenessProbe") if name in container}
         for name, probe in probes.items():
             self.test.assertEqual(str(probe["grpc"]["port"]), rendered_port, f"{name} checks the listen port")
@@ -755,6 +879,9 @@ class BinaryRun:
             )
             try:
                 self.wait_serving(process, f"{connect}:{port}", services, log_path)
+                if metrics_target:
+                    self.check_metrics(metrics_target)
+                trace_id = self.traced_call(f"{connect}:{port}") if collector else None
                 process.send_signal(signal.SIGTERM)
                 grace = int(env.get("IDENTITY_SHUTDOWN_GRACE_SECONDS", "20"))
                 try:
@@ -766,6 +893,10 @@ class BinaryRun:
                 if process.poll() is None:
                     process.kill()
                     process.wait()
+                if collector:
+                    collector.stop()
+        if collector:
+            self.check_trace(collector, trace_id, env)
         self.check_logs(log_path.read_text(encoding="utf-8"), env)
         self.check_database_used()
         if env.get("IDENTITY_MAIL_TRANSPORT") == "file":
@@ -793,6 +924,37 @@ class BinaryRun:
                 time.sleep(0.2)
         self.test.fail(f"not SERVING on {target} for {services} within 20 s ({last}):\n{log_path.read_text()}")
 
+    def check_metrics(self, target: str) -> None:
+        """The Prometheus endpoint the ServiceMonitor scrapes answers with the text format."""
+        with urllib.request.urlopen(f"http://{target}/metrics", timeout=5) as response:
+            body = response.read().decode()
+            self.test.assertEqual(response.status, 200)
+            self.test.assertTrue(response.headers["Content-Type"].startswith("text/plain"), response.headers["Content-Type"])
+        self.test.assertIn("# TYPE identity_", body, "no identity metrics on /metrics")
+
+    def traced_call(self, target: str) -> str:
+        """One health check in a sampled W3C trace (kept by every parent-based sampler); returns its trace id."""
+        trace_id = secrets.token_hex(16)
+        with grpc.insecure_channel(target) as channel:
+            health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=2,
+                metadata=[("traceparent", f"00-{trace_id}-{secrets.token_hex(8)}-01")],
+            )
+        return trace_id
+
+    def check_trace(self, collector: "FakeCollector", trace_id: str | None, env: dict[str, str]) -> None:
+        """Spans flushed on shutdown reached the collector: service name, the caller's trace, the headers."""
+        self.test.assertTrue(collector.requests, "no trace export reached the collector")
+        body = b"".join(request for request, _ in collector.requests)
+        self.test.assertIn(env.get("OTEL_SERVICE_NAME", "identity").encode(), body, "service.name")
+        sampler = env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on")
+        if trace_id and sampler in ("always_on", "parentbased_always_on", "parentbased_traceidratio"):
+            self.test.assertIn(bytes.fromhex(trace_id), body, "the RPC span does not continue the caller's trace")
+        if "OTEL_EXPORTER_OTLP_HEADERS" in env:
+            name, value = self.otlp_header
+            self.test.assertTrue(all(metadata.get(name) == value for _, metadata in collector.requests),
+                                 "OTEL_EXPORTER_OTLP_HEADERS not sent")
+
     def check_logs(self, output: str, env: dict[str, str]) -> None:
         self.test.assertNotIn("unknown configuration variable", output)
         if env.get("IDENTITY_LOG_FORMAT") == "json":
@@ -801,6 +963,30 @@ class BinaryRun:
                     json.loads(line)
                 except ValueError:
                     self.test.fail(f"IDENTITY_LOG_FORMAT=json but a log line is not JSON: {line!r}")
+
+
+class FakeCollector:
+    """An OTLP/gRPC trace collector on a free loopback port, keeping each raw ExportTraceServiceRequest."""
+
+    SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[bytes, dict[str, str]]] = []
+        self.lock = threading.Lock()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        handler = grpc.unary_unary_rpc_method_handler(self.export)  # raw bytes in and out
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(self.SERVICE, {"Export": handler}),))
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.server.start()
+
+    def export(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        with self.lock:
+            self.requests.append((request, dict(context.invocation_metadata())))
+        return b""  # an empty ExportTraceServiceResponse: everything accepted
+
+    def stop(self) -> None:
+        self.server.stop(grace=None)
 
 
 def main() -> int:

@@ -155,6 +155,37 @@ the binary) smtp when the SMTP URL is wired, else log.
 {{- if contains ":" $host }}{{ printf "[%s]:%d" $host (int64 .Values.config.port) }}{{ else }}{{ printf "%s:%d" $host (int64 .Values.config.port) }}{{ end -}}
 {{- end }}
 
+{{/* Metrics listen address: config.listenHost (all interfaces) and metrics.port. */}}
+{{- define "identity.metricsAddr" -}}
+{{- $host := .Values.config.listenHost -}}
+{{- if contains ":" $host }}{{ printf "[%s]:%d" $host (int64 .Values.metrics.port) }}{{ else }}{{ printf "%s:%d" $host (int64 .Values.metrics.port) }}{{ end -}}
+{{- end }}
+
+{{/* Whether the NetworkPolicy allows OTLP: networkPolicy.egress.otlp.enabled, or with null tracing.enabled. */}}
+{{- define "identity.otlpEgress" -}}
+{{- $enabled := .Values.networkPolicy.egress.otlp.enabled }}
+{{- if kindIs "invalid" $enabled }}
+{{- ternary "true" "" (eq (toString .Values.tracing.enabled) "true") }}
+{{- else }}
+{{- ternary "true" "" $enabled }}
+{{- end }}
+{{- end }}
+
+{{/*
+Environment entry of OTEL_EXPORTER_OTLP_HEADERS from tracing.headers (a
+Secret key: the headers usually carry a collector's API key), or nothing.
+*/}}
+{{- define "identity.tracingEnv" -}}
+{{- $t := .Values.tracing }}
+{{- if and $t.enabled $t.headers.secretName }}
+- name: OTEL_EXPORTER_OTLP_HEADERS
+  valueFrom:
+    secretKeyRef:
+      name: {{ $t.headers.secretName | quote }}
+      key: {{ $t.headers.secretKey | quote }}
+{{- end }}
+{{- end }}
+
 {{/*
 Non-secret configuration as a YAML map NAME: "value" (the ConfigMap's data).
 `values.env` entries come last and win.
@@ -203,6 +234,7 @@ Non-secret configuration as a YAML map NAME: "value" (the ConfigMap's data).
   "IDENTITY_OUTBOX_MAX_ATTEMPTS" $c.mail.outbox.maxAttempts
   "IDENTITY_OUTBOX_RETRY_BASE_SECONDS" $c.mail.outbox.retryBaseSeconds
   "IDENTITY_BULK_LEASE_SECONDS" $c.bulk.leaseSeconds
+  "IDENTITY_STATS_FLUSH_SECONDS" $c.statsFlushSeconds
 -}}
 {{- range $k, $v := $optional }}
 {{- if kindIs "float64" $v }}
@@ -217,7 +249,24 @@ Non-secret configuration as a YAML map NAME: "value" (the ConfigMap's data).
 {{- if not (kindIs "invalid" $c.bulk.clerkRequestsPerSecond) }}
 {{- $_ := set $d "IDENTITY_CLERK_API_RATE" (toString $c.bulk.clerkRequestsPerSecond) }}
 {{- end }}
-{{- /* When the binary gains IDENTITY_METRICS_ADDR, set it here from .Values.metrics. */ -}}
+{{- /* Prometheus /metrics on its own port (the binary's default is loopback only), or off. */ -}}
+{{- if .Values.metrics.enabled }}
+{{- $_ := set $d "IDENTITY_METRICS_ADDR" (include "identity.metricsAddr" .) }}
+{{- else }}
+{{- $_ := set $d "IDENTITY_METRICS_ADDR" "off" }}
+{{- end }}
+{{- /* OpenTelemetry trace export (standard OTEL_* variables read by the SDK); nothing when off. */ -}}
+{{- $t := .Values.tracing }}
+{{- if $t.enabled }}
+{{- $_ := set $d "OTEL_EXPORTER_OTLP_ENDPOINT" (toString $t.endpoint | trim) }}
+{{- $_ := set $d "OTEL_SERVICE_NAME" (toString $t.serviceName) }}
+{{- with $t.sampler.type }}
+{{- $_ := set $d "OTEL_TRACES_SAMPLER" (toString .) }}
+{{- end }}
+{{- if not (kindIs "invalid" $t.sampler.arg) }}
+{{- $_ := set $d "OTEL_TRACES_SAMPLER_ARG" (toString $t.sampler.arg) }}
+{{- end }}
+{{- end }}
 {{- range $k, $v := .Values.env }}
 {{- if kindIs "float64" $v }}
 {{- $_ := set $d $k (printf "%d" (int64 $v)) }}
@@ -350,6 +399,21 @@ only the variables the migration Job needs), secretName.
 {{- end }}
 {{- if and $v.metrics.serviceMonitor.enabled (not $v.metrics.enabled) }}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.enabled" }}
+{{- end }}
+{{- if and $v.metrics.enabled (eq (int64 $v.metrics.port) (int64 $v.config.port)) }}
+{{- fail (printf "metrics.port (%d) must differ from config.port: the metrics endpoint has its own listener" (int64 $v.metrics.port)) }}
+{{- end }}
+{{- $t := $v.tracing }}
+{{- if $t.enabled }}
+{{- if not (toString $t.endpoint | trim) }}
+{{- fail "tracing.enabled needs tracing.endpoint, the OTLP/gRPC collector, e.g. http://otel-collector.observability.svc:4317" }}
+{{- end }}
+{{- if and (has (toString $t.sampler.type) (list "traceidratio" "parentbased_traceidratio")) (kindIs "invalid" $t.sampler.arg) }}
+{{- fail (printf "tracing.sampler.type %s needs tracing.sampler.arg, the sampled fraction 0-1" $t.sampler.type) }}
+{{- end }}
+{{- end }}
+{{- if ne (empty $t.headers.secretName) (empty $t.headers.secretKey) }}
+{{- fail "tracing.headers needs both secretName and secretKey (the Secret key holding OTEL_EXPORTER_OTLP_HEADERS, key=value,key=value)" }}
 {{- end }}
 {{- if $v.autoscaling.enabled }}
 {{- if gt (int64 $v.autoscaling.minReplicas) (int64 $v.autoscaling.maxReplicas) }}
