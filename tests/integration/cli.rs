@@ -26,10 +26,12 @@ fn free_port() -> u16 {
 
 fn command(db_url: &str) -> Command {
     let mut command = Command::new(BIN);
+    // Parallel tests must not race for the default metrics port.
     command
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("IDENTITY_DATABASE_URL", db_url);
+        .env("IDENTITY_DATABASE_URL", db_url)
+        .env("IDENTITY_METRICS_ADDR", "off");
     command
 }
 
@@ -263,7 +265,6 @@ async fn json_logs_carry_the_callers_trace_id() {
         .arg("serve")
         .env("IDENTITY_LISTEN_ADDR", &addr)
         .env("IDENTITY_LOG_FORMAT", "json")
-        .env("IDENTITY_METRICS_ADDR", "off")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
