@@ -494,7 +494,7 @@ impl Default for VerificationConfig {
             clerk: None,
             reject_legacy_after_migration: false,
             max_token_bytes: 8 * 1024,
-            token_cache_size: 100_000,
+            token_cache_size: 50_000,
             user_cache_ttl: Duration::from_secs(10),
             revocation_default_ttl: Duration::from_secs(30 * 24 * 3600),
         }

@@ -5,7 +5,6 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use secrecy::ExposeSecret;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic_health::ServingStatus;
 
@@ -206,14 +205,16 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
         .add_service(reflection_v1alpha)
         .add_service(InterceptedService::new(identity, interceptor.clone()))
         .add_service(InterceptedService::new(migration, interceptor));
-    let task = tokio::spawn(
-        router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+    let task = tokio::spawn(router.serve_with_incoming_shutdown(
+        // Small gRPC frames must not wait for Nagle's algorithm (a 40 ms stall).
+        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+        async move {
             let _ = shutdown_rx.changed().await;
             // Tell load balancers first, then stop accepting.
             health::set_all(&drain_reporter, ServingStatus::NotServing).await;
             tracing::info!("shutting down: draining in-flight calls");
-        }),
-    );
+        },
+    ));
     tracing::info!(%addr, database = %redact_url(config.database_url.expose_secret()), "identity service listening");
     Ok(RunningServer {
         addr,

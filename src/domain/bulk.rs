@@ -632,7 +632,10 @@ impl Runner {
         );
         match self.jobs.storage.link_user(candidate.id, &clerk_user_id, &event).await {
             Ok(_) => {
-                self.jobs.users.invalidate(candidate.id, Some(clerk_user_id.as_str()));
+                self.jobs
+                    .users
+                    .invalidate(candidate.id, Some(clerk_user_id.as_str()))
+                    .await;
                 Ok(done)
             }
             Err(StorageError::Conflict(Conflict::UserAlreadyLinked) | StorageError::NotFound(_)) => {

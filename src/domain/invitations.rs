@@ -238,7 +238,9 @@ impl Invitations {
             .await
         {
             Ok(mapping) => {
-                self.users.invalidate(mapping.user_id, Some(clerk_user_id.as_str()));
+                self.users
+                    .invalidate(mapping.user_id, Some(clerk_user_id.as_str()))
+                    .await;
                 tracing::info!(caller = %caller.name, user_id = %mapping.user_id, %clerk_user_id, "migration completed");
                 Ok(mapping)
             }

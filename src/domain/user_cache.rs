@@ -1,11 +1,12 @@
 //! Users read from the database, kept for a short time so that the
 //! verification hot path touches no database. A link or unlink on this
 //! replica invalidates at once; on other replicas the entry lives at most
-//! `IDENTITY_USER_CACHE_SECONDS`.
+//! `IDENTITY_USER_CACHE_SECONDS`. Concurrent misses of one key share one
+//! query, so an expiry under load does not send every caller to the database.
 
 use std::{sync::Arc, time::Duration};
 
-use moka::sync::Cache;
+use moka::future::Cache;
 
 use super::{ClerkUserId, DomainError, UserId};
 use crate::storage::{Storage, UserKey, UserRecord};
@@ -42,55 +43,62 @@ impl UserCache {
         &self.storage
     }
 
+    async fn load(&self, key: UserKey) -> Result<Option<Arc<UserRecord>>, DomainError> {
+        Ok(self.storage.find_user(&key).await?.map(Arc::new))
+    }
+
     pub async fn by_id(&self, id: UserId) -> Result<Option<Arc<UserRecord>>, DomainError> {
-        if let Some(hit) = self.by_id.as_ref().and_then(|c| c.get(&id)) {
-            return Ok(hit);
+        match &self.by_id {
+            Some(cache) => cache
+                .try_get_with(id, self.load(UserKey::Id(id)))
+                .await
+                .map_err(shared_error),
+            None => self.load(UserKey::Id(id)).await,
         }
-        let found = self.storage.find_user(&UserKey::Id(id)).await?.map(Arc::new);
-        self.remember(Some(id), None, &found);
-        Ok(found)
     }
 
     pub async fn by_clerk(&self, clerk_user_id: &ClerkUserId) -> Result<Option<Arc<UserRecord>>, DomainError> {
-        if let Some(hit) = self.by_clerk.as_ref().and_then(|c| c.get(clerk_user_id.as_str())) {
-            return Ok(hit);
+        let load = self.load(UserKey::ClerkUserId(clerk_user_id.clone()));
+        match &self.by_clerk {
+            Some(cache) => cache
+                .try_get_with(clerk_user_id.as_str().to_owned(), load)
+                .await
+                .map_err(shared_error),
+            None => load.await,
         }
-        let found = self
-            .storage
-            .find_user(&UserKey::ClerkUserId(clerk_user_id.clone()))
-            .await?
-            .map(Arc::new);
-        self.remember(None, Some(clerk_user_id.as_str()), &found);
-        Ok(found)
     }
 
     /// Stores a freshly written user under both keys.
-    pub fn put(&self, user: UserRecord) -> Arc<UserRecord> {
+    pub async fn put(&self, user: UserRecord) -> Arc<UserRecord> {
         let user = Arc::new(user);
-        let found = Some(user.clone());
-        self.remember(Some(user.id), user.clerk_user_id.as_deref(), &found);
+        if let Some(cache) = &self.by_id {
+            cache.insert(user.id, Some(user.clone())).await;
+        }
+        if let (Some(cache), Some(clerk)) = (&self.by_clerk, &user.clerk_user_id) {
+            cache.insert(clerk.clone(), Some(user.clone())).await;
+        }
         user
     }
 
-    fn remember(&self, id: Option<UserId>, clerk: Option<&str>, found: &Option<Arc<UserRecord>>) {
-        if let (Some(cache), Some(id)) = (&self.by_id, id.or_else(|| found.as_ref().map(|u| u.id))) {
-            cache.insert(id, found.clone());
-        }
-        let clerk = clerk
-            .map(str::to_owned)
-            .or_else(|| found.as_ref().and_then(|u| u.clerk_user_id.clone()));
-        if let (Some(cache), Some(clerk)) = (&self.by_clerk, clerk) {
-            cache.insert(clerk, found.clone());
-        }
-    }
-
     /// Forgets a user after a change made on this replica.
-    pub fn invalidate(&self, id: UserId, clerk_user_id: Option<&str>) {
+    pub async fn invalidate(&self, id: UserId, clerk_user_id: Option<&str>) {
         if let Some(cache) = &self.by_id {
-            cache.invalidate(&id);
+            cache.invalidate(&id).await;
         }
         if let (Some(cache), Some(clerk)) = (&self.by_clerk, clerk_user_id) {
-            cache.invalidate(clerk);
+            cache.invalidate(clerk).await;
         }
+    }
+}
+
+/// A look-up error shared by every caller that waited on the same query.
+fn shared_error(err: Arc<DomainError>) -> DomainError {
+    match err.as_ref() {
+        DomainError::NotFound(message) => DomainError::NotFound(message.clone()),
+        DomainError::Unavailable { message, .. } => DomainError::Unavailable {
+            message: message.clone(),
+            source: None,
+        },
+        other => DomainError::Internal(other.to_string().into()),
     }
 }

@@ -101,7 +101,7 @@ impl UserDirectory {
         );
         match self.storage.link_user(user_id, clerk_user_id, &event).await {
             Ok(mapping) => {
-                self.cache.invalidate(user_id, Some(clerk_user_id.as_str()));
+                self.cache.invalidate(user_id, Some(clerk_user_id.as_str())).await;
                 tracing::info!(caller = %caller.name, %user_id, clerk_user_id = %clerk_user_id, "user linked to Clerk");
                 Ok(mapping)
             }
@@ -120,7 +120,9 @@ impl UserDirectory {
         let event = audit::event(caller, action, Some(user_id), AuditOutcome::Success, "link removed");
         match self.storage.unlink_user(user_id, &event).await {
             Ok(removed) => {
-                self.cache.invalidate(user_id, Some(removed.clerk_user_id.as_str()));
+                self.cache
+                    .invalidate(user_id, Some(removed.clerk_user_id.as_str()))
+                    .await;
                 tracing::info!(caller = %caller.name, %user_id, "user unlinked from Clerk");
                 Ok(removed)
             }

@@ -90,6 +90,8 @@ pub(crate) struct ClerkVerifier {
     pub keys: KeyStore,
     authorized_parties: Vec<String>,
     pub leeway: i64,
+    /// One prepared validation per allowed algorithm (RS256, RS384, RS512).
+    validations: [Validation; 3],
 }
 
 pub(crate) fn is_rsa(alg: &str) -> Option<Algorithm> {
@@ -103,11 +105,26 @@ pub(crate) fn is_rsa(alg: &str) -> Option<Algorithm> {
 
 impl ClerkVerifier {
     pub fn new(issuer: String, keys: KeyStore, authorized_parties: Vec<String>, leeway: u64) -> Self {
+        let validation = |algorithm| {
+            let mut validation = Validation::new(algorithm);
+            validation.leeway = leeway;
+            validation.validate_nbf = true;
+            validation.validate_aud = false;
+            validation.set_issuer(&[&issuer]);
+            validation.set_required_spec_claims(&["exp", "iss", "sub"]);
+            validation
+        };
+        let validations = [
+            validation(Algorithm::RS256),
+            validation(Algorithm::RS384),
+            validation(Algorithm::RS512),
+        ];
         Self {
             issuer,
             keys,
             authorized_parties,
             leeway: i64::try_from(leeway).unwrap_or(5),
+            validations,
         }
     }
 
@@ -132,13 +149,12 @@ impl ClerkVerifier {
         if key.algorithm.is_some_and(|pinned| pinned != algorithm) {
             return Err(Rejection::new(RejectReason::AlgorithmNotAllowed, "algorithm does not match the key").into());
         }
-        let mut validation = Validation::new(algorithm);
-        validation.leeway = self.leeway.unsigned_abs();
-        validation.validate_nbf = true;
-        validation.validate_aud = false;
-        validation.set_issuer(&[&self.issuer]);
-        validation.set_required_spec_claims(&["exp", "iss", "sub"]);
-        let claims = jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation)
+        let validation = match algorithm {
+            Algorithm::RS384 => &self.validations[1],
+            Algorithm::RS512 => &self.validations[2],
+            _ => &self.validations[0],
+        };
+        let claims = jsonwebtoken::decode::<Claims>(token, &key.decoding, validation)
             .map_err(|e| from_jwt_error(&e))?
             .claims;
 

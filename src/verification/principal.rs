@@ -125,7 +125,7 @@ impl PrincipalResolver {
         {
             Ok(user) => {
                 tracing::info!(user_id = %user.id, clerk_user_id = %clerk_user_id, "provisioned a user for a new Clerk user");
-                Ok(self.users.put(user))
+                Ok(self.users.put(user).await)
             }
             Err(StorageError::Conflict(Conflict::ClerkUserTaken)) => self.reread(clerk_user_id).await,
             Err(err) => Err(err.into()),
@@ -139,7 +139,7 @@ impl PrincipalResolver {
             .find_user(&UserKey::ClerkUserId(clerk_user_id.clone()))
             .await?
             .ok_or_else(|| DomainError::Internal("Clerk user mapped but its user is missing".into()))?;
-        Ok(self.users.put(user))
+        Ok(self.users.put(user).await)
     }
 
     async fn link_by_email(
@@ -179,7 +179,7 @@ impl PrincipalResolver {
                 match storage.link_user(user.id, clerk_user_id, &event).await {
                     Ok(_) => {
                         tracing::info!(user_id = %user.id, clerk_user_id = %clerk_user_id, "linked a legacy user by verified email");
-                        self.users.invalidate(user.id, None);
+                        self.users.invalidate(user.id, None).await;
                         self.reread(clerk_user_id).await
                     }
                     Err(StorageError::Conflict(Conflict::ClerkUserTaken)) => self.reread(clerk_user_id).await,
