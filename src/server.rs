@@ -146,6 +146,7 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
     tokio::spawn(OutboxWorker::new(storage.clone(), mailer, config.mail.clone()).run(stop_rx.clone()));
     tokio::spawn(shrink_rate_limits(invitations.clone(), stop_rx.clone()));
     tokio::spawn(stats.clone().run_flusher(config.stats_flush, stop_rx.clone()));
+    tokio::spawn(prometheus::run_upkeep(stop_rx.clone()));
     let metrics_addr = match config.metrics_addr {
         Some(addr) if exporting => Some(
             prometheus::serve(addr, stop_rx.clone())

@@ -31,6 +31,18 @@ pub fn handle() -> Option<PrometheusHandle> {
         .clone()
 }
 
+/// Drains recorded histogram samples into their buckets every few seconds;
+/// without it samples pile up between scrapes (memory grows with traffic).
+pub async fn run_upkeep(mut stop: watch::Receiver<bool>) {
+    let Some(handle) = handle() else { return };
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => handle.run_upkeep(),
+            _ = stop.changed() => return,
+        }
+    }
+}
+
 /// Serves `GET /metrics` until `stop` flips; returns the bound address.
 pub async fn serve(addr: SocketAddr, mut stop: watch::Receiver<bool>) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;

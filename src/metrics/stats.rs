@@ -67,12 +67,24 @@ pub struct StatsSnapshot {
     pub auth_mode: AuthMode,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct MigrationStats {
     storage: Arc<dyn Storage>,
     recorder: Arc<AuthRecorder>,
     modes: AuthModes,
+    /// Readiness aggregates days of activity and joins the active users'
+    /// links: recomputed at most every `READINESS_TTL` per replica, so a
+    /// stream of snapshots costs the same whatever the number of users.
+    readiness: moka::future::Cache<i64, Readiness>,
 }
+
+impl std::fmt::Debug for MigrationStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MigrationStats").finish_non_exhaustive()
+    }
+}
+
+const READINESS_TTL: Duration = Duration::from_secs(30);
 
 /// Default and maximum look-back for cutover readiness.
 const DEFAULT_READINESS_DAYS: u32 = 30;
@@ -80,10 +92,15 @@ const MAX_READINESS_DAYS: u32 = 365;
 
 impl MigrationStats {
     pub fn new(storage: Arc<dyn Storage>, recorder: Arc<AuthRecorder>, modes: AuthModes) -> Self {
+        let readiness = moka::future::Cache::builder()
+            .max_capacity(400)
+            .time_to_live(READINESS_TTL)
+            .build();
         Self {
             storage,
             recorder,
             modes,
+            readiness,
         }
     }
 
@@ -150,7 +167,12 @@ impl MigrationStats {
             self.storage.auth_totals(since_bucket),
             self.storage.invitation_counts(now),
             self.storage.latest_bulk_job(),
-            self.storage.readiness(since_day),
+            async {
+                self.readiness
+                    .try_get_with(since_day, self.storage.readiness(since_day))
+                    .await
+                    .map_err(|e| crate::storage::StorageError::Unavailable(e.to_string().into()))
+            },
         )?;
 
         let mut methods: Vec<MethodFigures> = Vec::new();
