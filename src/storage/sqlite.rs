@@ -117,6 +117,27 @@ async fn insert_audit(conn: &mut sqlx::SqliteConnection, event: &NewAuditEvent) 
     Ok(())
 }
 
+/// The mapping row; a Clerk id mapped already is [`Conflict::ClerkUserTaken`].
+async fn insert_mapping(
+    conn: &mut sqlx::SqliteConnection,
+    user_id: UserId,
+    clerk_user_id: &ClerkUserId,
+    now: i64,
+) -> StorageResult<()> {
+    sqlx::query(
+        "INSERT INTO user_clerk_mappings (id, user_id, clerk_user_id, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(Uuid::new_v4().to_string())
+    .bind(user_id.to_string())
+    .bind(clerk_user_id.as_str())
+    .bind(now)
+    .bind(now)
+    .execute(conn)
+    .await
+    .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+    Ok(())
+}
+
 /// Links inside the caller's transaction: mapping row and `users.clerk_user_id`.
 async fn link_in_tx(
     conn: &mut sqlx::SqliteConnection,
@@ -134,17 +155,7 @@ async fn link_in_tx(
         Some(None) => {}
     }
     let now = micros(Utc::now());
-    sqlx::query(
-        "INSERT INTO user_clerk_mappings (id, user_id, clerk_user_id, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
-    )
-    .bind(Uuid::new_v4().to_string())
-    .bind(user_id.to_string())
-    .bind(clerk_user_id.as_str())
-    .bind(now)
-    .bind(now)
-    .execute(&mut *conn)
-    .await
-    .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+    insert_mapping(conn, user_id, clerk_user_id, now).await?;
     sqlx::query("UPDATE users SET clerk_user_id = ?, updated_at = ? WHERE id = ?")
         .bind(clerk_user_id.as_str())
         .bind(now)
@@ -412,17 +423,7 @@ impl Storage for SqliteStorage {
         .execute(&mut *tx)
         .await
         .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
-        sqlx::query(
-            "INSERT INTO user_clerk_mappings (id, user_id, clerk_user_id, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(Uuid::new_v4().to_string())
-        .bind(id.to_string())
-        .bind(clerk_user_id.as_str())
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+        insert_mapping(&mut tx, id, clerk_user_id, now).await?;
         let audit = NewAuditEvent {
             user_id: Some(id),
             ..audit.clone()

@@ -237,10 +237,10 @@ async fn jobs_can_be_cancelled_and_bad_requests_refused(db: TestDb) {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        cancelled.state(),
-        BulkJobState::Running,
-        "stops after the user in progress"
+    // The runner stops after the user in progress: the answer may come before or after it did.
+    assert!(
+        matches!(cancelled.state(), BulkJobState::Running | BulkJobState::Cancelled),
+        "{cancelled:?}"
     );
     let last = run_to_end(&mut stream).await;
     assert_eq!(last.state(), BulkJobState::Cancelled);
