@@ -84,6 +84,8 @@ const SEED_FALLBACKS: &[(&str, &str)] = &[
 
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://identity.db";
 pub const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:50051";
+/// Verified tokens cached at most (the cache reserves its table up front).
+const MAX_TOKEN_CACHE_SIZE: u64 = 10_000_000;
 
 /// A start-up error that names the variable at fault.
 #[derive(Debug, thiserror::Error)]
@@ -897,6 +899,12 @@ impl VerificationConfig {
             defaults.token_cache_size,
             "a number of entries",
         )?;
+        if token_cache_size > MAX_TOKEN_CACHE_SIZE {
+            return Err(ConfigError::new(
+                "IDENTITY_TOKEN_CACHE_SIZE",
+                "must be at most 10000000 (entries; 0 disables the cache)",
+            ));
+        }
         Ok(Self {
             legacy,
             clerk,
@@ -937,6 +945,9 @@ mod tests {
         assert_eq!(err.variable, "IDENTITY_LOG_FORMAT");
         let err = load(&[("IDENTITY_MIGRATE_ON_START", "maybe")]).unwrap_err();
         assert_eq!(err.variable, "IDENTITY_MIGRATE_ON_START");
+        let err = load(&[("IDENTITY_TOKEN_CACHE_SIZE", "100000000000")]).unwrap_err();
+        assert_eq!(err.variable, "IDENTITY_TOKEN_CACHE_SIZE");
+        assert!(load(&[("IDENTITY_TOKEN_CACHE_SIZE", "0")]).is_ok());
         let err = load(&[("IDENTITY_DATABASE_URL", "mysql://u:hunter2@h/db")]).unwrap_err();
         assert_eq!(err.variable, "IDENTITY_DATABASE_URL");
         assert!(!err.to_string().contains("hunter2"));

@@ -200,7 +200,7 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
     let mut shutdown_rx = stop_rx;
     let drain_reporter = reporter.clone();
     let router = tonic::transport::Server::builder()
-        .layer(prometheus::GrpcMetricsLayer)
+        .layer(prometheus::GrpcMetricsLayer::default())
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -120,6 +120,10 @@ pub fn rpc_span(path: &str, headers: &http::HeaderMap) -> tracing::Span {
         rpc.grpc.status_code = tracing::field::Empty,
         trace_id = tracing::field::Empty,
     );
+    if span.is_disabled() {
+        // Neither logged nor exported (e.g. `IDENTITY_LOG_LEVEL=warn` without OTLP).
+        return span;
+    }
     let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
     // The caller's trace id when it sent one (logged even without OTLP
     // export), else the id of the trace this span starts.

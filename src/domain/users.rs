@@ -28,15 +28,22 @@ pub struct User {
     pub updated_at: DateTime<Utc>,
 }
 
-impl From<UserRecord> for User {
-    fn from(record: UserRecord) -> Self {
-        let migration_state = if record.clerk_native {
+impl UserRecord {
+    /// Where the user stands in the move to Clerk.
+    pub fn migration_state(&self) -> MigrationState {
+        if self.clerk_native {
             MigrationState::ClerkNative
-        } else if record.clerk_user_id.is_some() {
+        } else if self.clerk_user_id.is_some() {
             MigrationState::Migrated
         } else {
             MigrationState::LegacyOnly
-        };
+        }
+    }
+}
+
+impl From<UserRecord> for User {
+    fn from(record: UserRecord) -> Self {
+        let migration_state = record.migration_state();
         Self {
             id: record.id,
             email: record.email,

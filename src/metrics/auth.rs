@@ -101,10 +101,40 @@ struct Activity {
     legacy_while_migrated: i64,
 }
 
+/// Prometheus handles, registered once: looking a labelled metric up by
+/// name on every call costs more than recording it.
+struct Exported {
+    verifications: [[::metrics::Counter; OUTCOMES.len()]; METHODS.len()],
+    durations: [::metrics::Histogram; METHODS.len()],
+    /// Token cache misses, hits.
+    token_cache: [::metrics::Counter; 2],
+}
+
+impl Exported {
+    /// Registers with the global recorder installed now (none: no-op handles).
+    fn register() -> Self {
+        Self {
+            verifications: std::array::from_fn(|m| {
+                std::array::from_fn(
+                    |o| ::metrics::counter!("identity_verifications_total", "method" => METHODS[m], "outcome" => OUTCOMES[o]),
+                )
+            }),
+            durations: std::array::from_fn(
+                |m| ::metrics::histogram!("identity_verification_duration_seconds", "method" => METHODS[m]),
+            ),
+            token_cache: [
+                ::metrics::counter!("identity_token_cache_requests_total", "result" => "miss"),
+                ::metrics::counter!("identity_token_cache_requests_total", "result" => "hit"),
+            ],
+        }
+    }
+}
+
 pub struct AuthRecorder {
     counts: [[AtomicU64; OUTCOMES.len()]; METHODS.len()],
     latency: [AtomicU64; LATENCY_BOUNDS_US.len()],
     activity: Mutex<HashMap<UserId, Activity>>,
+    exported: Exported,
 }
 
 impl std::fmt::Debug for AuthRecorder {
@@ -119,6 +149,7 @@ impl Default for AuthRecorder {
             counts: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
             activity: Mutex::new(HashMap::new()),
+            exported: Exported::register(),
         }
     }
 }
@@ -143,12 +174,11 @@ impl AuthRecorder {
         user: Option<(UserId, bool)>,
     ) {
         let m = method_index(method);
-        self.counts[m][outcome.index()].fetch_add(1, Ordering::Relaxed);
+        let o = outcome.index();
+        self.counts[m][o].fetch_add(1, Ordering::Relaxed);
         self.latency[slot(elapsed)].fetch_add(1, Ordering::Relaxed);
-        ::metrics::counter!("identity_verifications_total", "method" => METHODS[m], "outcome" => OUTCOMES[outcome.index()])
-            .increment(1);
-        ::metrics::histogram!("identity_verification_duration_seconds", "method" => METHODS[m])
-            .record(elapsed.as_secs_f64());
+        self.exported.verifications[m][o].increment(1);
+        self.exported.durations[m].record(elapsed.as_secs_f64());
         if let (Some((user_id, migrated)), Some(method)) = (user, method) {
             let mut activity = self.activity.lock().unwrap_or_else(|p| p.into_inner());
             if activity.len() >= MAX_ACTIVITY_USERS && !activity.contains_key(&user_id) {
@@ -165,6 +195,11 @@ impl AuthRecorder {
                 AuthMethod::Clerk => entry.clerk += 1,
             }
         }
+    }
+
+    /// Counts a token cache look-up (Prometheus only).
+    pub fn token_cache(&self, hit: bool) {
+        self.exported.token_cache[usize::from(hit)].increment(1);
     }
 
     /// Takes everything recorded since the last call, bucketed at the current minute.

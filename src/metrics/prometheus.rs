@@ -2,8 +2,9 @@
 //! and the gRPC layer that counts requests by service, method and code.
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
-    sync::OnceLock,
+    sync::{Arc, OnceLock, RwLock},
     task::{Context, Poll},
     time::Instant,
 };
@@ -65,22 +66,111 @@ pub async fn serve(addr: SocketAddr, mut stop: watch::Receiver<bool>) -> std::io
     Ok(bound)
 }
 
+/// Paths beyond this many distinct ones are counted as `unknown`: a client
+/// sending made-up method names cannot grow the metric families.
+const MAX_PATHS: usize = 256;
+
+/// The metric handles of one gRPC path, registered on its first call.
+struct PathMetrics {
+    service: String,
+    method: String,
+    duration: ::metrics::Histogram,
+    /// By status code (0-16), registered on first use.
+    codes: [OnceLock<::metrics::Counter>; 17],
+}
+
+impl PathMetrics {
+    fn new(service: &str, method: &str) -> Self {
+        Self {
+            service: service.to_owned(),
+            method: method.to_owned(),
+            duration: ::metrics::histogram!(
+                "identity_grpc_request_duration_seconds",
+                "service" => service.to_owned(),
+                "method" => method.to_owned()
+            ),
+            codes: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+
+    fn count(&self, code: tonic::Code) {
+        let slot = usize::try_from(code as i32).unwrap_or(2).min(16);
+        self.codes[slot]
+            .get_or_init(|| {
+                ::metrics::counter!(
+                    "identity_grpc_requests_total",
+                    "service" => self.service.clone(),
+                    "method" => self.method.clone(),
+                    "code" => format!("{code:?}")
+                )
+            })
+            .increment(1);
+    }
+}
+
+/// Handles by request path, shared by every connection.
+#[derive(Default)]
+struct PathRegistry {
+    paths: RwLock<HashMap<String, Arc<PathMetrics>>>,
+    unknown: OnceLock<Arc<PathMetrics>>,
+}
+
+impl PathRegistry {
+    fn get(&self, path: &str) -> Arc<PathMetrics> {
+        if let Some(found) = self.paths.read().unwrap_or_else(|p| p.into_inner()).get(path) {
+            return found.clone();
+        }
+        let mut paths = self.paths.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(found) = paths.get(path) {
+            return found.clone();
+        }
+        if paths.len() >= MAX_PATHS {
+            return self
+                .unknown
+                .get_or_init(|| Arc::new(PathMetrics::new("unknown", "unknown")))
+                .clone();
+        }
+        let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((path, ""));
+        let metrics = Arc::new(PathMetrics::new(service, method));
+        paths.insert(path.to_owned(), metrics.clone());
+        metrics
+    }
+}
+
 /// Counts gRPC requests and their latency by service, method and status
 /// code, and runs each in a span that continues the caller's trace.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct GrpcMetricsLayer;
+#[derive(Clone, Default)]
+pub struct GrpcMetricsLayer {
+    registry: Arc<PathRegistry>,
+}
+
+impl std::fmt::Debug for GrpcMetricsLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GrpcMetricsLayer")
+    }
+}
 
 impl<S> tower::Layer<S> for GrpcMetricsLayer {
     type Service = GrpcMetrics<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        GrpcMetrics { inner }
+        GrpcMetrics {
+            inner,
+            registry: self.registry.clone(),
+        }
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct GrpcMetrics<S> {
     inner: S,
+    registry: Arc<PathRegistry>,
+}
+
+impl<S> std::fmt::Debug for GrpcMetrics<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GrpcMetrics")
+    }
 }
 
 impl<S, B, RB> tower::Service<http::Request<B>> for GrpcMetrics<S>
@@ -98,32 +188,59 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         use tracing::Instrument;
-        let path = request.uri().path().to_owned();
+        let metrics = self.registry.get(request.uri().path());
         let started = Instant::now();
-        let span = crate::telemetry::rpc_span(&path, request.headers());
+        let span = crate::telemetry::rpc_span(request.uri().path(), request.headers());
         let future = self.inner.call(request);
         let record_span = span.clone();
-        Box::pin(async move {
-            let response = future.await?;
-            let mut parts = path.trim_start_matches('/').splitn(2, '/');
-            let service = parts.next().unwrap_or_default().to_owned();
-            let method = parts.next().unwrap_or_default().to_owned();
-            // Trailers-only responses (errors) carry the status in the headers;
-            // others report it in trailers, after the body: counted as OK here.
-            let code = response
-                .headers()
-                .get("grpc-status")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<i32>().ok())
-                .map(|c| format!("{:?}", tonic::Code::from_i32(c)))
-                .unwrap_or_else(|| "Ok".to_owned());
-            record_span.record("rpc.grpc.status_code", code.as_str());
-            ::metrics::counter!("identity_grpc_requests_total", "service" => service.clone(), "method" => method.clone(), "code" => code)
-                .increment(1);
-            ::metrics::histogram!("identity_grpc_request_duration_seconds", "service" => service, "method" => method)
-                .record(started.elapsed().as_secs_f64());
-            Ok(response)
+        Box::pin(
+            async move {
+                let response = future.await?;
+                // Trailers-only responses (errors) carry the status in the headers;
+                // others report it in trailers, after the body: counted as OK here.
+                let code = response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .map_or(tonic::Code::Ok, tonic::Code::from_i32);
+                if !record_span.is_disabled() {
+                    record_span.record("rpc.grpc.status_code", format!("{code:?}").as_str());
+                }
+                metrics.count(code);
+                metrics.duration.record(started.elapsed().as_secs_f64());
+                Ok(response)
+            }
+            .instrument(span),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn made_up_paths_share_one_unknown_entry() {
+        let registry = PathRegistry::default();
+        let first = registry.get("/identity.v1.IdentityService/VerifyToken");
+        assert_eq!(
+            (first.service.as_str(), first.method.as_str()),
+            ("identity.v1.IdentityService", "VerifyToken")
+        );
+        assert!(Arc::ptr_eq(
+            &first,
+            &registry.get("/identity.v1.IdentityService/VerifyToken")
+        ));
+        for i in 0..MAX_PATHS * 2 {
+            registry.get(&format!("/x.Y/M{i}"));
         }
-        .instrument(span))
+        assert_eq!(registry.paths.read().unwrap().len(), MAX_PATHS);
+        let overflow = registry.get("/x.Y/another");
+        assert_eq!(overflow.service, "unknown");
+        assert!(Arc::ptr_eq(
+            &first,
+            &registry.get("/identity.v1.IdentityService/VerifyToken")
+        ));
     }
 }

@@ -2,7 +2,8 @@
 //! pinned to the configured instance, `azp` against the allow-list, `sts`
 //! not pending, and only session tokens (not JWT templates, M2M or OAuth).
 
-use jsonwebtoken::{Algorithm, Validation};
+use base64::Engine;
+use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 
 use super::{
@@ -31,6 +32,8 @@ struct OrgV2 {
 struct Claims {
     sub: String,
     exp: i64,
+    #[serde(default)]
+    iss: Option<String>,
     #[serde(default)]
     nbf: Option<i64>,
     #[serde(default)]
@@ -90,8 +93,6 @@ pub(crate) struct ClerkVerifier {
     pub keys: KeyStore,
     authorized_parties: Vec<String>,
     pub leeway: i64,
-    /// One prepared validation per allowed algorithm (RS256, RS384, RS512).
-    validations: [Validation; 3],
 }
 
 pub(crate) fn is_rsa(alg: &str) -> Option<Algorithm> {
@@ -105,26 +106,11 @@ pub(crate) fn is_rsa(alg: &str) -> Option<Algorithm> {
 
 impl ClerkVerifier {
     pub fn new(issuer: String, keys: KeyStore, authorized_parties: Vec<String>, leeway: u64) -> Self {
-        let validation = |algorithm| {
-            let mut validation = Validation::new(algorithm);
-            validation.leeway = leeway;
-            validation.validate_nbf = true;
-            validation.validate_aud = false;
-            validation.set_issuer(&[&issuer]);
-            validation.set_required_spec_claims(&["exp", "iss", "sub"]);
-            validation
-        };
-        let validations = [
-            validation(Algorithm::RS256),
-            validation(Algorithm::RS384),
-            validation(Algorithm::RS512),
-        ];
         Self {
             issuer,
             keys,
             authorized_parties,
             leeway: i64::try_from(leeway).unwrap_or(5),
-            validations,
         }
     }
 
@@ -149,16 +135,19 @@ impl ClerkVerifier {
         if key.algorithm.is_some_and(|pinned| pinned != algorithm) {
             return Err(Rejection::new(RejectReason::AlgorithmNotAllowed, "algorithm does not match the key").into());
         }
-        let validation = match algorithm {
-            Algorithm::RS384 => &self.validations[1],
-            Algorithm::RS512 => &self.validations[2],
-            _ => &self.validations[0],
-        };
-        let claims = jsonwebtoken::decode::<Claims>(token, &key.decoding, validation)
-            .map_err(|e| from_jwt_error(&e))?
-            .claims;
-
+        let claims = verified_claims(token, &key.decoding, algorithm)?;
         let now = chrono::Utc::now().timestamp();
+        if claims.exp.saturating_add(self.leeway) < now {
+            return Err(Rejection::new(RejectReason::Expired, "token has expired").into());
+        }
+        if claims.nbf.is_some_and(|nbf| nbf > now.saturating_add(self.leeway)) {
+            return Err(Rejection::new(RejectReason::NotYetValid, "token is not valid yet (nbf)").into());
+        }
+        match claims.iss.as_deref() {
+            Some(iss) if iss == self.issuer => {}
+            Some(_) => return Err(Rejection::new(RejectReason::Issuer, "issuer is not accepted").into()),
+            None => return Err(Rejection::new(RejectReason::Malformed, "missing claim iss").into()),
+        }
         if claims.iat.is_some_and(|iat| iat > now + self.leeway) {
             return Err(Rejection::new(RejectReason::IssuedInFuture, "token is issued in the future (iat)").into());
         }
@@ -196,4 +185,26 @@ impl ClerkVerifier {
             organization,
         })
     }
+}
+
+/// Checks the signature with jsonwebtoken's verifier, then reads the claims
+/// once. (`jsonwebtoken::decode` would parse the header twice and the claims
+/// twice more; on a cache miss that is a tenth of the time an RS256 check takes.)
+fn verified_claims(token: &str, key: &jsonwebtoken::DecodingKey, algorithm: Algorithm) -> Result<Claims, Rejection> {
+    let malformed = |message: &str| Rejection::new(RejectReason::Malformed, message);
+    let (message, signature) = token
+        .rsplit_once('.')
+        .ok_or_else(|| malformed("not a JWT (expected three dot-separated parts)"))?;
+    let (_, payload) = message
+        .split_once('.')
+        .ok_or_else(|| malformed("not a JWT (expected three dot-separated parts)"))?;
+    match jsonwebtoken::crypto::verify(signature, message.as_bytes(), key, algorithm) {
+        Ok(true) => {}
+        Ok(false) => return Err(Rejection::new(RejectReason::BadSignature, "signature does not verify")),
+        Err(err) => return Err(from_jwt_error(&err)),
+    }
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|_| malformed("payload is not base64url"))?;
+    serde_json::from_slice(&payload).map_err(|_| malformed("claims are missing or malformed (exp, iss, sub)"))
 }

@@ -14,7 +14,10 @@ mod reason;
 mod revocation;
 mod token;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
@@ -75,6 +78,20 @@ impl std::hash::Hasher for DigestHasher {
     }
 }
 
+/// Verified tokens by the SHA-256 of the token (bounded, evicting; S3-FIFO
+/// like, so a flood of one-off tokens does not push out the repeated ones).
+type TokenCache = quick_cache::sync::Cache<[u8; 32], Cached, quick_cache::UnitWeighter, DigestHash>;
+
+/// Nothing stays cached longer than this, whatever its `exp` says; every
+/// hit is re-checked (expiry, mode, revocation) anyway.
+const TOKEN_CACHE_TTL: Duration = Duration::from_secs(3600);
+
+#[derive(Clone)]
+struct Cached {
+    verified: Arc<Verified>,
+    until: Instant,
+}
+
 /// The outcome of a verification: a principal, or a rejection with its reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -116,7 +133,7 @@ struct Inner {
     modes: AuthModes,
     revocations: RevocationList,
     principals: PrincipalResolver,
-    cache: moka::sync::Cache<[u8; 32], Arc<Verified>, DigestHash>,
+    cache: TokenCache,
     max_token_bytes: usize,
     reject_legacy_after_migration: bool,
     revocation_default_ttl: Duration,
@@ -197,11 +214,13 @@ impl Verifier {
                 modes,
                 revocations: RevocationList::new(storage),
                 principals: PrincipalResolver::new(users, policy, clerk_api),
-                cache: moka::sync::Cache::builder()
-                    .max_capacity(config.token_cache_size)
-                    // Nothing outlives this, whatever its `exp` says; entries are re-checked anyway.
-                    .time_to_live(Duration::from_secs(3600))
-                    .build_with_hasher(DigestHash),
+                cache: TokenCache::with(
+                    usize::try_from(config.token_cache_size).unwrap_or(usize::MAX),
+                    config.token_cache_size,
+                    quick_cache::UnitWeighter,
+                    DigestHash,
+                    quick_cache::sync::DefaultLifecycle::default(),
+                ),
                 max_token_bytes: config.max_token_bytes,
                 reject_legacy_after_migration: config.reject_legacy_after_migration,
                 revocation_default_ttl: config.revocation_default_ttl,
@@ -365,15 +384,25 @@ impl Verifier {
             return Ok(Err(Rejection::new(RejectReason::Malformed, "token is too large")));
         }
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some(hit) = self.inner.cache.get(&digest) {
-            ::metrics::counter!("identity_token_cache_requests_total", "result" => "hit").increment(1);
-            return Ok(Ok((hit, digest)));
+        let now = Instant::now();
+        if let Some(hit) = self.inner.cache.get(&digest)
+            && hit.until > now
+        {
+            self.inner.recorder.token_cache(true);
+            return Ok(Ok((hit.verified.clone(), digest)));
         }
-        ::metrics::counter!("identity_token_cache_requests_total", "result" => "miss").increment(1);
+        self.inner.recorder.token_cache(false);
         match self.verify_cold(token).await? {
             Ok(verified) => {
                 let verified = Arc::new(verified);
-                self.inner.cache.insert(digest, verified.clone());
+                let until = now + TOKEN_CACHE_TTL;
+                self.inner.cache.insert(
+                    digest,
+                    Cached {
+                        verified: verified.clone(),
+                        until,
+                    },
+                );
                 Ok(Ok((verified, digest)))
             }
             Err(rejection) => Ok(Err(rejection)),
@@ -459,7 +488,11 @@ impl Verifier {
         }
         if matches!(alg, "HS256" | "HS384" | "HS512") {
             let clerk_issuer = inner.clerk.as_ref().map(|c| c.issuer.as_str());
-            if clerk_issuer.is_some() && peeked.issuer.as_deref() == clerk_issuer {
+            let issuer = match peeked.issuer() {
+                Ok(issuer) => issuer,
+                Err(rejection) => return Ok(Err(rejection)),
+            };
+            if clerk_issuer.is_some() && issuer.as_deref() == clerk_issuer {
                 return not_allowed("HMAC token presented to the RSA (Clerk) issuer");
             }
             let Some(legacy) = &inner.legacy else {

@@ -13,7 +13,7 @@ use super::{
 use crate::{
     clerk::ClerkApi,
     config::UnmappedPolicy,
-    domain::{AuditOutcome, Caller, ClerkUserId, DomainError, Email, MigrationState, User, UserCache, UserId, audit},
+    domain::{AuditOutcome, Caller, ClerkUserId, DomainError, Email, MigrationState, UserCache, UserId, audit},
     storage::{Conflict, StorageError, UserKey, UserRecord},
 };
 
@@ -48,14 +48,13 @@ pub struct Principal {
 
 impl Principal {
     pub(crate) fn new(user: &UserRecord, method: AuthMethod, expires_at: i64) -> Self {
-        let view = User::from(user.clone());
         Self {
             user_id: user.id,
             method,
             clerk_user_id: user.clerk_user_id.clone(),
             session_id: None,
             email: user.email.clone(),
-            migration_state: view.migration_state,
+            migration_state: user.migration_state(),
             expires_at: DateTime::from_timestamp(expires_at, 0).unwrap_or(DateTime::<Utc>::MAX_UTC),
             organization: None,
         }

@@ -1,6 +1,7 @@
 //! Reading just enough of an untrusted token to route it: the header's
-//! `alg`, `kid`, `typ` and `cat`, and the payload's `iss`. Nothing read here
-//! is trusted beyond choosing a verifier; `jku`, `x5u` and `jwk` are never read.
+//! `alg`, `kid`, `typ` and `cat`, and (for HMAC tokens only) the payload's
+//! `iss`. Nothing read here is trusted beyond choosing a verifier; `jku`,
+//! `x5u` and `jwk` are never read.
 
 use base64::Engine;
 use serde::Deserialize;
@@ -24,12 +25,28 @@ struct PeekedPayload {
     iss: Option<serde_json::Value>,
 }
 
-/// The routing view of a token.
+/// The routing view of a token: its decoded header, and its payload still
+/// encoded (an RS token's payload is read once, by the verifier).
 #[derive(Debug)]
-pub(crate) struct Peeked {
+pub(crate) struct Peeked<'a> {
     pub header: PeekedHeader,
-    /// `iss` when it is a string.
-    pub issuer: Option<String>,
+    payload: &'a str,
+}
+
+impl Peeked<'_> {
+    /// The payload's `iss` when it is a string.
+    pub fn issuer(&self) -> Result<Option<String>, Rejection> {
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(self.payload)
+            .map_err(|_| malformed("payload is not base64url"))?;
+        let payload: PeekedPayload =
+            serde_json::from_slice(&payload).map_err(|_| malformed("payload is not a JSON object"))?;
+        match payload.iss {
+            Some(serde_json::Value::String(iss)) => Ok(Some(iss)),
+            Some(_) => Err(malformed("iss is not a string")),
+            None => Ok(None),
+        }
+    }
 }
 
 /// Strips an optional `Bearer ` prefix and surrounding whitespace.
@@ -46,8 +63,8 @@ fn malformed(message: &str) -> Rejection {
     Rejection::new(RejectReason::Malformed, message)
 }
 
-/// Splits and decodes the header and the payload's `iss`.
-pub(crate) fn peek(token: &str) -> Result<Peeked, Rejection> {
+/// Splits the token and decodes its header.
+pub(crate) fn peek(token: &str) -> Result<Peeked<'_>, Rejection> {
     let mut parts = token.split('.');
     let (Some(header), Some(payload), Some(_signature), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -59,17 +76,7 @@ pub(crate) fn peek(token: &str) -> Result<Peeked, Rejection> {
         .decode(header)
         .map_err(|_| malformed("header is not base64url"))?;
     let header: PeekedHeader = serde_json::from_slice(&header).map_err(|_| malformed("header is not a JWT header"))?;
-    let payload = engine
-        .decode(payload)
-        .map_err(|_| malformed("payload is not base64url"))?;
-    let payload: PeekedPayload =
-        serde_json::from_slice(&payload).map_err(|_| malformed("payload is not a JSON object"))?;
-    let issuer = match payload.iss {
-        Some(serde_json::Value::String(iss)) => Some(iss),
-        Some(_) => return Err(malformed("iss is not a string")),
-        None => None,
-    };
-    Ok(Peeked { header, issuer })
+    Ok(Peeked { header, payload })
 }
 
 #[cfg(test)]
@@ -90,7 +97,7 @@ mod tests {
         let peeked = peek(&token).unwrap();
         assert_eq!(peeked.header.alg, "RS256");
         assert_eq!(peeked.header.kid.as_deref(), Some("k1"));
-        assert_eq!(peeked.issuer.as_deref(), Some("https://x"));
+        assert_eq!(peeked.issuer().unwrap().as_deref(), Some("https://x"));
     }
 
     #[test]
@@ -102,9 +109,20 @@ mod tests {
             "a.b.c.d",
             "!!.!!.!!",
             &format!("{}.{}.x", b64("[]"), b64("{}")),
-            &format!("{}.{}.x", b64(r#"{"alg":"HS256"}"#), b64(r#"{"iss":5}"#)),
         ] {
             assert_eq!(peek(token).unwrap_err().reason, RejectReason::Malformed, "{token:?}");
+        }
+        for token in [
+            format!("{}.{}.x", b64(r#"{"alg":"HS256"}"#), b64(r#"{"iss":5}"#)),
+            format!("{}.!!.x", b64(r#"{"alg":"HS256"}"#)),
+            format!("{}.{}.x", b64(r#"{"alg":"HS256"}"#), b64("[1]")),
+        ] {
+            let peeked = peek(&token).expect("the header is fine");
+            assert_eq!(
+                peeked.issuer().unwrap_err().reason,
+                RejectReason::Malformed,
+                "{token:?}"
+            );
         }
     }
 

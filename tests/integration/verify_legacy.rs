@@ -38,6 +38,32 @@ async fn valid_legacy_token_resolves_to_its_user(db: TestDb) {
     app.shutdown().await;
 }
 
+async fn the_token_cache_may_be_small_or_off(db: TestDb) {
+    for size in [0, 2] {
+        let mut config = legacy_only();
+        config.token_cache_size = size;
+        let app = TestApp::spawn_verifying(db.share(), config).await;
+        let ann = app.legacy_user(&format!("ann{size}@example.com")).await;
+        let bob = app.legacy_user(&format!("bob{size}@example.com")).await;
+        let tokens: Vec<(String, String)> = (0..10)
+            .map(|i| {
+                let user = if i % 2 == 0 { ann } else { bob }.to_string();
+                let mut claims = legacy_claims(&user);
+                claims["jti"] = json!(format!("t{i}"));
+                (legacy(claims), user)
+            })
+            .collect();
+        // Twice over: evicted or never cached, every token still verifies to its own user.
+        for _ in 0..2 {
+            for (token, user) in &tokens {
+                assert_eq!(&accepted(app.verify(token).await).user_id, user, "cache size {size}");
+            }
+        }
+        app.shutdown().await;
+    }
+    drop(db);
+}
+
 async fn every_legacy_rejection_has_its_reason(db: TestDb) {
     let mut config = legacy_only();
     config.legacy.as_mut().unwrap().issuer = Some("leaflock".into());
@@ -354,6 +380,7 @@ async fn hostile_tokens_never_yield_a_principal(db: TestDb) {
 
 crate::backend_tests!(
     valid_legacy_token_resolves_to_its_user,
+    the_token_cache_may_be_small_or_off,
     every_legacy_rejection_has_its_reason,
     configured_audience_is_required,
     revoked_tokens_stop_verifying_everywhere,
