@@ -48,6 +48,11 @@ impl UserCache {
     }
 
     pub async fn by_id(&self, id: UserId) -> Result<Option<Arc<UserRecord>>, DomainError> {
+        if let Some(cache) = &self.by_id
+            && let Some(found) = cache.get(&id).await
+        {
+            return Ok(found);
+        }
         match &self.by_id {
             Some(cache) => cache
                 .try_get_with(id, self.load(UserKey::Id(id)))
@@ -58,6 +63,11 @@ impl UserCache {
     }
 
     pub async fn by_clerk(&self, clerk_user_id: &ClerkUserId) -> Result<Option<Arc<UserRecord>>, DomainError> {
+        if let Some(cache) = &self.by_clerk
+            && let Some(found) = cache.get(clerk_user_id.as_str()).await
+        {
+            return Ok(found);
+        }
         let load = self.load(UserKey::ClerkUserId(clerk_user_id.clone()));
         match &self.by_clerk {
             Some(cache) => cache
