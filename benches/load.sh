@@ -49,16 +49,18 @@ VERIFY_PATH=/identity.v1.IdentityService/VerifyToken
 ECHO_PATH=/control.v1.Echo/Echo
 RAW_PATH=/control.v1.RawVerify/Verify
 
-ADDR_ECHO=127.0.0.1:50161
-ADDR_RAW_RS=127.0.0.1:50162
-ADDR_RAW_HS=127.0.0.1:50163
-ADDR_SQLITE=127.0.0.1:50164
-ADDR_PG=127.0.0.1:50165
-ADDR_STARTUP=127.0.0.1:50171
+# Fixed ports below the kernel's ephemeral range (32768-60999 by default), so an
+# outgoing connection of another program on the machine cannot hold one.
+ADDR_ECHO=127.0.0.1:21161
+ADDR_RAW_RS=127.0.0.1:21162
+ADDR_RAW_HS=127.0.0.1:21163
+ADDR_SQLITE=127.0.0.1:21164
+ADDR_PG=127.0.0.1:21165
+ADDR_STARTUP=127.0.0.1:21171
 # Prometheus endpoints of the identity processes (IDENTITY_METRICS_ADDR), one each.
-METRICS_SQLITE=127.0.0.1:50174
-METRICS_PG=127.0.0.1:50175
-METRICS_STARTUP=127.0.0.1:50176
+METRICS_SQLITE=127.0.0.1:21174
+METRICS_PG=127.0.0.1:21175
+METRICS_STARTUP=127.0.0.1:21176
 
 WORK=$(mktemp -d /tmp/identity-bench.XXXXXX)
 RESULTS=$WORK/results.jsonl

@@ -4,38 +4,119 @@
 //! `IDENTITY_USER_CACHE_SECONDS`. Concurrent misses of one key share one
 //! query, so an expiry under load does not send every caller to the database.
 
-use std::{sync::Arc, time::Duration};
-
-use moka::future::Cache;
+use std::{
+    borrow::Borrow,
+    hash::Hash,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use super::{ClerkUserId, DomainError, UserId};
 use crate::storage::{Storage, UserKey, UserRecord};
 
+const CAPACITY: u64 = 200_000;
+
+/// A look-up result and how long it may be served.
+#[derive(Clone)]
+struct Entry {
+    user: Option<Arc<UserRecord>>,
+    until: Instant,
+}
+
+/// One key space: `fresh` answers hits cheaply (a sharded map, no
+/// bookkeeping per read); `loader` runs one query per key at a time and
+/// hands its result, or its error, to every caller waiting on it.
+struct Tier<K> {
+    fresh: quick_cache::sync::Cache<K, Entry>,
+    loader: moka::future::Cache<K, Entry>,
+}
+
+impl<K> Tier<K>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
+    fn new(ttl: Duration) -> Self {
+        Self {
+            fresh: quick_cache::sync::Cache::new(CAPACITY as usize),
+            loader: moka::future::Cache::builder()
+                .max_capacity(CAPACITY)
+                .time_to_live(ttl)
+                .build(),
+        }
+    }
+
+    async fn get<Q>(
+        &self,
+        key: &Q,
+        ttl: Duration,
+        load: impl Future<Output = Result<Option<Arc<UserRecord>>, DomainError>>,
+    ) -> Result<Option<Arc<UserRecord>>, DomainError>
+    where
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+        K: Borrow<Q>,
+    {
+        let now = Instant::now();
+        if let Some(entry) = self.fresh.get(key)
+            && entry.until > now
+        {
+            return Ok(entry.user);
+        }
+        let entry = self
+            .loader
+            .try_get_with_by_ref(key, async {
+                Ok(Entry {
+                    user: load.await?,
+                    until: Instant::now() + ttl,
+                })
+            })
+            .await
+            .map_err(shared_error)?;
+        self.fresh.insert(key.to_owned(), entry.clone());
+        Ok(entry.user)
+    }
+
+    async fn put(&self, key: K, user: Arc<UserRecord>, ttl: Duration) {
+        let entry = Entry {
+            user: Some(user),
+            until: Instant::now() + ttl,
+        };
+        self.fresh.insert(key.clone(), entry.clone());
+        self.loader.insert(key, entry).await;
+    }
+
+    async fn invalidate<Q>(&self, key: &Q)
+    where
+        Q: Hash + Eq + ?Sized,
+        K: Borrow<Q>,
+    {
+        self.loader.invalidate(key).await;
+        self.fresh.remove(key);
+    }
+}
+
 #[derive(Clone)]
 pub struct UserCache {
     storage: Arc<dyn Storage>,
-    by_id: Option<Cache<UserId, Option<Arc<UserRecord>>>>,
-    by_clerk: Option<Cache<String, Option<Arc<UserRecord>>>>,
+    ttl: Duration,
+    /// `None` when caching is off (a zero TTL).
+    tiers: Option<Arc<(Tier<UserId>, Tier<String>)>>,
 }
 
 impl std::fmt::Debug for UserCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UserCache")
-            .field("enabled", &self.by_id.is_some())
+            .field("enabled", &self.tiers.is_some())
             .finish()
     }
 }
 
-const CAPACITY: u64 = 200_000;
-
 impl UserCache {
     /// `ttl` zero disables caching.
     pub fn new(storage: Arc<dyn Storage>, ttl: Duration) -> Self {
-        let enabled = !ttl.is_zero();
         Self {
             storage,
-            by_id: enabled.then(|| Cache::builder().max_capacity(CAPACITY).time_to_live(ttl).build()),
-            by_clerk: enabled.then(|| Cache::builder().max_capacity(CAPACITY).time_to_live(ttl).build()),
+            ttl,
+            tiers: (!ttl.is_zero()).then(|| Arc::new((Tier::new(ttl), Tier::new(ttl)))),
         }
     }
 
@@ -48,32 +129,17 @@ impl UserCache {
     }
 
     pub async fn by_id(&self, id: UserId) -> Result<Option<Arc<UserRecord>>, DomainError> {
-        if let Some(cache) = &self.by_id
-            && let Some(found) = cache.get(&id).await
-        {
-            return Ok(found);
-        }
-        match &self.by_id {
-            Some(cache) => cache
-                .try_get_with(id, self.load(UserKey::Id(id)))
-                .await
-                .map_err(shared_error),
-            None => self.load(UserKey::Id(id)).await,
+        let load = self.load(UserKey::Id(id));
+        match &self.tiers {
+            Some(tiers) => tiers.0.get(&id, self.ttl, load).await,
+            None => load.await,
         }
     }
 
     pub async fn by_clerk(&self, clerk_user_id: &ClerkUserId) -> Result<Option<Arc<UserRecord>>, DomainError> {
-        if let Some(cache) = &self.by_clerk
-            && let Some(found) = cache.get(clerk_user_id.as_str()).await
-        {
-            return Ok(found);
-        }
         let load = self.load(UserKey::ClerkUserId(clerk_user_id.clone()));
-        match &self.by_clerk {
-            Some(cache) => cache
-                .try_get_with(clerk_user_id.as_str().to_owned(), load)
-                .await
-                .map_err(shared_error),
+        match &self.tiers {
+            Some(tiers) => tiers.1.get(clerk_user_id.as_str(), self.ttl, load).await,
             None => load.await,
         }
     }
@@ -81,22 +147,22 @@ impl UserCache {
     /// Stores a freshly written user under both keys.
     pub async fn put(&self, user: UserRecord) -> Arc<UserRecord> {
         let user = Arc::new(user);
-        if let Some(cache) = &self.by_id {
-            cache.insert(user.id, Some(user.clone())).await;
-        }
-        if let (Some(cache), Some(clerk)) = (&self.by_clerk, &user.clerk_user_id) {
-            cache.insert(clerk.clone(), Some(user.clone())).await;
+        if let Some(tiers) = &self.tiers {
+            tiers.0.put(user.id, user.clone(), self.ttl).await;
+            if let Some(clerk) = &user.clerk_user_id {
+                tiers.1.put(clerk.clone(), user.clone(), self.ttl).await;
+            }
         }
         user
     }
 
     /// Forgets a user after a change made on this replica.
     pub async fn invalidate(&self, id: UserId, clerk_user_id: Option<&str>) {
-        if let Some(cache) = &self.by_id {
-            cache.invalidate(&id).await;
-        }
-        if let (Some(cache), Some(clerk)) = (&self.by_clerk, clerk_user_id) {
-            cache.invalidate(clerk).await;
+        if let Some(tiers) = &self.tiers {
+            tiers.0.invalidate(&id).await;
+            if let Some(clerk) = clerk_user_id {
+                tiers.1.invalidate(clerk).await;
+            }
         }
     }
 }

@@ -1,14 +1,23 @@
 //! The application's own HS-signed JWTs (`sub` = internal user id).
+//!
+//! The payload is read once: before the signature check to route the token
+//! (its `iss`), and trusted only after [`LegacyVerifier::verify`] has checked
+//! the HMAC with a key prepared at start-up.
 
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use aws_lc_rs::hmac;
+use base64::Engine;
+use jsonwebtoken::Algorithm;
 use secrecy::ExposeSecret;
 use serde::Deserialize;
 
-use super::reason::{RejectReason, Rejection, from_jwt_error};
+use super::{
+    reason::{RejectReason, Rejection},
+    token::Peeked,
+};
 use crate::{config::LegacyJwtConfig, domain::UserId};
 
 /// Clock skew tolerated on `exp` and `nbf`.
-const LEEWAY_SECONDS: u64 = 5;
+const LEEWAY_SECONDS: i64 = 5;
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -19,8 +28,14 @@ enum OneOrMany {
 
 #[derive(Debug, Deserialize)]
 struct Claims {
-    sub: String,
-    exp: i64,
+    #[serde(default)]
+    sub: Option<String>,
+    #[serde(default)]
+    exp: Option<i64>,
+    #[serde(default)]
+    nbf: Option<i64>,
+    #[serde(default)]
+    iss: Option<String>,
     #[serde(default)]
     jti: Option<String>,
     #[serde(default)]
@@ -36,71 +51,194 @@ pub(crate) struct LegacyToken {
     pub audiences: Vec<String>,
 }
 
+/// An HS token's claims, read but not yet trusted.
+pub(crate) struct Unverified<'a> {
+    alg: &'a str,
+    message: &'a str,
+    signature: &'a str,
+    claims: Claims,
+}
+
+impl<'a> Unverified<'a> {
+    pub fn read(peeked: &'a Peeked<'a>) -> Result<Self, Rejection> {
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(peeked.payload)
+            .map_err(|_| malformed("payload is not base64url"))?;
+        let claims: Claims = serde_json::from_slice(&payload).map_err(|_| {
+            malformed("claims are malformed (a JSON object with string iss, sub, jti and numeric exp, nbf)")
+        })?;
+        Ok(Self {
+            alg: &peeked.header.alg,
+            message: peeked.message,
+            signature: peeked.signature,
+            claims,
+        })
+    }
+
+    /// The `iss` the token claims (unverified: for routing only).
+    pub fn issuer(&self) -> Option<&str> {
+        self.claims.iss.as_deref()
+    }
+}
+
+fn malformed(message: &str) -> Rejection {
+    Rejection::new(RejectReason::Malformed, message)
+}
+
 pub(crate) struct LegacyVerifier {
     algorithm: Algorithm,
-    key: DecodingKey,
-    validation: Validation,
+    key: hmac::Key,
+    issuer: Option<String>,
+    /// Required in every token when set; without it `aud` is not checked
+    /// here (the caller's expected audience still is, per request).
+    audience: Option<String>,
 }
 
 impl LegacyVerifier {
     pub fn new(config: &LegacyJwtConfig) -> Self {
-        let mut validation = Validation::new(config.algorithm);
-        validation.leeway = LEEWAY_SECONDS;
-        validation.validate_nbf = true;
-        let mut required = vec!["exp", "sub"];
-        if let Some(issuer) = &config.issuer {
-            validation.set_issuer(&[issuer]);
-            required.push("iss");
-        }
-        match &config.audience {
-            Some(audience) => {
-                validation.set_audience(&[audience]);
-                required.push("aud");
-            }
-            // Without a configured audience `aud` is not checked here (the
-            // caller's expected audience still is, per request).
-            None => validation.validate_aud = false,
-        }
-        validation.set_required_spec_claims(&required);
+        let hmac_algorithm = match config.algorithm {
+            Algorithm::HS384 => hmac::HMAC_SHA384,
+            Algorithm::HS512 => hmac::HMAC_SHA512,
+            // The configuration admits HS256, HS384 and HS512 only.
+            _ => hmac::HMAC_SHA256,
+        };
         Self {
             algorithm: config.algorithm,
-            key: DecodingKey::from_secret(config.secret.expose_secret().as_bytes()),
-            validation,
+            key: hmac::Key::new(hmac_algorithm, config.secret.expose_secret().as_bytes()),
+            issuer: config.issuer.clone(),
+            audience: config.audience.clone(),
         }
     }
 
-    pub fn algorithm(&self) -> Algorithm {
-        self.algorithm
-    }
+    /// Checks the algorithm, the signature and the claims; `check_time`
+    /// false skips `exp` and `nbf` (revoking an expired token is harmless,
+    /// and the entry expires with it).
+    pub fn verify(&self, token: Unverified<'_>, check_time: bool) -> Result<LegacyToken, Rejection> {
+        if token.alg.parse::<Algorithm>().ok() != Some(self.algorithm) {
+            return Err(Rejection::new(
+                RejectReason::AlgorithmNotAllowed,
+                "algorithm not allowed",
+            ));
+        }
+        let signature = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token.signature)
+            .map_err(|_| malformed("signature is not base64url"))?;
+        hmac::verify(&self.key, token.message.as_bytes(), &signature)
+            .map_err(|_| Rejection::new(RejectReason::BadSignature, "signature does not verify"))?;
+        let claims = token.claims;
 
-    pub fn verify(&self, token: &str) -> Result<LegacyToken, Rejection> {
-        self.verify_with(token, &self.validation)
-    }
-
-    /// Checks the signature and claims but not the expiry: revoking an
-    /// expired token is harmless, and the entry expires with it.
-    pub fn verify_ignoring_expiry(&self, token: &str) -> Result<LegacyToken, Rejection> {
-        let mut validation = self.validation.clone();
-        validation.validate_exp = false;
-        validation.validate_nbf = false;
-        self.verify_with(token, &validation)
-    }
-
-    fn verify_with(&self, token: &str, validation: &Validation) -> Result<LegacyToken, Rejection> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, validation).map_err(|e| from_jwt_error(&e))?;
-        let claims = data.claims;
-        let user_id = UserId::parse("sub", &claims.sub)
-            .map_err(|_| Rejection::new(RejectReason::Malformed, "sub is not a user id"))?;
+        let exp = claims.exp.ok_or_else(|| malformed("missing claim exp"))?;
+        let sub = claims.sub.ok_or_else(|| malformed("missing claim sub"))?;
+        if self.issuer.is_some() && claims.iss.is_none() {
+            return Err(malformed("missing claim iss"));
+        }
+        if self.audience.is_some() && claims.aud.is_none() {
+            return Err(malformed("missing claim aud"));
+        }
+        if check_time {
+            let now = chrono::Utc::now().timestamp();
+            if exp.saturating_add(LEEWAY_SECONDS) < now {
+                return Err(Rejection::new(RejectReason::Expired, "token has expired"));
+            }
+            if claims.nbf.is_some_and(|nbf| nbf > now.saturating_add(LEEWAY_SECONDS)) {
+                return Err(Rejection::new(
+                    RejectReason::NotYetValid,
+                    "token is not valid yet (nbf)",
+                ));
+            }
+        }
+        if let Some(issuer) = &self.issuer
+            && claims.iss.as_deref() != Some(issuer)
+        {
+            return Err(Rejection::new(RejectReason::Issuer, "issuer is not accepted"));
+        }
         let audiences = match claims.aud {
             None => Vec::new(),
             Some(OneOrMany::One(aud)) => vec![aud],
             Some(OneOrMany::Many(auds)) => auds,
         };
+        if let Some(audience) = &self.audience
+            && !audiences.contains(audience)
+        {
+            return Err(Rejection::new(RejectReason::Audience, "audience is not accepted"));
+        }
+        let user_id =
+            UserId::parse("sub", &sub).map_err(|_| Rejection::new(RejectReason::Malformed, "sub is not a user id"))?;
         Ok(LegacyToken {
             user_id,
             jti: claims.jti.filter(|j| !j.is_empty()),
-            expires_at: claims.exp,
+            expires_at: exp,
             audiences,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use jsonwebtoken::{EncodingKey, Header};
+    use serde_json::json;
+
+    use super::*;
+    use crate::verification::token::peek;
+
+    const SECRET: &str = "unit-test-secret";
+
+    fn verifier(audience: Option<&str>) -> LegacyVerifier {
+        LegacyVerifier::new(&LegacyJwtConfig {
+            secret: SECRET.to_owned().into(),
+            algorithm: Algorithm::HS256,
+            issuer: Some("app".into()),
+            audience: audience.map(str::to_owned),
+        })
+    }
+
+    fn sign(alg: Algorithm, claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(&Header::new(alg), &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
+    }
+
+    fn check(verifier: &LegacyVerifier, token: &str, check_time: bool) -> Result<LegacyToken, RejectReason> {
+        let peeked = peek(token).map_err(|r| r.reason)?;
+        let unverified = Unverified::read(&peeked).map_err(|r| r.reason)?;
+        verifier.verify(unverified, check_time).map_err(|r| r.reason)
+    }
+
+    #[test]
+    fn claims_algorithm_and_signature_are_checked() {
+        let now = chrono::Utc::now().timestamp();
+        let sub = UserId::new_random().to_string();
+        let claims = |extra: serde_json::Value| {
+            let mut c = json!({"sub": sub, "exp": now + 60, "iss": "app", "aud": ["a", "b"]});
+            for (k, v) in extra.as_object().unwrap() {
+                c[k] = v.clone();
+            }
+            c
+        };
+        let plain = verifier(None);
+        let with_aud = verifier(Some("b"));
+        let ok = check(&with_aud, &sign(Algorithm::HS256, claims(json!({}))), true).unwrap();
+        assert_eq!(ok.audiences, ["a", "b"]);
+        assert_eq!(ok.user_id.to_string(), sub);
+        assert_eq!(
+            check(&verifier(Some("c")), &sign(Algorithm::HS256, claims(json!({}))), true).unwrap_err(),
+            RejectReason::Audience
+        );
+        assert_eq!(
+            check(&plain, &sign(Algorithm::HS512, claims(json!({}))), true).unwrap_err(),
+            RejectReason::AlgorithmNotAllowed
+        );
+        let expired = sign(Algorithm::HS256, claims(json!({"exp": now - 60})));
+        assert_eq!(check(&plain, &expired, true).unwrap_err(), RejectReason::Expired);
+        assert!(check(&plain, &expired, false).is_ok(), "revocation ignores expiry");
+        assert_eq!(
+            check(&plain, &sign(Algorithm::HS256, claims(json!({"iss": "other"}))), true).unwrap_err(),
+            RejectReason::Issuer
+        );
+        assert_eq!(
+            check(&plain, &sign(Algorithm::HS256, claims(json!({"exp": "soon"}))), true).unwrap_err(),
+            RejectReason::Malformed
+        );
+        let mut tampered = sign(Algorithm::HS256, claims(json!({})));
+        tampered.push('A');
+        assert_eq!(check(&plain, &tampered, true).unwrap_err(), RejectReason::BadSignature);
     }
 }

@@ -31,7 +31,7 @@ pub use reason::{RejectReason, Rejection};
 use self::{
     clerk::{ClerkFailure, ClerkToken, ClerkVerifier, is_rsa},
     jwks::{Key, KeyStore, RemoteJwks},
-    legacy::{LegacyToken, LegacyVerifier},
+    legacy::{LegacyToken, LegacyVerifier, Unverified},
     principal::PrincipalResolver,
     revocation::RevocationList,
 };
@@ -420,7 +420,7 @@ impl Verifier {
         if token.expires_at.saturating_add(LEGACY_LEEWAY) < Utc::now().timestamp() {
             return Some(Rejection::new(RejectReason::Expired, "token has expired"));
         }
-        if inner.revocations.is_revoked(token.jti.as_deref(), &hex::encode(digest)) {
+        if inner.revocations.is_revoked(token.jti.as_deref(), digest) {
             return Some(Rejection::new(RejectReason::Revoked, "token has been revoked"));
         }
         None
@@ -487,12 +487,12 @@ impl Verifier {
             };
         }
         if matches!(alg, "HS256" | "HS384" | "HS512") {
-            let clerk_issuer = inner.clerk.as_ref().map(|c| c.issuer.as_str());
-            let issuer = match peeked.issuer() {
-                Ok(issuer) => issuer,
+            let unverified = match Unverified::read(&peeked) {
+                Ok(unverified) => unverified,
                 Err(rejection) => return Ok(Err(rejection)),
             };
-            if clerk_issuer.is_some() && issuer.as_deref() == clerk_issuer {
+            let clerk_issuer = inner.clerk.as_ref().map(|c| c.issuer.as_str());
+            if clerk_issuer.is_some() && unverified.issuer() == clerk_issuer {
                 return not_allowed("HMAC token presented to the RSA (Clerk) issuer");
             }
             let Some(legacy) = &inner.legacy else {
@@ -505,10 +505,7 @@ impl Verifier {
             if !mode.accepts_legacy() {
                 return disabled();
             }
-            if alg.parse::<jsonwebtoken::Algorithm>().ok() != Some(legacy.algorithm()) {
-                return not_allowed("algorithm not allowed");
-            }
-            return Ok(legacy.verify(token).map(Verified::Legacy));
+            return Ok(legacy.verify(unverified, true).map(Verified::Legacy));
         }
         not_allowed("algorithm not allowed")
     }
@@ -601,9 +598,11 @@ impl Verifier {
                         "only legacy tokens can be revoked here; end Clerk sessions in Clerk",
                     ));
                 }
-                let verified = legacy.verify_ignoring_expiry(token).map_err(|r| {
-                    DomainError::invalid("token", format!("is not a valid legacy token ({})", r.reason))
-                })?;
+                let invalid =
+                    |r: Rejection| DomainError::invalid("token", format!("is not a valid legacy token ({})", r.reason));
+                let verified = legacy
+                    .verify(Unverified::read(&peeked).map_err(invalid)?, false)
+                    .map_err(invalid)?;
                 let expires_at = DateTime::from_timestamp(verified.expires_at, 0).unwrap_or(DateTime::<Utc>::MAX_UTC);
                 let digest = hex::encode(Sha256::digest(token.as_bytes()));
                 let (jti, token_hash, how) = match verified.jti {

@@ -4,7 +4,10 @@
 
 use std::{
     collections::HashSet,
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use chrono::Utc;
@@ -21,6 +24,8 @@ struct Revoked {
 pub(crate) struct RevocationList {
     storage: Arc<dyn Storage>,
     current: Arc<RwLock<Arc<Revoked>>>,
+    /// Whether `current` holds nothing; written under its write lock.
+    empty: Arc<AtomicBool>,
 }
 
 impl RevocationList {
@@ -28,6 +33,7 @@ impl RevocationList {
         Self {
             storage,
             current: Arc::new(RwLock::new(Arc::new(Revoked::default()))),
+            empty: Arc::new(AtomicBool::new(true)),
         }
     }
 
@@ -38,12 +44,21 @@ impl RevocationList {
             .unwrap_or_else(|p| p.into_inner().clone())
     }
 
-    pub fn is_revoked(&self, jti: Option<&str>, token_hash: &str) -> bool {
-        let revoked = self.snapshot();
-        if revoked.jtis.is_empty() && revoked.hashes.is_empty() {
+    /// `digest` is the token's SHA-256 (stored hex-encoded).
+    pub fn is_revoked(&self, jti: Option<&str>, digest: &[u8; 32]) -> bool {
+        // The common case, nothing revoked, reads one flag and takes no lock.
+        if self.empty.load(Ordering::Acquire) {
             return false;
         }
-        jti.is_some_and(|j| revoked.jtis.contains(j)) || revoked.hashes.contains(token_hash)
+        let revoked = self.snapshot();
+        jti.is_some_and(|j| revoked.jtis.contains(j))
+            || (!revoked.hashes.is_empty() && revoked.hashes.contains(&hex::encode(digest)))
+    }
+
+    fn publish(&self, guard: &mut Arc<Revoked>, next: Revoked) {
+        let empty = next.jtis.is_empty() && next.hashes.is_empty();
+        *guard = Arc::new(next);
+        self.empty.store(empty, Ordering::Release);
     }
 
     /// Applies a revocation made on this replica at once.
@@ -59,7 +74,7 @@ impl RevocationList {
         if let Some(hash) = token_hash {
             next.hashes.insert(hash.to_owned());
         }
-        *guard = Arc::new(next);
+        self.publish(&mut guard, next);
     }
 
     /// Reloads the active revocations from the database.
@@ -75,7 +90,8 @@ impl RevocationList {
             }
         }
         let count = next.jtis.len() + next.hashes.len();
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        let mut guard = self.current.write().unwrap_or_else(|p| p.into_inner());
+        self.publish(&mut guard, next);
         Ok(count)
     }
 
