@@ -271,19 +271,41 @@ wait_quiet() {
 
 H2_HEADERS=(-H 'content-type: application/grpc' -H 'te: trailers' -H "authorization: Bearer $API_KEY")
 
+# The server's own CPU time per request (user + system, from /proc), beside
+# throughput: it does not depend on how the two cores were shared in a run.
+pid_of() { # addr -> pid of the server listening there
+  case $1 in
+    "$ADDR_ECHO") echo "$PID_echo" ;; "$ADDR_RAW_RS") echo "$PID_raw_rs" ;; "$ADDR_RAW_HS") echo "$PID_raw_hs" ;;
+    "$ADDR_SQLITE") echo "$PID_sqlite" ;; "$ADDR_PG") echo "$PID_postgres" ;;
+  esac
+}
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+CLK_TCK=$(getconf CLK_TCK)
+with_cpu() { # pid ticks-before requests; stdin: one JSON result -> the same with server_cpu_us
+  local result after
+  result=$(cat) # the run has ended once its result is read
+  after=$(cpu_ticks "$1")
+  echo "$result" | python3 -c 'import json, sys
+r = json.loads(sys.stdin.read())
+r["server_cpu_us"] = (int(sys.argv[2]) - int(sys.argv[1])) * 1e6 / int(sys.argv[3]) / int(sys.argv[4])
+print(json.dumps(r))' "$2" "$after" "$CLK_TCK" "$3"
+}
+
 h2() { # label addr path body n c m
-  local label=$1 addr=$2 path=$3 body=$4 n=$5 c=$6 m=$7
+  local label=$1 addr=$2 path=$3 body=$4 n=$5 c=$6 m=$7 pid t0
   wait_quiet
   rm -f "$WORK/h2.log"
+  pid=$(pid_of "$addr"); t0=$(cpu_ticks "$pid")
   "${CLIENT_PIN[@]}" h2load -n "$n" -c "$c" -m "$m" -t 1 -d "$body" "${H2_HEADERS[@]}" \
     --log-file="$WORK/h2.log" "http://$addr$path" >"$WORK/h2.out" 2>&1 || { cat "$WORK/h2.out"; die "h2load failed: $label"; }
-  python3 "$ROOT/benches/report.py" h2load "$label" "$WORK/h2.out" "$WORK/h2.log" | tee -a "$RESULTS" | summarize
+  python3 "$ROOT/benches/report.py" h2load "$label" "$WORK/h2.out" "$WORK/h2.log" | with_cpu "$pid" "$t0" "$n" | tee -a "$RESULTS" | summarize
 }
 bt() { # label addr path frames offset n c m
-  local label=$1 addr=$2 path=$3 frames=$4 offset=$5 n=$6 c=$7 m=$8
+  local label=$1 addr=$2 path=$3 frames=$4 offset=$5 n=$6 c=$7 m=$8 pid t0
   wait_quiet
+  pid=$(pid_of "$addr"); t0=$(cpu_ticks "$pid")
   "${TOOL[@]}" load --label "$label" --addr "$addr" --path "$path" --frames "$frames" --offset "$offset" \
-    -n "$n" -c "$c" -m "$m" --api-key "$API_KEY" | tee -a "$RESULTS" | summarize
+    -n "$n" -c "$c" -m "$m" --api-key "$API_KEY" | with_cpu "$pid" "$t0" "$n" | tee -a "$RESULTS" | summarize
 }
 summarize() { python3 "$ROOT/benches/report.py" line; }
 

@@ -83,16 +83,20 @@ def summary(results_file):
         runs = by_case.get((case, load))
         return statistics.median(r[key] for r in runs) if runs else None
 
+    def cpu_cell(case, load):
+        runs = [r["server_cpu_us"] for r in by_case.get((case, load), []) if "server_cpu_us" in r]
+        return f"{statistics.median(runs):.1f}" if runs else "-"
+
     print("### Throughput and latency per case (median of the rounds; each round is one run)\n")
-    print("| case | load | tool | runs | req/s (median) | req/s (min-max) | p50 µs | p90 µs | p99 µs | failed |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| case | load | tool | runs | req/s (median) | req/s (min-max) | p50 µs | p90 µs | p99 µs | server CPU µs/req | failed |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for (case, load), runs in sorted(by_case.items(), key=lambda kv: (kv[0][1] != "high", kv[0][0])):
         rps = [r["rps"] for r in runs]
         failed = sum(r["requests"] - r["ok"] for r in runs)
         print(
             f"| {case} | {load} | {runs[0]['tool']} | {len(runs)} | {statistics.median(rps):,.0f} | "
             f"{min(rps):,.0f}-{max(rps):,.0f} | {med(case, load, 'p50_us'):,.0f} | {med(case, load, 'p90_us'):,.0f} | "
-            f"{med(case, load, 'p99_us'):,.0f} | {failed} |"
+            f"{med(case, load, 'p99_us'):,.0f} | {cpu_cell(case, load)} | {failed} |"
         )
 
     def per_round(num, den, key, load="high"):
@@ -145,6 +149,20 @@ def summary(results_file):
         a, b = med(num, "high", "rps"), med(den, "high", "rps")
         if a and b:
             print(f"- {title}: {a / b:.2f}")
+    # The same comparisons by the servers' own CPU time per request (control ÷ service,
+    # so above 1 the service costs less), which does not depend on how the cores were shared.
+    cpu_info = [
+        ("new RS256 Clerk token per call, raw-verify control CPU ÷ service CPU", "clerk-cold", "raw-rs256/benchtool"),
+        ("new legacy token per call, raw HS256 control CPU ÷ service CPU", "legacy-fresh", "raw-hs256/benchtool"),
+        ("new legacy token per call, echo CPU ÷ service CPU", "legacy-fresh", "echo/benchtool"),
+        ("repeated Clerk token, echo CPU ÷ service CPU (h2load)", "clerk-repeated", "echo/h2load"),
+    ]
+    for title, case, control in cpu_info:
+        for db in ("sqlite", "postgres"):
+            a = med(f"{db}/{case}", "high", "server_cpu_us") if all("server_cpu_us" in r for r in by_case.get((f"{db}/{case}", "high"), [{}])) else None
+            b = med(control, "high", "server_cpu_us") if all("server_cpu_us" in r for r in by_case.get((control, "high"), [{}])) else None
+            if a and b:
+                print(f"- {db}: {title}: {b / a:.2f} ({b:.1f} vs {a:.1f} µs per request)")
 
     for record in other:
         kind = record.get("kind")
