@@ -3,7 +3,7 @@
 //! - `verify/legacy_hs256_cold`: a legacy token never seen before (routing,
 //!   HS256 signature and claims, cache insert, principal from the user cache);
 //! - `verify/legacy_hs256_cold_full_cache`: the same against a verifier whose
-//!   token cache is full (the default 100,000 entries), so every insert also
+//!   token cache is full (the default 50,000 entries), so every insert also
 //!   evicts: the steady state of a replica that sees new tokens all the time;
 //! - `verify/clerk_rs256_cold`: a new Clerk RS256 session token
 //!   (networkless key from a PEM) whose Clerk user is mapped;
