@@ -29,6 +29,7 @@ struct Entry {
 struct Tier<K> {
     fresh: quick_cache::sync::Cache<K, Entry>,
     loader: moka::future::Cache<K, Entry>,
+    ttl: Duration,
 }
 
 impl<K> Tier<K>
@@ -42,13 +43,13 @@ where
                 .max_capacity(CAPACITY)
                 .time_to_live(ttl)
                 .build(),
+            ttl,
         }
     }
 
     async fn get<Q>(
         &self,
         key: &Q,
-        ttl: Duration,
         load: impl Future<Output = Result<Option<Arc<UserRecord>>, DomainError>>,
     ) -> Result<Option<Arc<UserRecord>>, DomainError>
     where
@@ -66,7 +67,7 @@ where
             .try_get_with_by_ref(key, async {
                 Ok(Entry {
                     user: load.await?,
-                    until: Instant::now() + ttl,
+                    until: Instant::now() + self.ttl,
                 })
             })
             .await
@@ -75,10 +76,10 @@ where
         Ok(entry.user)
     }
 
-    async fn put(&self, key: K, user: Arc<UserRecord>, ttl: Duration) {
+    async fn put(&self, key: K, user: Arc<UserRecord>) {
         let entry = Entry {
             user: Some(user),
-            until: Instant::now() + ttl,
+            until: Instant::now() + self.ttl,
         };
         self.fresh.insert(key.clone(), entry.clone());
         self.loader.insert(key, entry).await;
@@ -97,7 +98,6 @@ where
 #[derive(Clone)]
 pub struct UserCache {
     storage: Arc<dyn Storage>,
-    ttl: Duration,
     /// `None` when caching is off (a zero TTL).
     tiers: Option<Arc<(Tier<UserId>, Tier<String>)>>,
 }
@@ -115,7 +115,6 @@ impl UserCache {
     pub fn new(storage: Arc<dyn Storage>, ttl: Duration) -> Self {
         Self {
             storage,
-            ttl,
             tiers: (!ttl.is_zero()).then(|| Arc::new((Tier::new(ttl), Tier::new(ttl)))),
         }
     }
@@ -131,7 +130,7 @@ impl UserCache {
     pub async fn by_id(&self, id: UserId) -> Result<Option<Arc<UserRecord>>, DomainError> {
         let load = self.load(UserKey::Id(id));
         match &self.tiers {
-            Some(tiers) => tiers.0.get(&id, self.ttl, load).await,
+            Some(tiers) => tiers.0.get(&id, load).await,
             None => load.await,
         }
     }
@@ -139,7 +138,7 @@ impl UserCache {
     pub async fn by_clerk(&self, clerk_user_id: &ClerkUserId) -> Result<Option<Arc<UserRecord>>, DomainError> {
         let load = self.load(UserKey::ClerkUserId(clerk_user_id.clone()));
         match &self.tiers {
-            Some(tiers) => tiers.1.get(clerk_user_id.as_str(), self.ttl, load).await,
+            Some(tiers) => tiers.1.get(clerk_user_id.as_str(), load).await,
             None => load.await,
         }
     }
@@ -148,9 +147,9 @@ impl UserCache {
     pub async fn put(&self, user: UserRecord) -> Arc<UserRecord> {
         let user = Arc::new(user);
         if let Some(tiers) = &self.tiers {
-            tiers.0.put(user.id, user.clone(), self.ttl).await;
+            tiers.0.put(user.id, user.clone()).await;
             if let Some(clerk) = &user.clerk_user_id {
-                tiers.1.put(clerk.clone(), user.clone(), self.ttl).await;
+                tiers.1.put(clerk.clone(), user.clone()).await;
             }
         }
         user

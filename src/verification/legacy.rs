@@ -11,13 +11,13 @@ use secrecy::ExposeSecret;
 use serde::Deserialize;
 
 use super::{
-    reason::{RejectReason, Rejection},
+    reason::{RejectReason, Rejection, outside_validity},
     token::Peeked,
 };
 use crate::{config::LegacyJwtConfig, domain::UserId};
 
 /// Clock skew tolerated on `exp` and `nbf`.
-const LEEWAY_SECONDS: i64 = 5;
+pub(crate) const LEEWAY_SECONDS: i64 = 5;
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -61,17 +61,11 @@ pub(crate) struct Unverified<'a> {
 
 impl<'a> Unverified<'a> {
     pub fn read(peeked: &'a Peeked<'a>) -> Result<Self, Rejection> {
-        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(peeked.payload)
-            .map_err(|_| malformed("payload is not base64url"))?;
-        let claims: Claims = serde_json::from_slice(&payload).map_err(|_| {
-            malformed("claims are malformed (a JSON object with string iss, sub, jti and numeric exp, nbf)")
-        })?;
         Ok(Self {
             alg: &peeked.header.alg,
             message: peeked.message,
             signature: peeked.signature,
-            claims,
+            claims: peeked.claims()?,
         })
     }
 
@@ -135,17 +129,10 @@ impl LegacyVerifier {
         if self.audience.is_some() && claims.aud.is_none() {
             return Err(malformed("missing claim aud"));
         }
-        if check_time {
-            let now = chrono::Utc::now().timestamp();
-            if exp.saturating_add(LEEWAY_SECONDS) < now {
-                return Err(Rejection::new(RejectReason::Expired, "token has expired"));
-            }
-            if claims.nbf.is_some_and(|nbf| nbf > now.saturating_add(LEEWAY_SECONDS)) {
-                return Err(Rejection::new(
-                    RejectReason::NotYetValid,
-                    "token is not valid yet (nbf)",
-                ));
-            }
+        if check_time
+            && let Some(rejection) = outside_validity(exp, claims.nbf, LEEWAY_SECONDS, chrono::Utc::now().timestamp())
+        {
+            return Err(rejection);
         }
         if let Some(issuer) = &self.issuer
             && claims.iss.as_deref() != Some(issuer)

@@ -26,6 +26,7 @@ use tokio::sync::watch;
 pub use clerk::Organization;
 pub use jwks::JwksStats;
 pub use principal::{AuthMethod, Principal};
+use reason::outside_validity;
 pub use reason::{RejectReason, Rejection};
 
 use self::{
@@ -123,8 +124,6 @@ pub enum RevokeTarget {
     },
 }
 
-/// Legacy `exp` leeway, as in the legacy verifier.
-const LEGACY_LEEWAY: i64 = 5;
 const MAX_JTI_LEN: usize = 256;
 
 struct Inner {
@@ -417,8 +416,10 @@ impl Verifier {
                 "legacy tokens are not accepted",
             ));
         }
-        if token.expires_at.saturating_add(LEGACY_LEEWAY) < Utc::now().timestamp() {
-            return Some(Rejection::new(RejectReason::Expired, "token has expired"));
+        if let Some(rejection) =
+            outside_validity(token.expires_at, None, legacy::LEEWAY_SECONDS, Utc::now().timestamp())
+        {
+            return Some(rejection);
         }
         if inner.revocations.is_revoked(token.jti.as_deref(), digest) {
             return Some(Rejection::new(RejectReason::Revoked, "token has been revoked"));
@@ -434,18 +435,8 @@ impl Verifier {
                 "Clerk tokens are not accepted",
             ));
         }
-        let now = Utc::now().timestamp();
         let leeway = inner.clerk.as_ref().map(|c| c.leeway).unwrap_or(5);
-        if token.expires_at.saturating_add(leeway) < now {
-            return Some(Rejection::new(RejectReason::Expired, "token has expired"));
-        }
-        if token.not_before.is_some_and(|nbf| nbf > now.saturating_add(leeway)) {
-            return Some(Rejection::new(
-                RejectReason::NotYetValid,
-                "token is not valid yet (nbf)",
-            ));
-        }
-        None
+        outside_validity(token.expires_at, token.not_before, leeway, Utc::now().timestamp())
     }
 
     /// Routes by header and `iss` (never by anything the token points to)
@@ -477,7 +468,7 @@ impl Verifier {
             if !mode.accepts_clerk() {
                 return disabled();
             }
-            return match clerk.verify(token, &peeked.header).await {
+            return match clerk.verify(&peeked).await {
                 Ok(verified) => Ok(Ok(Verified::Clerk(verified))),
                 Err(ClerkFailure::Rejected(rejection)) => Ok(Err(rejection)),
                 Err(ClerkFailure::KeysUnavailable) => Err(DomainError::Unavailable {

@@ -80,6 +80,21 @@ impl Rejection {
     }
 }
 
+/// `exp` and `nbf` against `now` (Unix seconds) with the given leeway
+/// (jsonwebtoken's rule): why a token is outside its validity window, if it is.
+pub(crate) fn outside_validity(expires_at: i64, not_before: Option<i64>, leeway: i64, now: i64) -> Option<Rejection> {
+    if expires_at.saturating_add(leeway) < now {
+        return Some(Rejection::new(RejectReason::Expired, "token has expired"));
+    }
+    if not_before.is_some_and(|nbf| nbf > now.saturating_add(leeway)) {
+        return Some(Rejection::new(
+            RejectReason::NotYetValid,
+            "token is not valid yet (nbf)",
+        ));
+    }
+    None
+}
+
 /// Maps jsonwebtoken's validation errors onto reasons.
 pub(crate) fn from_jwt_error(err: &jsonwebtoken::errors::Error) -> Rejection {
     use jsonwebtoken::errors::ErrorKind as K;

@@ -1,10 +1,10 @@
 //! Reading just enough of an untrusted token to route it: the header's
-//! `alg`, `kid`, `typ` and `cat`, and (for HMAC tokens only) the payload's
-//! `iss`. Nothing read here is trusted beyond choosing a verifier; `jku`,
-//! `x5u` and `jwk` are never read.
+//! `alg`, `kid`, `typ` and `cat`, and the token's three parts. Nothing read
+//! here is trusted beyond choosing a verifier; `jku`, `x5u` and `jwk` are
+//! never read. The verifier the header routes to reads the claims, once.
 
 use base64::Engine;
-use serde::Deserialize;
+use serde::{Deserialize, de::DeserializeOwned};
 
 use super::reason::{RejectReason, Rejection};
 
@@ -28,6 +28,17 @@ pub(crate) struct Peeked<'a> {
     pub message: &'a str,
     pub payload: &'a str,
     pub signature: &'a str,
+}
+
+impl Peeked<'_> {
+    /// The payload decoded into the verifier's claims (not trusted until
+    /// the verifier has checked the signature).
+    pub fn claims<T: DeserializeOwned>(&self) -> Result<T, Rejection> {
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(self.payload)
+            .map_err(|_| malformed("payload is not base64url"))?;
+        serde_json::from_slice(&payload).map_err(|_| malformed("claims are missing or malformed"))
+    }
 }
 
 /// Strips an optional `Bearer ` prefix and surrounding whitespace.
