@@ -83,9 +83,13 @@ def summary(results_file):
         runs = by_case.get((case, load))
         return statistics.median(r[key] for r in runs) if runs else None
 
-    def cpu_cell(case, load):
+    def cpu_med(case, load):
         runs = [r["server_cpu_us"] for r in by_case.get((case, load), []) if "server_cpu_us" in r]
-        return f"{statistics.median(runs):.1f}" if runs else "-"
+        return statistics.median(runs) if runs else None
+
+    def cpu_cell(case, load):
+        value = cpu_med(case, load)
+        return "-" if value is None else f"{value:.1f}"
 
     print("### Throughput and latency per case (median of the rounds; each round is one run)\n")
     print("| case | load | tool | runs | req/s (median) | req/s (min-max) | p50 µs | p90 µs | p99 µs | server CPU µs/req | failed |")
@@ -159,8 +163,7 @@ def summary(results_file):
     ]
     for title, case, control in cpu_info:
         for db in ("sqlite", "postgres"):
-            a = med(f"{db}/{case}", "high", "server_cpu_us") if all("server_cpu_us" in r for r in by_case.get((f"{db}/{case}", "high"), [{}])) else None
-            b = med(control, "high", "server_cpu_us") if all("server_cpu_us" in r for r in by_case.get((control, "high"), [{}])) else None
+            a, b = cpu_med(f"{db}/{case}", "high"), cpu_med(control, "high")
             if a and b:
                 print(f"- {db}: {title}: {b / a:.2f} ({b:.1f} vs {a:.1f} µs per request)")
 

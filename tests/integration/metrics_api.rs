@@ -114,31 +114,29 @@ async fn stats_are_exact_and_cluster_wide(db: TestDb) {
     a.shutdown().await;
 }
 
-async fn streams_push_snapshots_and_end_cleanly(db: TestDb) {
-    let app = TestApp::spawn(db).await;
-    let mut client = app.migration(&app.verify_key);
-    // With an hour between snapshots, the first can only come at once.
-    let mut hourly = client
+/// Opens StreamMigrationMetrics with the verify key.
+async fn open_stream(app: &TestApp, interval_seconds: u32) -> tonic::Streaming<pb::StreamMigrationMetricsResponse> {
+    app.migration(&app.verify_key)
         .stream_migration_metrics(StreamMigrationMetricsRequest {
-            interval_seconds: 3600,
+            interval_seconds,
             ..Default::default()
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+}
+
+async fn streams_push_snapshots_and_end_cleanly(db: TestDb) {
+    let app = TestApp::spawn(db).await;
+    let mut client = app.migration(&app.verify_key);
+    // With an hour between snapshots, the first can only come at once.
+    let mut hourly = open_stream(&app, 3600).await;
     let first = tokio::time::timeout(Duration::from_secs(10), hourly.next())
         .await
         .expect("first snapshot at once");
     assert!(first.unwrap().unwrap().stats.is_some());
     drop(hourly);
-    let mut stream = client
-        .stream_migration_metrics(StreamMigrationMetricsRequest {
-            interval_seconds: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = open_stream(&app, 1).await;
     let first = stream.next().await.unwrap().unwrap().stats.unwrap();
     assert_eq!(first.total_users, 0);
     app.legacy_user("ann@example.com").await;
@@ -199,15 +197,7 @@ async fn a_thousand_cancelled_streams_leave_nothing_behind(db: TestDb) {
     let metrics = tokio::runtime::Handle::current().metrics();
     // Warm up one stream so lazily started tasks exist before the baseline.
     {
-        let mut stream = app
-            .migration(&app.verify_key)
-            .stream_migration_metrics(StreamMigrationMetricsRequest {
-                interval_seconds: 3600,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut stream = open_stream(&app, 3600).await;
         stream.next().await.unwrap().unwrap();
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -215,15 +205,7 @@ async fn a_thousand_cancelled_streams_leave_nothing_behind(db: TestDb) {
     for _ in 0..10 {
         let mut streams = Vec::new();
         for _ in 0..100 {
-            let mut stream = app
-                .migration(&app.verify_key)
-                .stream_migration_metrics(StreamMigrationMetricsRequest {
-                    interval_seconds: 3600,
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner();
+            let mut stream = open_stream(&app, 3600).await;
             stream.next().await.unwrap().unwrap();
             streams.push(stream);
         }
