@@ -146,10 +146,14 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
     tokio::spawn(OutboxWorker::new(storage.clone(), mailer, config.mail.clone()).run(stop_rx.clone()));
     tokio::spawn(shrink_rate_limits(invitations.clone(), stop_rx.clone()));
     tokio::spawn(stats.clone().run_flusher(config.stats_flush, stop_rx.clone()));
-    tokio::spawn(prometheus::run_upkeep(stop_rx.clone()));
+    let grpc_metrics = prometheus::GrpcMetricsLayer::default();
+    let exposition = prometheus::Exposition {
+        auth: recorder.clone(),
+        grpc: grpc_metrics.clone(),
+    };
     let metrics_addr = match config.metrics_addr {
         Some(addr) if exporting => Some(
-            prometheus::serve(addr, stop_rx.clone())
+            prometheus::serve(addr, exposition, stop_rx.clone())
                 .await
                 .map_err(|source| StartError::Bind { addr, source })?,
         ),
@@ -200,7 +204,7 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
     let mut shutdown_rx = stop_rx;
     let drain_reporter = reporter.clone();
     let router = tonic::transport::Server::builder()
-        .layer(prometheus::GrpcMetricsLayer::default())
+        .layer(grpc_metrics)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

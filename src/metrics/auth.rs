@@ -6,12 +6,15 @@ use std::{
     collections::HashMap,
     sync::{
         Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
 };
 
 use chrono::Utc;
+use thread_local::ThreadLocal;
+
+use super::per_thread::PerThreadCounters;
 
 use crate::{
     domain::UserId,
@@ -101,40 +104,41 @@ struct Activity {
     legacy_while_migrated: i64,
 }
 
-/// Prometheus handles, registered once: looking a labelled metric up by
-/// name on every call costs more than recording it.
-struct Exported {
-    verifications: [[::metrics::Counter; OUTCOMES.len()]; METHODS.len()],
-    durations: [::metrics::Histogram; METHODS.len()],
-    /// Token cache misses, hits.
-    token_cache: [::metrics::Counter; 2],
-}
+/// Where each figure lives in the per-thread cells.
+mod cell {
+    use super::{LATENCY_BOUNDS_US, METHODS, OUTCOMES};
 
-impl Exported {
-    /// Registers with the global recorder installed now (none: no-op handles).
-    fn register() -> Self {
-        Self {
-            verifications: std::array::from_fn(|m| {
-                std::array::from_fn(
-                    |o| ::metrics::counter!("identity_verifications_total", "method" => METHODS[m], "outcome" => OUTCOMES[o]),
-                )
-            }),
-            durations: std::array::from_fn(
-                |m| ::metrics::histogram!("identity_verification_duration_seconds", "method" => METHODS[m]),
-            ),
-            token_cache: [
-                ::metrics::counter!("identity_token_cache_requests_total", "result" => "miss"),
-                ::metrics::counter!("identity_token_cache_requests_total", "result" => "hit"),
-            ],
-        }
+    const LATENCY: usize = METHODS.len() * OUTCOMES.len();
+    const SUM_NANOS: usize = LATENCY + METHODS.len() * LATENCY_BOUNDS_US.len();
+    const TOKEN_CACHE: usize = SUM_NANOS + METHODS.len();
+    pub const COUNT: usize = TOKEN_CACHE + 2;
+
+    pub fn outcome(method: usize, outcome: usize) -> usize {
+        method * OUTCOMES.len() + outcome
+    }
+    pub fn latency(method: usize, slot: usize) -> usize {
+        LATENCY + method * LATENCY_BOUNDS_US.len() + slot
+    }
+    pub fn sum_nanos(method: usize) -> usize {
+        SUM_NANOS + method
+    }
+    /// Token cache misses (0) and hits (1).
+    pub fn token_cache(hit: bool) -> usize {
+        TOKEN_CACHE + usize::from(hit)
     }
 }
 
+/// Verification figures of one server. Counted per thread on the hot path
+/// (see [`PerThreadCounters`]); Prometheus reads the running totals, and
+/// each flush takes what was added since the last one.
 pub struct AuthRecorder {
-    counts: [[AtomicU64; OUTCOMES.len()]; METHODS.len()],
-    latency: [AtomicU64; LATENCY_BOUNDS_US.len()],
-    activity: Mutex<HashMap<UserId, Activity>>,
-    exported: Exported,
+    cells: PerThreadCounters<{ cell::COUNT }>,
+    /// The totals the last successful flush took.
+    flushed: Mutex<[u64; cell::COUNT]>,
+    /// Users seen since the last flush, per thread (each thread locks only its own map).
+    activity: ThreadLocal<Mutex<HashMap<UserId, Activity>>>,
+    /// Entries in all the activity maps, bounded by [`MAX_ACTIVITY_USERS`].
+    activity_entries: AtomicUsize,
 }
 
 impl std::fmt::Debug for AuthRecorder {
@@ -146,10 +150,10 @@ impl std::fmt::Debug for AuthRecorder {
 impl Default for AuthRecorder {
     fn default() -> Self {
         Self {
-            counts: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
-            latency: std::array::from_fn(|_| AtomicU64::new(0)),
-            activity: Mutex::new(HashMap::new()),
-            exported: Exported::register(),
+            cells: PerThreadCounters::default(),
+            flushed: Mutex::new([0; cell::COUNT]),
+            activity: ThreadLocal::new(),
+            activity_entries: AtomicUsize::new(0),
         }
     }
 }
@@ -163,6 +167,10 @@ pub fn slot(elapsed: Duration) -> usize {
         .unwrap_or(LATENCY_BOUNDS_US.len() - 1)
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl AuthRecorder {
     /// Records one verification. `user` is the principal's user, with
     /// whether a legacy token was used although the user is migrated.
@@ -174,17 +182,24 @@ impl AuthRecorder {
         user: Option<(UserId, bool)>,
     ) {
         let m = method_index(method);
-        let o = outcome.index();
-        self.counts[m][o].fetch_add(1, Ordering::Relaxed);
-        self.latency[slot(elapsed)].fetch_add(1, Ordering::Relaxed);
-        self.exported.verifications[m][o].increment(1);
-        self.exported.durations[m].record(elapsed.as_secs_f64());
+        self.cells.add(cell::outcome(m, outcome.index()), 1);
+        self.cells.add(cell::latency(m, slot(elapsed)), 1);
+        self.cells.add(
+            cell::sum_nanos(m),
+            u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
+        );
         if let (Some((user_id, migrated)), Some(method)) = (user, method) {
-            let mut activity = self.activity.lock().unwrap_or_else(|p| p.into_inner());
-            if activity.len() >= MAX_ACTIVITY_USERS && !activity.contains_key(&user_id) {
-                return;
-            }
-            let entry = activity.entry(user_id).or_default();
+            let mut activity = lock(self.activity.get_or_default());
+            let entry = match activity.get_mut(&user_id) {
+                Some(entry) => entry,
+                None => {
+                    if self.activity_entries.load(Ordering::Relaxed) >= MAX_ACTIVITY_USERS {
+                        return;
+                    }
+                    self.activity_entries.fetch_add(1, Ordering::Relaxed);
+                    activity.entry(user_id).or_default()
+                }
+            };
             match method {
                 AuthMethod::LegacyJwt => {
                     entry.legacy += 1;
@@ -199,7 +214,7 @@ impl AuthRecorder {
 
     /// Counts a token cache look-up (Prometheus only).
     pub fn token_cache(&self, hit: bool) {
-        self.exported.token_cache[usize::from(hit)].increment(1);
+        self.cells.add(cell::token_cache(hit), 1);
     }
 
     /// Takes everything recorded since the last call, bucketed at the current minute.
@@ -207,52 +222,117 @@ impl AuthRecorder {
         let now = Utc::now().timestamp();
         let bucket = now - now.rem_euclid(60);
         let day = now.div_euclid(86_400);
+        let totals = self.cells.sum();
+        let since = {
+            let mut flushed = lock(&self.flushed);
+            let since: [u64; cell::COUNT] = std::array::from_fn(|i| totals[i].wrapping_sub(flushed[i]));
+            *flushed = totals;
+            since
+        };
         let mut flush = AuthFlush::default();
-        for (m, row) in self.counts.iter().enumerate() {
-            for (o, cell) in row.iter().enumerate() {
-                let n = cell.swap(0, Ordering::Relaxed);
+        for (m, method) in METHODS.iter().enumerate() {
+            for (o, outcome) in OUTCOMES.iter().enumerate() {
+                let n = since[cell::outcome(m, o)];
                 if n > 0 {
                     flush
                         .counts
-                        .push((bucket, METHODS[m].to_owned(), OUTCOMES[o].to_owned(), n as i64));
+                        .push((bucket, (*method).to_owned(), (*outcome).to_owned(), n as i64));
                 }
             }
         }
-        for (slot, cell) in self.latency.iter().enumerate() {
-            let n = cell.swap(0, Ordering::Relaxed);
+        for slot in 0..LATENCY_BOUNDS_US.len() {
+            let n: u64 = (0..METHODS.len()).map(|m| since[cell::latency(m, slot)]).sum();
             if n > 0 {
                 flush.latency.push((bucket, slot as i32, n as i64));
             }
         }
-        let activity = std::mem::take(&mut *self.activity.lock().unwrap_or_else(|p| p.into_inner()));
-        flush.activity = activity
+        let mut users: HashMap<UserId, Activity> = HashMap::new();
+        for map in self.activity.iter() {
+            let drained = std::mem::take(&mut *lock(map));
+            self.activity_entries.fetch_sub(drained.len(), Ordering::Relaxed);
+            for (user, a) in drained {
+                let entry = users.entry(user).or_default();
+                entry.legacy += a.legacy;
+                entry.clerk += a.clerk;
+                entry.legacy_while_migrated += a.legacy_while_migrated;
+            }
+        }
+        flush.activity = users
             .into_iter()
             .map(|(user, a)| (user, day, a.legacy, a.clerk, a.legacy_while_migrated))
             .collect();
         flush
     }
 
-    /// Puts figures back after a failed flush, so nothing is lost.
+    /// Puts figures back after a failed flush, so nothing is lost: the next
+    /// flush takes them again.
     pub fn restore(&self, flush: AuthFlush) {
-        for (_, method, outcome, n) in flush.counts {
-            let m = METHODS.iter().position(|x| *x == method).unwrap_or(2);
-            let o = OUTCOMES
-                .iter()
-                .position(|x| *x == outcome)
-                .unwrap_or(OUTCOMES.len() - 1);
-            self.counts[m][o].fetch_add(n as u64, Ordering::Relaxed);
-        }
-        for (_, slot, n) in flush.latency {
-            if let Some(cell) = self.latency.get(slot as usize) {
-                cell.fetch_add(n as u64, Ordering::Relaxed);
+        {
+            let mut flushed = lock(&self.flushed);
+            for (_, method, outcome, n) in &flush.counts {
+                let m = METHODS.iter().position(|x| x == method).unwrap_or(2);
+                let o = OUTCOMES.iter().position(|x| x == outcome).unwrap_or(OUTCOMES.len() - 1);
+                let i = cell::outcome(m, o);
+                flushed[i] = flushed[i].wrapping_sub(*n as u64);
+            }
+            // The flush sums latency over methods; put it back under the first
+            // method that has that much (only the per-slot sums are flushed).
+            for (_, slot, n) in &flush.latency {
+                let Ok(slot) = usize::try_from(*slot) else { continue };
+                if slot >= LATENCY_BOUNDS_US.len() {
+                    continue;
+                }
+                let mut left = *n as u64;
+                for m in 0..METHODS.len() {
+                    let i = cell::latency(m, slot);
+                    let back = left.min(flushed[i]);
+                    flushed[i] -= back;
+                    left -= back;
+                }
             }
         }
-        let mut activity = self.activity.lock().unwrap_or_else(|p| p.into_inner());
+        let mut activity = lock(self.activity.get_or_default());
         for (user, _, legacy, clerk, lwm) in flush.activity {
-            let entry = activity.entry(user).or_default();
+            let entry = activity.entry(user).or_insert_with(|| {
+                self.activity_entries.fetch_add(1, Ordering::Relaxed);
+                Activity::default()
+            });
             entry.legacy += legacy;
             entry.clerk += clerk;
             entry.legacy_while_migrated += lwm;
+        }
+    }
+
+    /// Appends the verification figures in the Prometheus text format.
+    pub fn render_prometheus(&self, out: &mut super::prometheus::Text) {
+        let totals = self.cells.sum();
+        out.family("identity_verifications_total", "counter");
+        for (m, method) in METHODS.iter().enumerate() {
+            for (o, outcome) in OUTCOMES.iter().enumerate() {
+                out.sample(
+                    "identity_verifications_total",
+                    &[("method", method), ("outcome", outcome)],
+                    totals[cell::outcome(m, o)],
+                );
+            }
+        }
+        out.family("identity_verification_duration_seconds", "histogram");
+        for (m, method) in METHODS.iter().enumerate() {
+            let slots: [u64; LATENCY_BOUNDS_US.len()] = std::array::from_fn(|s| totals[cell::latency(m, s)]);
+            out.histogram(
+                "identity_verification_duration_seconds",
+                &[("method", method)],
+                &slots,
+                totals[cell::sum_nanos(m)],
+            );
+        }
+        out.family("identity_token_cache_requests_total", "counter");
+        for (hit, result) in [(false, "miss"), (true, "hit")] {
+            out.sample(
+                "identity_token_cache_requests_total",
+                &[("result", result)],
+                totals[cell::token_cache(hit)],
+            );
         }
     }
 }

@@ -1,8 +1,13 @@
 //! Prometheus text exposition on its own HTTP port (`IDENTITY_METRICS_ADDR`),
 //! and the gRPC layer that counts requests by service, method and code.
+//!
+//! Figures counted on every call (gRPC requests, verifications) are kept in
+//! per-thread counters and written out at scrape time; the occasional ones
+//! (gauges, JWKS fetches) go through the `metrics` crate's recorder.
 
 use std::{
     collections::HashMap,
+    fmt::Write as _,
     net::SocketAddr,
     sync::{Arc, OnceLock, RwLock},
     task::{Context, Poll},
@@ -12,6 +17,12 @@ use std::{
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
 
+use super::{
+    AuthRecorder,
+    auth::{LATENCY_BOUNDS_US, slot},
+    per_thread::PerThreadCounters,
+};
+
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
 /// The process-wide recorder (installed once; later servers in the same
@@ -19,12 +30,7 @@ static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 pub fn handle() -> Option<PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new()
-                .set_buckets(&[
-                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
-                ])
-                .ok()?
-                .build_recorder();
+            let recorder = PrometheusBuilder::new().build_recorder();
             let handle = recorder.handle();
             ::metrics::set_global_recorder(recorder).ok()?;
             Some(handle)
@@ -32,27 +38,93 @@ pub fn handle() -> Option<PrometheusHandle> {
         .clone()
 }
 
-/// Drains recorded histogram samples into their buckets every few seconds;
-/// without it samples pile up between scrapes (memory grows with traffic).
-pub async fn run_upkeep(mut stop: watch::Receiver<bool>) {
-    let Some(handle) = handle() else { return };
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => handle.run_upkeep(),
-            _ = stop.changed() => return,
+/// Prometheus text format, written family by family.
+#[derive(Debug, Default)]
+pub struct Text(String);
+
+impl Text {
+    pub fn family(&mut self, name: &str, kind: &str) {
+        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+    }
+
+    pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
+        self.0.push_str(name);
+        self.labels(labels, None);
+        let _ = writeln!(self.0, " {value}");
+    }
+
+    /// A histogram over [`LATENCY_BOUNDS_US`] from per-slot counts.
+    pub fn histogram(&mut self, name: &str, labels: &[(&str, &str)], slots: &[u64], sum_nanos: u64) {
+        let mut cumulative = 0u64;
+        for (bound, n) in LATENCY_BOUNDS_US.iter().zip(slots) {
+            cumulative += n;
+            let le = if *bound == u64::MAX {
+                "+Inf".to_owned()
+            } else {
+                (*bound as f64 / 1e6).to_string()
+            };
+            let _ = write!(self.0, "{name}_bucket");
+            self.labels(labels, Some(&le));
+            let _ = writeln!(self.0, " {cumulative}");
+        }
+        let _ = write!(self.0, "{name}_sum");
+        self.labels(labels, None);
+        let _ = writeln!(self.0, " {}", sum_nanos as f64 / 1e9);
+        let _ = write!(self.0, "{name}_count");
+        self.labels(labels, None);
+        let _ = writeln!(self.0, " {cumulative}");
+    }
+
+    fn labels(&mut self, labels: &[(&str, &str)], le: Option<&str>) {
+        let all = labels.iter().copied().chain(le.map(|le| ("le", le)));
+        for (i, (key, value)) in all.enumerate() {
+            self.0.push(if i == 0 { '{' } else { ',' });
+            let _ = write!(self.0, "{key}=\"");
+            for c in value.chars() {
+                match c {
+                    '\\' => self.0.push_str("\\\\"),
+                    '"' => self.0.push_str("\\\""),
+                    '\n' => self.0.push_str("\\n"),
+                    c => self.0.push(c),
+                }
+            }
+            self.0.push('"');
+        }
+        if !labels.is_empty() || le.is_some() {
+            self.0.push('}');
         }
     }
 }
 
+/// What `/metrics` shows: the recorder's figures, then the per-call ones of this server.
+#[derive(Debug, Clone)]
+pub struct Exposition {
+    pub auth: Arc<AuthRecorder>,
+    pub grpc: GrpcMetricsLayer,
+}
+
+impl Exposition {
+    pub fn render(&self) -> String {
+        let mut text = Text(handle().map(|h| h.render()).unwrap_or_default());
+        self.auth.render_prometheus(&mut text);
+        self.grpc.registry.render(&mut text);
+        text.0
+    }
+}
+
 /// Serves `GET /metrics` until `stop` flips; returns the bound address.
-pub async fn serve(addr: SocketAddr, mut stop: watch::Receiver<bool>) -> std::io::Result<SocketAddr> {
+pub async fn serve(
+    addr: SocketAddr,
+    exposition: Exposition,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let app = axum::Router::new().route(
         "/metrics",
-        axum::routing::get(|| async {
-            let body = handle().map(|h| h.render()).unwrap_or_default();
-            ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+        axum::routing::get(move || {
+            let body = exposition.render();
+            async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body) }
         }),
     );
     tokio::spawn(async move {
@@ -70,13 +142,16 @@ pub async fn serve(addr: SocketAddr, mut stop: watch::Receiver<bool>) -> std::io
 /// sending made-up method names cannot grow the metric families.
 const MAX_PATHS: usize = 256;
 
-/// The metric handles of one gRPC path, registered on its first call.
+/// Where each figure of a path lives in its per-thread cells.
+const CODES: usize = 17;
+const PATH_CELLS: usize = CODES + LATENCY_BOUNDS_US.len() + 1;
+const SUM_NANOS: usize = PATH_CELLS - 1;
+
+/// The figures of one gRPC path: requests by status code, and latency.
 struct PathMetrics {
     service: String,
     method: String,
-    duration: ::metrics::Histogram,
-    /// By status code (0-16), registered on first use.
-    codes: [OnceLock<::metrics::Counter>; 17],
+    cells: PerThreadCounters<PATH_CELLS>,
 }
 
 impl PathMetrics {
@@ -84,27 +159,16 @@ impl PathMetrics {
         Self {
             service: service.to_owned(),
             method: method.to_owned(),
-            duration: ::metrics::histogram!(
-                "identity_grpc_request_duration_seconds",
-                "service" => service.to_owned(),
-                "method" => method.to_owned()
-            ),
-            codes: std::array::from_fn(|_| OnceLock::new()),
+            cells: PerThreadCounters::default(),
         }
     }
 
-    fn count(&self, code: tonic::Code) {
-        let slot = usize::try_from(code as i32).unwrap_or(2).min(16);
-        self.codes[slot]
-            .get_or_init(|| {
-                ::metrics::counter!(
-                    "identity_grpc_requests_total",
-                    "service" => self.service.clone(),
-                    "method" => self.method.clone(),
-                    "code" => format!("{code:?}")
-                )
-            })
-            .increment(1);
+    fn record(&self, code: tonic::Code, elapsed: std::time::Duration) {
+        self.cells
+            .add(usize::try_from(code as i32).unwrap_or(2).min(CODES - 1), 1);
+        self.cells.add(CODES + slot(elapsed), 1);
+        self.cells
+            .add(SUM_NANOS, u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX));
     }
 }
 
@@ -134,6 +198,42 @@ impl PathRegistry {
         let metrics = Arc::new(PathMetrics::new(service, method));
         paths.insert(path.to_owned(), metrics.clone());
         metrics
+    }
+
+    fn render(&self, out: &mut Text) {
+        let mut all: Vec<_> = self
+            .paths
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        all.extend(self.unknown.get().cloned());
+        let totals: Vec<_> = all.iter().map(|p| p.cells.sum()).collect();
+        out.family("identity_grpc_requests_total", "counter");
+        for (path, cells) in all.iter().zip(&totals) {
+            for (code, n) in cells[..CODES].iter().enumerate() {
+                if *n > 0 {
+                    let code = format!("{:?}", tonic::Code::from_i32(code as i32));
+                    let labels = [
+                        ("service", path.service.as_str()),
+                        ("method", path.method.as_str()),
+                        ("code", &code),
+                    ];
+                    out.sample("identity_grpc_requests_total", &labels, *n);
+                }
+            }
+        }
+        out.family("identity_grpc_request_duration_seconds", "histogram");
+        for (path, cells) in all.iter().zip(&totals) {
+            let labels = [("service", path.service.as_str()), ("method", path.method.as_str())];
+            out.histogram(
+                "identity_grpc_request_duration_seconds",
+                &labels,
+                &cells[CODES..SUM_NANOS],
+                cells[SUM_NANOS],
+            );
+        }
     }
 }
 
@@ -207,8 +307,7 @@ where
                 if !record_span.is_disabled() {
                     record_span.record("rpc.grpc.status_code", format!("{code:?}").as_str());
                 }
-                metrics.count(code);
-                metrics.duration.record(started.elapsed().as_secs_f64());
+                metrics.record(code, started.elapsed());
                 Ok(response)
             }
             .instrument(span),
@@ -219,6 +318,24 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_format_escapes_labels_and_accumulates_buckets() {
+        let mut text = Text::default();
+        text.sample("c_total", &[("path", "a\"b\\c\nd")], 7);
+        let mut slots = [0u64; LATENCY_BOUNDS_US.len()];
+        slots[0] = 2; // <= 50 µs
+        slots[2] = 1; // <= 250 µs
+        text.histogram("h_seconds", &[("m", "x")], &slots, 1_500_000);
+        let out = text.0;
+        assert!(out.starts_with("c_total{path=\"a\\\"b\\\\c\\nd\"} 7\n"), "{out}");
+        assert!(out.contains("h_seconds_bucket{m=\"x\",le=\"0.00005\"} 2\n"), "{out}");
+        assert!(out.contains("h_seconds_bucket{m=\"x\",le=\"0.0001\"} 2\n"), "{out}");
+        assert!(out.contains("h_seconds_bucket{m=\"x\",le=\"0.00025\"} 3\n"), "{out}");
+        assert!(out.contains("h_seconds_bucket{m=\"x\",le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("h_seconds_sum{m=\"x\"} 0.0015\n"), "{out}");
+        assert!(out.contains("h_seconds_count{m=\"x\"} 3\n"), "{out}");
+    }
 
     #[test]
     fn made_up_paths_share_one_unknown_entry() {

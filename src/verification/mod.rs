@@ -1,10 +1,11 @@
 //! Token verification, the hot path every backend calls: legacy HS JWTs and
 //! Clerk session tokens resolved to one principal, under the auth mode.
 //!
-//! A token that verified once is cached by its SHA-256 (bounded, evicting),
-//! so a repeated token costs a hash, a few in-memory checks and a cached
-//! user look-up; the expiry, the auth mode, revocation and the caller's
-//! expected audience are checked again on every call.
+//! A token that verified is cached by its SHA-256 (bounded, evicting; a
+//! legacy token from its second sighting), so a repeated token costs a hash,
+//! a few in-memory checks and a cached user look-up; the expiry, the auth
+//! mode, revocation and the caller's expected audience are checked again on
+//! every call.
 
 mod clerk;
 mod jwks;
@@ -15,7 +16,10 @@ mod revocation;
 mod token;
 
 use std::{
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -87,6 +91,38 @@ type TokenCache = quick_cache::sync::Cache<[u8; 32], Cached, quick_cache::UnitWe
 /// hit is re-checked (expiry, mode, revocation) anyway.
 const TOKEN_CACHE_TTL: Duration = Duration::from_secs(3600);
 
+/// Legacy (HMAC) tokens enter the token cache on their second sighting:
+/// checking one costs about as much as hashing and inserting it, so a token
+/// seen once (a flood of one-off tokens, say) is not worth an insert and an
+/// eviction. One slot per digest bucket remembers the last token seen there;
+/// a slot lost to another token only means one more check.
+struct SeenOnce {
+    slots: Box<[AtomicU64]>,
+}
+
+impl SeenOnce {
+    /// At most 2^20 slots (8 MiB), whatever the cache size.
+    fn new(cache_size: u64) -> Self {
+        let len = cache_size.clamp(1, 1 << 20).next_power_of_two() as usize;
+        Self {
+            slots: (0..len).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Whether this digest was seen before; remembers it otherwise.
+    fn second_sighting(&self, digest: &[u8; 32]) -> bool {
+        let word = |at: usize| u64::from_le_bytes(std::array::from_fn(|i| digest[at + i]));
+        let tag = word(0) | 1; // never the empty slot's 0
+        let slot = &self.slots[(word(8) as usize) & (self.slots.len() - 1)];
+        if slot.load(Ordering::Relaxed) == tag {
+            true
+        } else {
+            slot.store(tag, Ordering::Relaxed);
+            false
+        }
+    }
+}
+
 #[derive(Clone)]
 struct Cached {
     verified: Arc<Verified>,
@@ -133,6 +169,7 @@ struct Inner {
     revocations: RevocationList,
     principals: PrincipalResolver,
     cache: TokenCache,
+    seen_once: SeenOnce,
     max_token_bytes: usize,
     reject_legacy_after_migration: bool,
     revocation_default_ttl: Duration,
@@ -220,6 +257,7 @@ impl Verifier {
                     DigestHash,
                     quick_cache::sync::DefaultLifecycle::default(),
                 ),
+                seen_once: SeenOnce::new(config.token_cache_size),
                 max_token_bytes: config.max_token_bytes,
                 reject_legacy_after_migration: config.reject_legacy_after_migration,
                 revocation_default_ttl: config.revocation_default_ttl,
@@ -394,14 +432,18 @@ impl Verifier {
         match self.verify_cold(token).await? {
             Ok(verified) => {
                 let verified = Arc::new(verified);
-                let until = now + TOKEN_CACHE_TTL;
-                self.inner.cache.insert(
-                    digest,
-                    Cached {
+                let worth_caching = match *verified {
+                    // An RSA check costs about 30 µs: cache at once.
+                    Verified::Clerk(_) => true,
+                    Verified::Legacy(_) => self.inner.seen_once.second_sighting(&digest),
+                };
+                if worth_caching {
+                    let cached = Cached {
                         verified: verified.clone(),
-                        until,
-                    },
-                );
+                        until: now + TOKEN_CACHE_TTL,
+                    };
+                    self.inner.cache.insert(digest, cached);
+                }
                 Ok(Ok((verified, digest)))
             }
             Err(rejection) => Ok(Err(rejection)),
@@ -694,5 +736,27 @@ async fn refresh_jwks(remote: Arc<RemoteJwks>, mut stop: watch::Receiver<bool>) 
             _ = tokio::time::sleep(wait) => {}
             _ = stop.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_digest_counts_as_seen_from_its_second_sighting() {
+        let seen = SeenOnce::new(4);
+        let digest = |n: u8| -> [u8; 32] { Sha256::digest([n]).into() };
+        assert!(!seen.second_sighting(&digest(1)));
+        assert!(seen.second_sighting(&digest(1)));
+        assert!(seen.second_sighting(&digest(1)), "stays seen until its slot is taken");
+        // Enough other digests to take every one of the four slots.
+        for n in 2..=64 {
+            seen.second_sighting(&digest(n));
+        }
+        assert!(!seen.second_sighting(&digest(1)), "a lost slot means one more check");
+        assert_eq!(SeenOnce::new(0).slots.len(), 1);
+        assert_eq!(SeenOnce::new(50_000).slots.len(), 65_536);
+        assert_eq!(SeenOnce::new(10_000_000).slots.len(), 1 << 20);
     }
 }

@@ -234,7 +234,11 @@ async fn prometheus_endpoint_exposes_the_service(db: TestDb) {
     let fake = FakeClerk::start(&["clerk_a"]).await;
     let app = TestApp::spawn_verifying(db, verification(&fake)).await;
     let ann = app.legacy_user("ann@example.com").await;
-    accepted(app.verify(&legacy(legacy_claims(&ann.to_string()))).await);
+    // A legacy token enters the token cache on its second sighting.
+    let token = legacy(legacy_claims(&ann.to_string()));
+    for _ in 0..3 {
+        accepted(app.verify(&token).await);
+    }
     stats(&app).await;
     let url = format!("http://{}/metrics", app.metrics_addr.expect("metrics served"));
     let response = reqwest::get(&url).await.unwrap();
@@ -249,11 +253,14 @@ async fn prometheus_endpoint_exposes_the_service(db: TestDb) {
         body = reqwest::get(&url).await.unwrap().text().await.unwrap();
     }
     for needle in [
-        "identity_grpc_requests_total{service=\"identity.v1.IdentityService\",method=\"VerifyToken\",code=\"Ok\"}",
-        "identity_verifications_total{method=\"legacy_jwt\",outcome=\"success\"}",
-        "identity_verification_duration_seconds_bucket",
-        "identity_token_cache_requests_total",
-        "identity_grpc_request_duration_seconds_bucket",
+        // Figures counted per call are this server's own, so exact.
+        "identity_verifications_total{method=\"legacy_jwt\",outcome=\"success\"} 3\n",
+        "identity_verification_duration_seconds_bucket{method=\"legacy_jwt\",le=\"+Inf\"} 3\n",
+        "identity_verification_duration_seconds_count{method=\"legacy_jwt\"} 3\n",
+        "identity_token_cache_requests_total{result=\"miss\"} 2\n",
+        "identity_token_cache_requests_total{result=\"hit\"} 1\n",
+        "identity_grpc_requests_total{service=\"identity.v1.IdentityService\",method=\"VerifyToken\",code=\"Ok\"} 3\n",
+        "identity_grpc_request_duration_seconds_bucket{service=\"identity.v1.IdentityService\",method=\"VerifyToken\",le=\"+Inf\"} 3\n",
         "identity_db_pool_connections{state=\"open\"}",
         "identity_outbox_messages{state=\"pending\"}",
     ] {
