@@ -104,6 +104,14 @@ struct Activity {
     legacy_while_migrated: i64,
 }
 
+impl Activity {
+    fn absorb(&mut self, other: &Activity) {
+        self.legacy += other.legacy;
+        self.clerk += other.clerk;
+        self.legacy_while_migrated += other.legacy_while_migrated;
+    }
+}
+
 /// Where each figure lives in the per-thread cells.
 mod cell {
     use super::{LATENCY_BOUNDS_US, METHODS, OUTCOMES};
@@ -167,6 +175,18 @@ pub fn slot(elapsed: Duration) -> usize {
         .unwrap_or(LATENCY_BOUNDS_US.len() - 1)
 }
 
+/// Counts `elapsed` into latency cells: one per slot from `slots_at` on, and
+/// the sum in nanoseconds at `sum_at` (for Prometheus histograms).
+pub(super) fn record_latency<const N: usize>(
+    cells: &PerThreadCounters<N>,
+    slots_at: usize,
+    sum_at: usize,
+    elapsed: Duration,
+) {
+    cells.add(slots_at + slot(elapsed), 1);
+    cells.add(sum_at, u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX));
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -183,11 +203,7 @@ impl AuthRecorder {
     ) {
         let m = method_index(method);
         self.cells.add(cell::outcome(m, outcome.index()), 1);
-        self.cells.add(cell::latency(m, slot(elapsed)), 1);
-        self.cells.add(
-            cell::sum_nanos(m),
-            u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
-        );
+        record_latency(&self.cells, cell::latency(m, 0), cell::sum_nanos(m), elapsed);
         if let (Some((user_id, migrated)), Some(method)) = (user, method) {
             let mut activity = lock(self.activity.get_or_default());
             let entry = match activity.get_mut(&user_id) {
@@ -251,10 +267,7 @@ impl AuthRecorder {
             let drained = std::mem::take(&mut *lock(map));
             self.activity_entries.fetch_sub(drained.len(), Ordering::Relaxed);
             for (user, a) in drained {
-                let entry = users.entry(user).or_default();
-                entry.legacy += a.legacy;
-                entry.clerk += a.clerk;
-                entry.legacy_while_migrated += a.legacy_while_migrated;
+                users.entry(user).or_default().absorb(&a);
             }
         }
         flush.activity = users
@@ -292,14 +305,16 @@ impl AuthRecorder {
             }
         }
         let mut activity = lock(self.activity.get_or_default());
-        for (user, _, legacy, clerk, lwm) in flush.activity {
+        for (user, _, legacy, clerk, legacy_while_migrated) in flush.activity {
             let entry = activity.entry(user).or_insert_with(|| {
                 self.activity_entries.fetch_add(1, Ordering::Relaxed);
                 Activity::default()
             });
-            entry.legacy += legacy;
-            entry.clerk += clerk;
-            entry.legacy_while_migrated += lwm;
+            entry.absorb(&Activity {
+                legacy,
+                clerk,
+                legacy_while_migrated,
+            });
         }
     }
 

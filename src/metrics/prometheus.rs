@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use super::{
     AuthRecorder,
-    auth::{LATENCY_BOUNDS_US, slot},
+    auth::{LATENCY_BOUNDS_US, record_latency},
     per_thread::PerThreadCounters,
 };
 
@@ -166,9 +166,7 @@ impl PathMetrics {
     fn record(&self, code: tonic::Code, elapsed: std::time::Duration) {
         self.cells
             .add(usize::try_from(code as i32).unwrap_or(2).min(CODES - 1), 1);
-        self.cells.add(CODES + slot(elapsed), 1);
-        self.cells
-            .add(SUM_NANOS, u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX));
+        record_latency(&self.cells, CODES, SUM_NANOS, elapsed);
     }
 }
 
