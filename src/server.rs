@@ -150,6 +150,7 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
     let exposition = prometheus::Exposition {
         auth: recorder.clone(),
         grpc: grpc_metrics.clone(),
+        verifier: verifier.clone(),
     };
     let metrics_addr = match config.metrics_addr {
         Some(addr) if exporting => Some(

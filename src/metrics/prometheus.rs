@@ -101,12 +101,18 @@ impl Text {
 pub struct Exposition {
     pub auth: Arc<AuthRecorder>,
     pub grpc: GrpcMetricsLayer,
+    pub verifier: crate::verification::Verifier,
 }
 
 impl Exposition {
     pub fn render(&self) -> String {
         let mut text = Text(handle().map(|h| h.render()).unwrap_or_default());
         self.auth.render_prometheus(&mut text);
+        let cache = self.verifier.token_cache_usage();
+        text.family("identity_token_cache_entries", "gauge");
+        text.sample("identity_token_cache_entries", &[], cache.entries);
+        text.family("identity_token_cache_capacity", "gauge");
+        text.sample("identity_token_cache_capacity", &[], cache.capacity);
         self.grpc.registry.render(&mut text);
         text.0
     }

@@ -13,18 +13,58 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aws_lc_rs::signature::{self, ParsedPublicKey, RsaParameters, RsaPublicKeyComponents};
 use backon::{ExponentialBuilder, Retryable};
 use jsonwebtoken::{
-    Algorithm, DecodingKey,
+    Algorithm, DecodingKey, DecodingKeyKind,
     jwk::{AlgorithmParameters, JwkSet, KeyAlgorithm, PublicKeyUse},
 };
 use secrecy::{ExposeSecret, SecretString};
 
-/// One verification key.
+/// One verification key, parsed for aws-lc-rs once per algorithm when it is
+/// made: parsing an RSA key (and its Montgomery set-up) on every check, as
+/// `jsonwebtoken::crypto::verify` does, costs about 2 µs of a 14 µs RS256 check.
 pub(crate) struct Key {
-    pub decoding: DecodingKey,
     /// The algorithm the JWKS pins the key to, when it does.
     pub algorithm: Option<Algorithm>,
+    /// RS256, RS384 and RS512, in that order; `None` where aws-lc-rs cannot
+    /// use the key (then no signature verifies with it).
+    prepared: [Option<ParsedPublicKey>; 3],
+}
+
+impl Key {
+    /// `None` when aws-lc-rs cannot use the key for any of the three.
+    pub fn new(decoding: &DecodingKey, algorithm: Option<Algorithm>) -> Option<Self> {
+        let prepare = |params: &'static RsaParameters| match decoding.kind() {
+            DecodingKeyKind::SecretOrDer(der) => ParsedPublicKey::new(params, der).ok(),
+            DecodingKeyKind::RsaModulusExponent { n, e } => {
+                RsaPublicKeyComponents { n, e }.to_parsed_public_key(params).ok()
+            }
+        };
+        let prepared = [
+            prepare(&signature::RSA_PKCS1_2048_8192_SHA256),
+            prepare(&signature::RSA_PKCS1_2048_8192_SHA384),
+            prepare(&signature::RSA_PKCS1_2048_8192_SHA512),
+        ];
+        prepared
+            .iter()
+            .any(Option::is_some)
+            .then_some(Self { algorithm, prepared })
+    }
+
+    /// Whether `signature` (raw bytes) signs `message` with this key under
+    /// `algorithm` (RS256, RS384 or RS512; anything else never verifies).
+    pub fn verifies(&self, algorithm: Algorithm, message: &[u8], signature: &[u8]) -> bool {
+        let slot = match algorithm {
+            Algorithm::RS256 => 0,
+            Algorithm::RS384 => 1,
+            Algorithm::RS512 => 2,
+            _ => return false,
+        };
+        self.prepared[slot]
+            .as_ref()
+            .is_some_and(|key| key.verify_sig(message, signature).is_ok())
+    }
 }
 
 #[derive(Default)]
@@ -109,10 +149,10 @@ fn parse_jwks(body: &[u8]) -> Result<HashMap<String, Arc<Key>>, FetchError> {
             // A key pinned to anything else cannot verify an allowed token.
             Some(_) => continue,
         };
-        let Ok(decoding) = DecodingKey::from_jwk(jwk) else {
+        let Some(key) = DecodingKey::from_jwk(jwk).ok().and_then(|d| Key::new(&d, algorithm)) else {
             continue;
         };
-        keys.insert(kid, Arc::new(Key { decoding, algorithm }));
+        keys.insert(kid, Arc::new(key));
     }
     if keys.is_empty() {
         return Err(FetchError::Empty);
@@ -301,5 +341,51 @@ mod tests {
         assert_eq!(keys.keys().collect::<Vec<_>>(), vec!["ins_clerk_a"]);
         assert!(matches!(parse_jwks(br#"{"keys":[]}"#), Err(FetchError::Empty)));
         assert!(matches!(parse_jwks(b"<html>"), Err(FetchError::Parse(_))));
+    }
+
+    fn fixture(name: &str) -> String {
+        std::fs::read_to_string(format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    }
+
+    #[test]
+    fn prepared_keys_verify_each_rsa_algorithm_and_nothing_else() {
+        use base64::Engine;
+        let signing = jsonwebtoken::EncodingKey::from_rsa_pem(fixture("clerk_a.key.pem").as_bytes()).unwrap();
+        let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_str(&fixture("clerk_a.jwk.json")).unwrap();
+        let from_pem = Key::new(
+            &DecodingKey::from_rsa_pem(fixture("clerk_a.pub.pem").as_bytes()).unwrap(),
+            None,
+        );
+        let from_jwk = Key::new(&DecodingKey::from_jwk(&jwk).unwrap(), None);
+        let other = Key::new(
+            &DecodingKey::from_rsa_pem(fixture("other.pub.pem").as_bytes()).unwrap(),
+            None,
+        )
+        .unwrap();
+        let message = b"header.payload";
+        for key in [from_pem.unwrap(), from_jwk.unwrap()] {
+            for algorithm in [Algorithm::RS256, Algorithm::RS384, Algorithm::RS512] {
+                let signature = jsonwebtoken::crypto::sign(message, &signing, algorithm).unwrap();
+                let signature = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(signature)
+                    .unwrap();
+                assert!(key.verifies(algorithm, message, &signature), "{algorithm:?}");
+                assert!(!key.verifies(algorithm, b"header.payloaD", &signature), "{algorithm:?}");
+                assert!(!other.verifies(algorithm, message, &signature), "{algorithm:?}");
+                let wrong = if algorithm == Algorithm::RS256 {
+                    Algorithm::RS384
+                } else {
+                    Algorithm::RS256
+                };
+                assert!(!key.verifies(wrong, message, &signature), "{algorithm:?} as {wrong:?}");
+                assert!(!key.verifies(Algorithm::HS256, message, &signature));
+            }
+        }
+        let not_rsa = DecodingKey::from_rsa_raw_components(b"\x00\x01", b"\x01\x00\x01");
+        assert!(
+            Key::new(&not_rsa, None).is_none(),
+            "a modulus with a leading zero is unusable"
+        );
+        assert!(Key::new(&DecodingKey::from_rsa_der(b"not DER"), None).is_none());
     }
 }

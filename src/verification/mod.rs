@@ -123,6 +123,13 @@ impl SeenOnce {
     }
 }
 
+/// The token cache's fill, for `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenCacheUsage {
+    pub entries: u64,
+    pub capacity: u64,
+}
+
 #[derive(Clone)]
 struct Cached {
     verified: Arc<Verified>,
@@ -208,12 +215,11 @@ impl Verifier {
             Some(clerk) => {
                 let keys = match &clerk.keys {
                     ClerkKeySource::Pem(pem) => {
-                        let decoding = jsonwebtoken::DecodingKey::from_rsa_pem(pem.as_bytes())
-                            .map_err(|_| KeyError("is not an RSA public key in PEM form".into()))?;
-                        KeyStore::Static(Arc::new(Key {
-                            decoding,
-                            algorithm: None,
-                        }))
+                        let key = jsonwebtoken::DecodingKey::from_rsa_pem(pem.as_bytes())
+                            .ok()
+                            .and_then(|decoding| Key::new(&decoding, None))
+                            .ok_or_else(|| KeyError("is not an RSA public key in PEM form".into()))?;
+                        KeyStore::Static(Arc::new(key))
                     }
                     ClerkKeySource::Jwks { url, bearer } => KeyStore::Remote(Arc::new(RemoteJwks::new(
                         url.clone(),
@@ -269,6 +275,14 @@ impl Verifier {
     /// Whether Clerk tokens can be verified now: `None` when Clerk is not configured.
     pub fn clerk_keys_usable(&self) -> Option<bool> {
         self.inner.clerk.as_ref().map(|c| c.keys.has_usable_keys())
+    }
+
+    /// How full the token cache is: entries held and the configured bound.
+    pub fn token_cache_usage(&self) -> TokenCacheUsage {
+        TokenCacheUsage {
+            entries: self.inner.cache.len() as u64,
+            capacity: self.inner.cache.capacity(),
+        }
     }
 
     /// JWKS fetch counters, when keys come from a JWKS URL.

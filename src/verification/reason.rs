@@ -94,21 +94,3 @@ pub(crate) fn outside_validity(expires_at: i64, not_before: Option<i64>, leeway:
     }
     None
 }
-
-/// Maps jsonwebtoken's validation errors onto reasons.
-pub(crate) fn from_jwt_error(err: &jsonwebtoken::errors::Error) -> Rejection {
-    use jsonwebtoken::errors::ErrorKind as K;
-    match err.kind() {
-        K::ExpiredSignature => Rejection::new(RejectReason::Expired, "token has expired"),
-        K::ImmatureSignature => Rejection::new(RejectReason::NotYetValid, "token is not valid yet (nbf)"),
-        K::InvalidSignature => Rejection::new(RejectReason::BadSignature, "signature does not verify"),
-        K::InvalidIssuer => Rejection::new(RejectReason::Issuer, "issuer is not accepted"),
-        K::InvalidAudience => Rejection::new(RejectReason::Audience, "audience is not accepted"),
-        K::InvalidAlgorithm | K::UnsupportedAlgorithm | K::InvalidAlgorithmName | K::MissingAlgorithm => {
-            Rejection::new(RejectReason::AlgorithmNotAllowed, "algorithm not allowed")
-        }
-        K::MissingRequiredClaim(claim) => Rejection::new(RejectReason::Malformed, format!("missing claim {claim}")),
-        K::InvalidClaimFormat(claim) => Rejection::new(RejectReason::Malformed, format!("malformed claim {claim}")),
-        _ => Rejection::new(RejectReason::Malformed, "token is malformed"),
-    }
-}

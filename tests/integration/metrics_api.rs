@@ -259,6 +259,9 @@ async fn prometheus_endpoint_exposes_the_service(db: TestDb) {
         "identity_verification_duration_seconds_count{method=\"legacy_jwt\"} 3\n",
         "identity_token_cache_requests_total{result=\"miss\"} 2\n",
         "identity_token_cache_requests_total{result=\"hit\"} 1\n",
+        // Entered on its second sighting: one entry, under the default bound.
+        "identity_token_cache_entries 1\n",
+        "identity_token_cache_capacity 50000\n",
         "identity_grpc_requests_total{service=\"identity.v1.IdentityService\",method=\"VerifyToken\",code=\"Ok\"} 3\n",
         "identity_grpc_request_duration_seconds_bucket{service=\"identity.v1.IdentityService\",method=\"VerifyToken\",le=\"+Inf\"} 3\n",
         "identity_db_pool_connections{state=\"open\"}",
