@@ -8,7 +8,7 @@
 # SQLite and on PostgreSQL (when 127.0.0.1:5432 answers) with a fixed
 # configuration, 1,000 imported users linked to Clerk ids; starts the
 # controls (benches/control: a bare tonic echo server and a raw jsonwebtoken
-# verify server, same tonic version and release profile); writes the gRPC
+# verify server, same tonic version, release profile and allocator); writes the gRPC
 # request bodies; checks each body with a real gRPC client (grpc-status 0 and
 # a principal, not a rejection); then runs every case ROUNDS times,
 # interleaved, and prints req/s, latency percentiles and the issue's ratios.
@@ -300,12 +300,12 @@ h2() { # label addr path body n c m
     --log-file="$WORK/h2.log" "http://$addr$path" >"$WORK/h2.out" 2>&1 || { cat "$WORK/h2.out"; die "h2load failed: $label"; }
   python3 "$ROOT/benches/report.py" h2load "$label" "$WORK/h2.out" "$WORK/h2.log" | with_cpu "$pid" "$t0" "$n" | tee -a "$RESULTS" | summarize
 }
-bt() { # label addr path frames offset n c m
-  local label=$1 addr=$2 path=$3 frames=$4 offset=$5 n=$6 c=$7 m=$8 pid t0
+bt() { # label addr path frames offset n c m [repeat: each frame sent that many times in a row]
+  local label=$1 addr=$2 path=$3 frames=$4 offset=$5 n=$6 c=$7 m=$8 repeat=${9:-1} pid t0
   wait_quiet
   pid=$(pid_of "$addr"); t0=$(cpu_ticks "$pid")
   "${TOOL[@]}" load --label "$label" --addr "$addr" --path "$path" --frames "$frames" --offset "$offset" \
-    -n "$n" -c "$c" -m "$m" --api-key "$API_KEY" | with_cpu "$pid" "$t0" "$n" | tee -a "$RESULTS" | summarize
+    --repeat "$repeat" -n "$n" -c "$c" -m "$m" --api-key "$API_KEY" | with_cpu "$pid" "$t0" "$n" | tee -a "$RESULTS" | summarize
 }
 summarize() { python3 "$ROOT/benches/report.py" line; }
 
@@ -372,10 +372,25 @@ kill "$SAMPLER" 2>/dev/null || true
 wait "$SAMPLER" 2>/dev/null || true
 RSS_LOAD=$(awk '{printf "%.1f", $1/1024}' "$WORK/rss_load_kb" 2>/dev/null || echo 0)
 
-say "memory: $N_DISTINCT distinct legacy tokens through the SQLite service (benchtool -c $C -m $M)"
+# Each distinct token is sent twice in a row: a legacy token enters the token
+# cache on its second sighting, so the run fills the cache and keeps evicting.
+say "memory: $N_DISTINCT distinct legacy tokens, each sent twice, through the SQLite service (benchtool -c $C -m $M)"
+metric() { # metrics-addr sample (name with its labels, as /metrics writes it) -> its value
+  python3 - "$1" "$2" <<'PY'
+import sys, urllib.request
+body = urllib.request.urlopen(f"http://{sys.argv[1]}/metrics", timeout=10).read().decode()
+print(next((line.split()[-1] for line in body.splitlines() if line.rsplit(" ", 1)[0] == sys.argv[2]), ""))
+PY
+}
+HIT_SAMPLE='identity_token_cache_requests_total{result="hit"}'
+HITS0=$(metric "$METRICS_SQLITE" "$HIT_SAMPLE")
 rss_sampler "$PID_sqlite" "$WORK/rss_distinct_kb" &
 SAMPLER=$!
-bt "sqlite/distinct-1M@bulk#1" "$ADDR_SQLITE" "$VERIFY_PATH" "$WORK/legacy_distinct.bin" 0 "$N_DISTINCT" $C $M
+bt "sqlite/distinct-1M@bulk#1" "$ADDR_SQLITE" "$VERIFY_PATH" "$WORK/legacy_distinct.bin" 0 $((2 * N_DISTINCT)) $C $M 2
+CACHE_ENTRIES=$(metric "$METRICS_SQLITE" identity_token_cache_entries)
+CACHE_CAPACITY=$(metric "$METRICS_SQLITE" identity_token_cache_capacity)
+[ -n "$CACHE_ENTRIES" ] && [ -n "$CACHE_CAPACITY" ] || die "cannot read the token cache gauges from $METRICS_SQLITE"
+echo "token cache after the run: $CACHE_ENTRIES entries of $CACHE_CAPACITY; hits during it: $(( $(metric "$METRICS_SQLITE" "$HIT_SAMPLE") - HITS0 ))"
 sleep 1
 kill "$SAMPLER" 2>/dev/null || true
 wait "$SAMPLER" 2>/dev/null || true
@@ -383,7 +398,7 @@ RSS_DISTINCT=$(awk '{printf "%.1f", $1/1024}' "$WORK/rss_distinct_kb" 2>/dev/nul
 sleep 2
 RSS_AFTER=$(rss_mb "$PID_sqlite")
 echo "RSS of the SQLite service: idle $RSS_IDLE MB, under load (max) $RSS_LOAD MB, during the distinct run (max) $RSS_DISTINCT MB, after it $RSS_AFTER MB"
-python3 -c "import json; print(json.dumps({'kind': 'rss', 'server': 'identity on SQLite', 'idle_mb': $RSS_IDLE, 'load_mb': $RSS_LOAD, 'distinct': $N_DISTINCT, 'distinct_max_mb': $RSS_DISTINCT, 'after_mb': $RSS_AFTER}))" >>"$RESULTS"
+python3 -c "import json; print(json.dumps({'kind': 'rss', 'server': 'identity on SQLite', 'idle_mb': $RSS_IDLE, 'load_mb': $RSS_LOAD, 'distinct': $N_DISTINCT, 'distinct_max_mb': $RSS_DISTINCT, 'after_mb': $RSS_AFTER, 'cache_entries': $CACHE_ENTRIES, 'cache_capacity': $CACHE_CAPACITY}))" >>"$RESULTS"
 # The distinct-token run is a memory test; keep it out of the throughput table.
 grep -v '"sqlite/distinct-1M@' "$RESULTS" > "$WORK/results.table.jsonl"
 grep '"sqlite/distinct-1M@' "$RESULTS" > "$WORK/distinct.jsonl" || true
@@ -421,7 +436,7 @@ fi
 say "summary"
 python3 "$ROOT/benches/report.py" summary "$WORK/results.table.jsonl"
 echo
-echo "- $N_DISTINCT distinct tokens run: $(python3 -c "import json; r = json.load(open('$WORK/distinct.jsonl')); print(f\"{r['rps']:,.0f} req/s, {r['ok']:,}/{r['requests']:,} accepted\")")"
+echo "- $N_DISTINCT distinct tokens, each sent twice: $(python3 -c "import json; r = json.load(open('$WORK/distinct.jsonl')); print(f\"{r['rps']:,.0f} req/s, {r['ok']:,}/{r['requests']:,} accepted\")")"
 if [ -n "$STATS_LINE" ]; then echo "- $STATS_LINE"; else echo "- GetMigrationStats at 1,000,000 vs 1,000 users: not measured (no PostgreSQL)"; fi
 echo "- Cases measured while other work kept the machine busy (after waiting ${QUIET_MAX_S} s): $NOISY"
 echo "- Pinned with taskset: $([ "$BENCH_PIN" = 1 ] && echo 'yes (servers CPU 1, load generator CPU 0)' || echo 'no')"

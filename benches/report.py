@@ -176,7 +176,8 @@ def summary(results_file):
         elif kind == "rss":
             print(
                 f"- Resident memory ({record['server']}): idle {record['idle_mb']:.1f} MB; under load (max) {record['load_mb']:.1f} MB; "
-                f"during {record['distinct']:,} distinct tokens (max) {record['distinct_max_mb']:.1f} MB; after them {record['after_mb']:.1f} MB "
+                f"during {record['distinct']:,} distinct tokens, each sent twice (max) {record['distinct_max_mb']:.1f} MB; after them {record['after_mb']:.1f} MB, "
+                f"token cache {record['cache_entries']:,} of {record['cache_capacity']:,} entries "
                 f"(goal < 150 MB; met: {'yes' if max(record['distinct_max_mb'], record['after_mb']) < 150 else '**no**'})"
             )
         elif kind == "queries":

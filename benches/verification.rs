@@ -13,7 +13,10 @@
 //!   (hash, cache hit, per-call checks, principal);
 //! - `principal/by_clerk_cached`, `principal/by_id_cached`: principal
 //!   resolution with the mapping (and user) already in the user cache;
-//! - `reference/*`: jsonwebtoken alone on the same tokens, the floor.
+//! - `reference/*`: jsonwebtoken alone on the same tokens, the floor; and
+//!   the RS256 signature check alone through aws-lc-rs, with the key parsed
+//!   on every call (what `jsonwebtoken` does) and parsed once (what the
+//!   service does).
 //!
 //! A "cold" iteration gets a verifier with an empty token cache (built outside
 //! the timed section) and a token it has not seen, so every iteration misses.
@@ -37,7 +40,7 @@ use identity::{
     storage::{self, DatabaseOptions, NewAuditEvent, NewLegacyUser, Storage},
     verification::{Verdict, Verifier},
 };
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, DecodingKeyKind, EncodingKey, Header, Validation};
 use serde_json::json;
 
 const LEGACY_SECRET: &str = "bench-legacy-secret-0123456789abcdef";
@@ -265,6 +268,25 @@ fn benches(c: &mut Criterion) {
     rs_validation.set_issuer(&[ISSUER]);
     group.bench_function("jsonwebtoken_rs256_decode", |b| {
         b.iter(|| jsonwebtoken::decode::<serde_json::Value>(&clerk, &rsa, &rs_validation).unwrap());
+    });
+    // The signature check alone, as aws-lc-rs does it for jsonwebtoken (the
+    // key parsed on every call) and with the key parsed once.
+    let (message, signature) = clerk.rsplit_once('.').unwrap();
+    let signature = base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, signature).unwrap();
+    let DecodingKeyKind::SecretOrDer(der) = rsa.kind() else {
+        panic!("a PEM key is DER")
+    };
+    let params = &aws_lc_rs::signature::RSA_PKCS1_2048_8192_SHA256;
+    group.bench_function("aws_lc_rs256_key_parsed_per_call", |b| {
+        b.iter(|| {
+            aws_lc_rs::signature::UnparsedPublicKey::new(params, der)
+                .verify(message.as_bytes(), &signature)
+                .unwrap()
+        });
+    });
+    let prepared = aws_lc_rs::signature::ParsedPublicKey::new(params, der).unwrap();
+    group.bench_function("aws_lc_rs256_key_prepared", |b| {
+        b.iter(|| prepared.verify_sig(message.as_bytes(), &signature).unwrap());
     });
     let hmac = DecodingKey::from_secret(LEGACY_SECRET.as_bytes());
     let mut hs_validation = Validation::new(Algorithm::HS256);

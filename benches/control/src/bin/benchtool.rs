@@ -158,6 +158,9 @@ struct LoadArgs {
     /// Index of the first frame to send; requests take frames in order, wrapping around.
     #[arg(long, default_value_t = 0)]
     offset: usize,
+    /// Sends each frame this many times in a row before the next one.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    repeat: u64,
     /// Total requests.
     #[arg(short = 'n', long)]
     requests: u64,
@@ -619,6 +622,7 @@ struct LoadReport {
 struct Shared {
     frames: Vec<Bytes>,
     offset: usize,
+    repeat: u64,
     total: u64,
     next: AtomicU64,
     uri: http::Uri,
@@ -640,6 +644,7 @@ async fn load(args: LoadArgs) -> Result<(), String> {
     let shared = Arc::new(Shared {
         frames,
         offset: args.offset,
+        repeat: args.repeat,
         total: args.requests,
         next: AtomicU64::new(0),
         uri,
@@ -742,7 +747,7 @@ async fn stream_loop(mut client: h2::client::SendRequest<Bytes>, shared: Arc<Sha
         if i >= shared.total {
             return stats;
         }
-        let index = (shared.offset as u64 + i) % shared.frames.len() as u64;
+        let index = (shared.offset as u64 + i / shared.repeat) % shared.frames.len() as u64;
         let body = shared.frames[index as usize].clone();
         let started = Instant::now();
         match one_call(&mut client, &shared, body).await {
