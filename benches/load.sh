@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Load benchmark of the identity service against bare-tonic controls (issue 7).
 #
-#   bash benches/load.sh            # full run (about 10 minutes on 2 cores, plus the build)
+#   bash benches/load.sh            # full run (about 5-10 minutes on 2 cores, plus the build)
 #   ROUNDS=1 N_HOT=50000 N_DISTINCT=100000 bash benches/load.sh   # a quick look
 #
 # What it does: builds the release binaries; starts the identity service on
