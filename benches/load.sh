@@ -375,22 +375,20 @@ RSS_LOAD=$(awk '{printf "%.1f", $1/1024}' "$WORK/rss_load_kb" 2>/dev/null || ech
 # Each distinct token is sent twice in a row: a legacy token enters the token
 # cache on its second sighting, so the run fills the cache and keeps evicting.
 say "memory: $N_DISTINCT distinct legacy tokens, each sent twice, through the SQLite service (benchtool -c $C -m $M)"
-metric() { # metrics-addr sample (name with its labels, as /metrics writes it) -> its value
+metric() { # metrics-addr sample name -> its value
   python3 - "$1" "$2" <<'PY'
 import sys, urllib.request
 body = urllib.request.urlopen(f"http://{sys.argv[1]}/metrics", timeout=10).read().decode()
 print(next((line.split()[-1] for line in body.splitlines() if line.rsplit(" ", 1)[0] == sys.argv[2]), ""))
 PY
 }
-HIT_SAMPLE='identity_token_cache_requests_total{result="hit"}'
-HITS0=$(metric "$METRICS_SQLITE" "$HIT_SAMPLE")
 rss_sampler "$PID_sqlite" "$WORK/rss_distinct_kb" &
 SAMPLER=$!
 bt "sqlite/distinct-1M@bulk#1" "$ADDR_SQLITE" "$VERIFY_PATH" "$WORK/legacy_distinct.bin" 0 $((2 * N_DISTINCT)) $C $M 2
 CACHE_ENTRIES=$(metric "$METRICS_SQLITE" identity_token_cache_entries)
 CACHE_CAPACITY=$(metric "$METRICS_SQLITE" identity_token_cache_capacity)
 [ -n "$CACHE_ENTRIES" ] && [ -n "$CACHE_CAPACITY" ] || die "cannot read the token cache gauges from $METRICS_SQLITE"
-echo "token cache after the run: $CACHE_ENTRIES entries of $CACHE_CAPACITY; hits during it: $(( $(metric "$METRICS_SQLITE" "$HIT_SAMPLE") - HITS0 ))"
+echo "token cache after the run: $CACHE_ENTRIES entries of $CACHE_CAPACITY"
 sleep 1
 kill "$SAMPLER" 2>/dev/null || true
 wait "$SAMPLER" 2>/dev/null || true
