@@ -2,14 +2,13 @@
 //! pinned to the configured instance, `azp` against the allow-list, `sts`
 //! not pending, and only session tokens (not JWT templates, M2M or OAuth).
 
-use base64::Engine;
 use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 
 use super::{
     jwks::{Key, KeyLookup, KeyStore},
     reason::{RejectReason, Rejection, outside_validity},
-    token::Peeked,
+    token::{Peeked, signature_bytes},
 };
 use crate::domain::ClerkUserId;
 
@@ -189,9 +188,7 @@ impl ClerkVerifier {
 /// claims once. (`jsonwebtoken::decode` would parse the header twice and the
 /// claims twice more, and the RSA key on every call.)
 fn verified_claims(token: &Peeked<'_>, key: &Key, algorithm: Algorithm) -> Result<Claims, Rejection> {
-    let signature = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token.signature)
-        .map_err(|_| Rejection::new(RejectReason::Malformed, "signature is not base64url"))?;
+    let signature = signature_bytes(token.signature)?;
     if key.verifies(algorithm, token.message.as_bytes(), &signature) {
         token.claims()
     } else {

@@ -330,8 +330,7 @@ mod tests {
 
     #[test]
     fn only_rsa_signing_keys_with_a_kid_are_kept() {
-        let jwk =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/clerk_a.jwk.json")).unwrap();
+        let jwk = fixture("clerk_a.jwk.json");
         let doc = format!(
             r#"{{"keys":[{jwk},
             {{"kty":"EC","crv":"P-256","kid":"ec","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}},

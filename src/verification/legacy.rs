@@ -5,14 +5,13 @@
 //! the HMAC with a key prepared at start-up.
 
 use aws_lc_rs::hmac;
-use base64::Engine;
 use jsonwebtoken::Algorithm;
 use secrecy::ExposeSecret;
 use serde::Deserialize;
 
 use super::{
     reason::{RejectReason, Rejection, outside_validity},
-    token::Peeked,
+    token::{Peeked, signature_bytes},
 };
 use crate::{config::LegacyJwtConfig, domain::UserId};
 
@@ -114,9 +113,7 @@ impl LegacyVerifier {
                 "algorithm not allowed",
             ));
         }
-        let signature = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(token.signature)
-            .map_err(|_| malformed("signature is not base64url"))?;
+        let signature = signature_bytes(token.signature)?;
         hmac::verify(&self.key, token.message.as_bytes(), &signature)
             .map_err(|_| Rejection::new(RejectReason::BadSignature, "signature does not verify"))?;
         let claims = token.claims;

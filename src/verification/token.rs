@@ -41,6 +41,14 @@ impl Peeked<'_> {
     }
 }
 
+/// A token's signature part decoded (base64url, unpadded), for the verifier
+/// that checks it.
+pub(crate) fn signature_bytes(signature: &str) -> Result<Vec<u8>, Rejection> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(signature)
+        .map_err(|_| malformed("signature is not base64url"))
+}
+
 /// Strips an optional `Bearer ` prefix and surrounding whitespace.
 pub(crate) fn strip_bearer(raw: &str) -> &str {
     let trimmed = raw.trim();
