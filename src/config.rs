@@ -8,7 +8,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::{
     domain::ApiKeyRegistry,
-    storage::{Backend, DatabaseOptions, redact_url},
+    storage::{Backend, DatabaseOptions, Ident, UsersTableConfig, redact_url},
 };
 
 /// Every variable the binary reads; anything else with the prefix is warned about.
@@ -61,6 +61,14 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "IDENTITY_BULK_LEASE_SECONDS",
     "IDENTITY_METRICS_ADDR",
     "IDENTITY_STATS_FLUSH_SECONDS",
+    "IDENTITY_LEGACY_JWT_USER_CLAIM",
+    "IDENTITY_USERS_TABLE",
+    "IDENTITY_USERS_ID_COLUMN",
+    "IDENTITY_USERS_EMAIL_COLUMN",
+    "IDENTITY_USERS_PASSWORD_HASH_COLUMN",
+    "IDENTITY_USERS_CREATED_AT_COLUMN",
+    "IDENTITY_USERS_DELETED_AT_COLUMN",
+    "IDENTITY_USERS_CLERK_ID_COLUMN",
 ];
 
 /// Variables that may instead be given as `<NAME>_FILE`.
@@ -353,6 +361,7 @@ impl Config {
             database_url,
             database: DatabaseOptions {
                 max_connections,
+                users: users_table(&vars)?,
                 ..DatabaseOptions::default()
             },
             migrate_on_start: vars.bool("IDENTITY_MIGRATE_ON_START", true)?,
@@ -389,6 +398,8 @@ pub struct LegacyJwtConfig {
     pub algorithm: jsonwebtoken::Algorithm,
     pub issuer: Option<String>,
     pub audience: Option<String>,
+    /// The claim holding the user id (`IDENTITY_LEGACY_JWT_USER_CLAIM`).
+    pub user_claim: String,
 }
 
 impl fmt::Debug for LegacyJwtConfig {
@@ -398,6 +409,7 @@ impl fmt::Debug for LegacyJwtConfig {
             .field("algorithm", &self.algorithm)
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
+            .field("user_claim", &self.user_claim)
             .finish()
     }
 }
@@ -735,6 +747,25 @@ pub fn frontend_api_from_publishable_key(key: &str) -> Result<String, String> {
     Ok(host.to_owned())
 }
 
+/// The application's users table (`IDENTITY_USERS_*`). A variable set to
+/// an empty value says the table has no such column; an unset one keeps the
+/// seed's default.
+fn users_table(vars: &Vars) -> Result<UsersTableConfig, ConfigError> {
+    let mut config = UsersTableConfig::default();
+    if let Some(table) = vars.plain("IDENTITY_USERS_TABLE") {
+        config.table = Ident::parse(table, true).map_err(|e| ConfigError::new("IDENTITY_USERS_TABLE", e))?;
+        config.table_explicit = true;
+    }
+    for variable in UsersTableConfig::variables() {
+        if let Some(value) = vars.0.get(variable) {
+            config
+                .set_column(variable, value)
+                .map_err(|e| ConfigError::new(variable, e))?;
+        }
+    }
+    Ok(config)
+}
+
 impl VerificationConfig {
     fn load(vars: &Vars) -> Result<Self, ConfigError> {
         let defaults = Self::default();
@@ -756,11 +787,22 @@ impl VerificationConfig {
                         ));
                     }
                 };
+                let user_claim = vars
+                    .plain("IDENTITY_LEGACY_JWT_USER_CLAIM")
+                    .map_or("sub", str::trim)
+                    .to_owned();
+                if user_claim.len() > 128 || user_claim.chars().any(char::is_control) {
+                    return Err(ConfigError::new(
+                        "IDENTITY_LEGACY_JWT_USER_CLAIM",
+                        "must be a claim name such as sub or user_id",
+                    ));
+                }
                 Some(LegacyJwtConfig {
                     secret,
                     algorithm,
                     issuer: vars.plain("IDENTITY_LEGACY_JWT_ISSUER").map(|v| v.trim().to_owned()),
                     audience: vars.plain("IDENTITY_LEGACY_JWT_AUDIENCE").map(|v| v.trim().to_owned()),
+                    user_claim,
                 })
             }
         };

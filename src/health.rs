@@ -18,6 +18,11 @@ use crate::{
 /// usable signing keys exist (legacy tokens and the rest keep working).
 pub(crate) const CLERK_KEYS_SERVICE: &str = "identity.v1.ClerkKeys";
 
+/// The health entry for a liveness probe: SERVING for as long as the
+/// process serves gRPC at all, whatever the database does, so that a
+/// database outage makes pods unready, not restarted in a crash loop.
+pub const LIVENESS_SERVICE: &str = "liveness";
+
 /// The names health answers for: the whole server and each service.
 pub(crate) const SERVICE_NAMES: [&str; 3] = [
     "",

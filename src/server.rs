@@ -33,6 +33,8 @@ pub enum StartError {
     Keys(#[from] KeyError),
     #[error("{0}")]
     Mail(String),
+    #[error("{variable}: {message}")]
+    Config { variable: &'static str, message: String },
 }
 
 /// A server running in the background (what tests and `serve` hold).
@@ -100,6 +102,20 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
         );
     }
 
+    if config
+        .verification
+        .clerk
+        .as_ref()
+        .is_some_and(|c| c.unmapped_policy == crate::config::UnmappedPolicy::LinkByEmail)
+        && !storage.users_have_emails()
+    {
+        return Err(StartError::Config {
+            variable: "IDENTITY_UNMAPPED_CLERK_USER",
+            message: "link_by_email needs the users' emails, but the application's users table has no readable \
+                      email column (IDENTITY_USERS_EMAIL_COLUMN); use provision or reject"
+                .into(),
+        });
+    }
     let user_cache = UserCache::new(storage.clone(), config.verification.user_cache_ttl);
     let users = UserDirectory::new(user_cache.clone());
     let modes = AuthModes::new(storage.clone());
@@ -126,6 +142,10 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
     let (stop_tx, stop_rx) = watch::channel(false);
     let (reporter, health_service) = tonic_health::server::health_reporter();
     health::set_all(&reporter, ServingStatus::NotServing).await;
+    // Liveness follows the process alone, never the database (see health.rs).
+    reporter
+        .set_service_status(health::LIVENESS_SERVICE, ServingStatus::Serving)
+        .await;
     tokio::spawn(health::watch_database(
         reporter.clone(),
         storage.clone(),

@@ -268,7 +268,8 @@ impl ClerkApi {
     }
 
     /// `PATCH /v1/users/{id}` setting `external_id`.
-    pub async fn set_external_id(&self, id: &str, external_id: &str) -> Result<(), ClerkApiError> {
+    /// `PATCH /v1/users/{id}` setting (or, with `None`, clearing) `external_id`.
+    pub async fn set_external_id(&self, id: &str, external_id: Option<&str>) -> Result<(), ClerkApiError> {
         let url = self.url(&format!("v1/users/{id}"))?;
         let body = serde_json::json!({ "external_id": external_id });
         self.call(|| async {

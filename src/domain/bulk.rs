@@ -602,12 +602,31 @@ impl Runner {
                         "Clerk reports the email taken but no user has it".into(),
                     ));
                 };
+                // The same rule as `link_by_email`: only an address the Clerk
+                // user verified, and holds as its primary one, proves it is
+                // this user's.
+                if !owner
+                    .verified_primary_email()
+                    .is_some_and(|verified| verified.eq_ignore_ascii_case(email.trim()))
+                {
+                    return Ok(Outcome::Failed(
+                        "conflict: the email belongs to a Clerk user who has not verified it as primary".into(),
+                    ));
+                }
                 match owner.external_id.as_deref() {
                     None | Some("") => {
-                        if let Err(err) = self.clerk.set_external_id(&owner.id, &external_id).await {
+                        if let Err(err) = self.clerk.set_external_id(&owner.id, Some(&external_id)).await {
                             return clerk_failure(err);
                         }
-                        self.link(candidate, &owner.id, Outcome::LinkedExisting).await
+                        let outcome = self.link(candidate, &owner.id, Outcome::LinkedExisting).await;
+                        // A link that did not happen must not leave Clerk saying it did.
+                        if !matches!(outcome, Ok(Outcome::LinkedExisting))
+                            && let Err(err) = self.clerk.set_external_id(&owner.id, None).await
+                        {
+                            tracing::error!(clerk_user_id = %owner.id, error = %err,
+                                "cannot clear the external_id set for a link that failed; Clerk and the database disagree for this user");
+                        }
+                        outcome
                     }
                     Some(id) if id == external_id => self.link(candidate, &owner.id, Outcome::LinkedExisting).await,
                     Some(_) => Ok(Outcome::Failed(
@@ -631,11 +650,8 @@ impl Runner {
             format!("linked to {clerk_user_id} by bulk job {}", self.progress.job_id),
         );
         match self.jobs.storage.link_user(candidate.id, &clerk_user_id, &event).await {
-            Ok(_) => {
-                self.jobs
-                    .users
-                    .invalidate(candidate.id, Some(clerk_user_id.as_str()))
-                    .await;
+            Ok(linked) => {
+                self.jobs.users.forget_link(&linked).await;
                 Ok(done)
             }
             Err(StorageError::Conflict(Conflict::UserAlreadyLinked) | StorageError::NotFound(_)) => {

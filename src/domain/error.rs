@@ -66,6 +66,11 @@ impl From<StorageError> for DomainError {
                 message: "database unavailable".into(),
                 source: Some(source),
             },
+            StorageError::Precondition(message) => Self::FailedPrecondition(message),
+            StorageError::SchemaChanged(message) => Self::FailedPrecondition(format!(
+                "the application's users table no longer matches the service's configuration ({message}); \
+                 check the IDENTITY_USERS_* settings"
+            )),
             StorageError::Other(source) => Self::Internal(source),
         }
     }

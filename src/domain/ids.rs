@@ -116,6 +116,12 @@ impl Email {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The form the service stores and compares: lower-cased once, here
+    /// (Unicode), so that SQLite and PostgreSQL find the same users.
+    pub fn normalized(&self) -> String {
+        self.0.to_lowercase()
+    }
 }
 
 impl fmt::Display for Email {

@@ -13,7 +13,7 @@ use governor::{
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
-use super::{AuditOutcome, Caller, DomainError, Scope, UserCache, UserId, audit};
+use super::{AuditOutcome, Caller, DomainError, Email, Scope, UserCache, UserId, audit};
 use crate::{
     config::InvitationConfig,
     mail::{Invitation, render_invitation},
@@ -83,6 +83,7 @@ impl Invitations {
         &self,
         caller: &Caller,
         legacy_token: &str,
+        email: Option<Email>,
     ) -> Result<InvitationSent, DomainError> {
         caller.require_any(&[Scope::Migrate, Scope::Admin])?;
         let user_id = match self.verifier.legacy_subject("legacy_token", legacy_token).await? {
@@ -99,13 +100,18 @@ impl Invitations {
                 ));
             }
         };
-        self.initiate(caller, user_id).await
+        self.initiate(caller, user_id, email).await
     }
 
     /// An admin invites a user by id.
-    pub async fn initiate_for_user(&self, caller: &Caller, user_id: UserId) -> Result<InvitationSent, DomainError> {
+    pub async fn initiate_for_user(
+        &self,
+        caller: &Caller,
+        user_id: UserId,
+        email: Option<Email>,
+    ) -> Result<InvitationSent, DomainError> {
         caller.require(Scope::Admin)?;
-        self.initiate(caller, user_id).await
+        self.initiate(caller, user_id, email).await
     }
 
     fn limit(&self, caller: &Caller, user_id: UserId) -> Result<(), DomainError> {
@@ -125,16 +131,26 @@ impl Invitations {
         Ok(())
     }
 
-    async fn initiate(&self, caller: &Caller, user_id: UserId) -> Result<InvitationSent, DomainError> {
+    async fn initiate(
+        &self,
+        caller: &Caller,
+        user_id: UserId,
+        email: Option<Email>,
+    ) -> Result<InvitationSent, DomainError> {
         let action = "migration.initiate";
-        let result = self.try_initiate(caller, user_id).await;
+        let result = self.try_initiate(caller, user_id, email).await;
         if let Err(err) = &result {
             audit::record_failure(self.users.storage().as_ref(), caller, action, Some(user_id), err).await;
         }
         result
     }
 
-    async fn try_initiate(&self, caller: &Caller, user_id: UserId) -> Result<InvitationSent, DomainError> {
+    async fn try_initiate(
+        &self,
+        caller: &Caller,
+        user_id: UserId,
+        supplied: Option<Email>,
+    ) -> Result<InvitationSent, DomainError> {
         self.limit(caller, user_id)?;
         let storage = self.users.storage();
         let user = storage
@@ -144,10 +160,23 @@ impl Invitations {
         if user.clerk_user_id.is_some() {
             return Err(DomainError::FailedPrecondition("user already migrated to Clerk".into()));
         }
-        let email = user
-            .email
-            .clone()
-            .ok_or_else(|| DomainError::FailedPrecondition("user has no email address to invite".into()))?;
+        // The address on record wins; a caller supplies one only where the
+        // application's table keeps none readable (LeafLock encrypts it).
+        let (email, supplied_by) = match (user.email.clone(), supplied) {
+            (Some(on_record), Some(supplied)) if supplied.normalized() != on_record.to_lowercase() => {
+                return Err(DomainError::invalid(
+                    "email",
+                    "differs from the user's address on record; leave it empty",
+                ));
+            }
+            (Some(on_record), _) => (on_record, None),
+            (None, Some(supplied)) => (supplied.as_str().to_owned(), Some(caller.name.clone())),
+            (None, None) => {
+                return Err(DomainError::FailedPrecondition(
+                    "user has no email address on record; the caller must supply `email`".into(),
+                ));
+            }
+        };
 
         let mut bytes = [0u8; 32];
         rand::rng().fill_bytes(&mut bytes);
@@ -179,13 +208,21 @@ impl Invitations {
                 body_text: rendered.text,
                 body_html: rendered.html,
             },
+            email_supplied_by: supplied_by.clone(),
+        };
+        let detail = match &supplied_by {
+            Some(by) => format!(
+                "invitation queued, expires {}; address supplied by caller {by}",
+                expires_at.to_rfc3339()
+            ),
+            None => format!("invitation queued, expires {}", expires_at.to_rfc3339()),
         };
         let event = audit::event(
             caller,
             "migration.initiate",
             Some(user_id),
             AuditOutcome::Success,
-            format!("invitation queued, expires {}", expires_at.to_rfc3339()),
+            detail,
         );
         storage.create_invitation(&invitation, &event).await?;
         tracing::info!(caller = %caller.name, %user_id, "migration invitation queued");
@@ -237,11 +274,10 @@ impl Invitations {
             .redeem_invitation(&hash(migration_token), &clerk_user_id, Utc::now(), &event)
             .await
         {
-            Ok(mapping) => {
-                self.users
-                    .invalidate(mapping.user_id, Some(clerk_user_id.as_str()))
-                    .await;
-                tracing::info!(caller = %caller.name, user_id = %mapping.user_id, %clerk_user_id, "migration completed");
+            Ok(linked) => {
+                self.users.forget_link(&linked).await;
+                let mapping = linked.mapping;
+                tracing::info!(caller = %caller.name, user_id = %mapping.user_id, %clerk_user_id, merged_from = ?linked.merged_from, "migration completed");
                 Ok(mapping)
             }
             Err(err) => {

@@ -166,6 +166,18 @@ impl UserCache {
     }
 }
 
+impl UserCache {
+    /// Forgets everything a link changed: the user, the Clerk id, and the
+    /// provisional user merged away.
+    pub async fn forget_link(&self, linked: &crate::storage::Linked) {
+        self.invalidate(linked.mapping.user_id, Some(linked.mapping.clerk_user_id.as_str()))
+            .await;
+        if let Some(merged) = linked.merged_from {
+            self.invalidate(merged, None).await;
+        }
+    }
+}
+
 /// A look-up error shared by every caller that waited on the same query.
 fn shared_error(err: Arc<DomainError>) -> DomainError {
     match err.as_ref() {

@@ -24,8 +24,8 @@ pub struct User {
     pub clerk_user_id: Option<String>,
     pub migration_state: MigrationState,
     pub has_legacy_password: bool,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
+    pub created_at: Option<DateTime<Utc>>,
+    pub updated_at: Option<DateTime<Utc>>,
 }
 
 impl UserRecord {
@@ -89,8 +89,9 @@ impl UserDirectory {
             .ok_or_else(|| DomainError::NotFound("mapping not found".into()))
     }
 
-    /// Links a user to a Clerk user; mapping, `users.clerk_user_id` and the
-    /// audit event are written in one transaction.
+    /// Links a user to a Clerk user; the mapping, the mirror column and the
+    /// audit event are written in one transaction. A provisional user that
+    /// already holds this Clerk user is merged into this one.
     pub async fn link(
         &self,
         caller: &Caller,
@@ -107,10 +108,10 @@ impl UserDirectory {
             format!("linked to {clerk_user_id}"),
         );
         match self.storage.link_user(user_id, clerk_user_id, &event).await {
-            Ok(mapping) => {
-                self.cache.invalidate(user_id, Some(clerk_user_id.as_str())).await;
-                tracing::info!(caller = %caller.name, %user_id, clerk_user_id = %clerk_user_id, "user linked to Clerk");
-                Ok(mapping)
+            Ok(linked) => {
+                self.cache.forget_link(&linked).await;
+                tracing::info!(caller = %caller.name, %user_id, clerk_user_id = %clerk_user_id, merged_from = ?linked.merged_from, "user linked to Clerk");
+                Ok(linked.mapping)
             }
             Err(err) => {
                 let err = DomainError::from(err);

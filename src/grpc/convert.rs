@@ -32,8 +32,8 @@ pub fn user(user: User) -> pb::User {
         clerk_user_id: user.clerk_user_id.unwrap_or_default(),
         migration_state: migration_state(user.migration_state) as i32,
         has_legacy_password: user.has_legacy_password,
-        created_at: Some(timestamp(user.created_at)),
-        updated_at: Some(timestamp(user.updated_at)),
+        created_at: user.created_at.map(timestamp),
+        updated_at: user.updated_at.map(timestamp),
     }
 }
 
@@ -62,6 +62,7 @@ pub fn principal(principal: Principal) -> pb::Principal {
             role: o.role,
             slug: o.slug,
         }),
+        new_to_application: principal.new_to_application,
     }
 }
 

@@ -5,8 +5,8 @@ use tonic::{Request, Response, Status};
 use super::{caller, convert, to_status};
 use crate::{
     domain::{
-        AuditLog, AuditPageRequest, AuthModes, BulkMigrations, BulkRequest, ClerkUserId, DomainError, Invitations,
-        UserDirectory, UserId,
+        AuditLog, AuditPageRequest, AuthModes, BulkMigrations, BulkRequest, ClerkUserId, DomainError, Email,
+        Invitations, UserDirectory, UserId,
     },
     metrics::MigrationStats,
     pb::{self, migration_service_server::MigrationService},
@@ -245,11 +245,20 @@ impl MigrationService for MigrationApi {
     ) -> Result<Response<pb::InitiateMigrationResponse>, Status> {
         use pb::initiate_migration_request::Subject;
         let caller = caller(&request)?;
-        let sent = match request.into_inner().subject {
-            Some(Subject::LegacyToken(token)) => self.invitations.initiate_with_legacy_token(&caller, &token).await,
+        let body = request.into_inner();
+        let email = match body.email.trim() {
+            "" => None,
+            raw => Some(Email::parse("email", raw).map_err(to_status)?),
+        };
+        let sent = match body.subject {
+            Some(Subject::LegacyToken(token)) => {
+                self.invitations
+                    .initiate_with_legacy_token(&caller, &token, email)
+                    .await
+            }
             Some(Subject::UserId(id)) => {
                 let user_id = UserId::parse("user_id", &id).map_err(to_status)?;
-                self.invitations.initiate_for_user(&caller, user_id).await
+                self.invitations.initiate_for_user(&caller, user_id, email).await
             }
             None => Err(DomainError::invalid("subject", "set legacy_token or user_id")),
         }

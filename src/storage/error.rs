@@ -10,6 +10,15 @@ pub enum StorageError {
     Conflict(Conflict),
     #[error("database unavailable")]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The database is not as the configuration says (a configured column
+    /// or table is missing, a migration failed): the message names what and
+    /// holds no secret. At run time: FAILED_PRECONDITION.
+    #[error("{0}")]
+    Precondition(String),
+    /// A statement met a column or table that is gone (the application
+    /// dropped it while the service ran); the mapping is read again.
+    #[error("the application's users table changed: {0}")]
+    SchemaChanged(String),
     #[error("database error")]
     Other(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
@@ -25,6 +34,8 @@ pub enum Conflict {
     ClerkUserTaken,
     /// Another bulk migration job is unfinished.
     BulkJobRunning,
+    /// An admin unlinked this Clerk user: it stays unmapped until linked again.
+    ClerkUserUnlinked,
 }
 
 impl fmt::Display for Conflict {
@@ -34,6 +45,7 @@ impl fmt::Display for Conflict {
             Self::UserAlreadyLinked => "user is already linked to a Clerk user",
             Self::ClerkUserTaken => "Clerk user is already linked to another user",
             Self::BulkJobRunning => "a bulk migration job is already running",
+            Self::ClerkUserUnlinked => "Clerk user was unlinked by an admin and stays unmapped until linked again",
         })
     }
 }
@@ -50,6 +62,15 @@ pub(crate) fn classify(err: sqlx::Error, on_unique: Option<Conflict>) -> Storage
             }
             if db.is_foreign_key_violation() {
                 return StorageError::NotFound("user");
+            }
+            // A column or table the statement names is gone (PostgreSQL
+            // 42703/42P01; SQLite says so in its message, code 1).
+            let message = db.message();
+            if matches!(db.code().as_deref(), Some("42703" | "42P01"))
+                || message.starts_with("no such column")
+                || message.starts_with("no such table")
+            {
+                return StorageError::SchemaChanged(message.to_owned());
             }
             // SQLite reports a locked/busy database; PostgreSQL reports
             // connection-class (08xxx), shutdown (57Pxx) and too-many-connections.

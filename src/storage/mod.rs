@@ -5,15 +5,18 @@
 mod error;
 mod postgres;
 mod sqlite;
+mod users_table;
 
 use std::{fmt, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use error::classify;
 pub use error::{Conflict, StorageError};
 pub use postgres::PostgresStorage;
 pub use sqlite::SqliteStorage;
+pub use users_table::{ColumnSetting, Ident, UsersTableConfig};
 
 use crate::domain::{AuditOutcome, ClerkUserId, Email, UserId};
 
@@ -34,20 +37,32 @@ pub enum MappingKey {
     ClerkUserId(ClerkUserId),
 }
 
-/// A row of `users`, as far as this service cares.
+/// A user as far as this service cares: a row of the application's users
+/// table (read through the configured mapping) or of the service's own
+/// directory, with its link to Clerk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserRecord {
     pub id: UserId,
     pub email: Option<String>,
     pub clerk_user_id: Option<String>,
-    /// Created through Clerk, never had a legacy login.
+    /// Created by this service on first sight through Clerk (provisioned):
+    /// the application has no row for this user.
     pub clerk_native: bool,
     pub has_password: bool,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
+    /// `None` when the application's table has no creation time.
+    pub created_at: Option<DateTime<Utc>>,
+    pub updated_at: Option<DateTime<Utc>>,
 }
 
-/// A legacy user to insert (the import command).
+/// What a link wrote: the mapping, and the provisional user merged into the
+/// linked one when the Clerk user had signed in before migrating.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Linked {
+    pub mapping: MappingRecord,
+    pub merged_from: Option<UserId>,
+}
+
+/// A legacy user to insert into the service's directory (the import command).
 #[derive(Debug, Clone)]
 pub struct NewLegacyUser {
     pub id: UserId,
@@ -144,6 +159,9 @@ pub struct NewInvitation {
     pub token_hash: String,
     pub expires_at: DateTime<Utc>,
     pub email: NewOutboxMessage,
+    /// The caller that supplied the address, when the application's table
+    /// has no readable email.
+    pub email_supplied_by: Option<String>,
 }
 
 /// An outbox message claimed by a worker.
@@ -311,28 +329,42 @@ pub trait Storage: Send + Sync + fmt::Debug {
 
     async fn find_user(&self, key: &UserKey) -> StorageResult<Option<UserRecord>>;
 
-    /// Inserts a legacy user; [`Conflict::UserExists`] when the id or email is taken.
+    /// Inserts a legacy user into the service's directory;
+    /// [`Conflict::UserExists`] when the id or email is taken by any user.
     async fn insert_legacy_user(&self, user: &NewLegacyUser) -> StorageResult<()>;
 
-    /// Writes the mapping row and `users.clerk_user_id` in one transaction,
-    /// together with the audit event.
+    /// Writes the mapping (and the mirror column, when configured) in one
+    /// transaction, together with the audit event. A Clerk user mapped to a
+    /// provisional (Clerk-native) user is merged into this user: the mapping
+    /// moves, the provisional user stops resolving, and a `user.merge`
+    /// event records both ids.
     async fn link_user(
         &self,
         user_id: UserId,
         clerk_user_id: &ClerkUserId,
         audit: &NewAuditEvent,
-    ) -> StorageResult<MappingRecord>;
+    ) -> StorageResult<Linked>;
 
-    /// Removes the mapping and clears `users.clerk_user_id` in one
-    /// transaction, together with the audit event. Returns what was removed.
+    /// Removes the mapping (and clears the mirror column) in one transaction,
+    /// together with the audit event, and remembers the Clerk user as
+    /// unlinked until it is linked again. Returns what was removed.
     async fn unlink_user(&self, user_id: UserId, audit: &NewAuditEvent) -> StorageResult<MappingRecord>;
 
     async fn find_mapping(&self, key: &MappingKey) -> StorageResult<Option<MappingRecord>>;
 
-    /// Creates a Clerk-native user linked to `clerk_user_id` (user row,
-    /// mapping and audit event in one transaction). The email is stored when
-    /// no other user has it. [`Conflict::ClerkUserTaken`] when the Clerk user
-    /// is already mapped (a concurrent first sighting won).
+    /// Whether users can be matched by email: false when the application's
+    /// users table has no readable email column.
+    fn users_have_emails(&self) -> bool;
+
+    /// Whether an admin unlinked this Clerk user (and nobody linked it since).
+    async fn clerk_user_unlinked(&self, clerk_user_id: &ClerkUserId) -> StorageResult<bool>;
+
+    /// Creates a Clerk-native user in the service's directory, linked to
+    /// `clerk_user_id` (user, mapping and audit event in one transaction).
+    /// The email is stored when no other user has it.
+    /// [`Conflict::ClerkUserTaken`] when the Clerk user is already mapped (a
+    /// concurrent first sighting won); [`Conflict::ClerkUserUnlinked`] after
+    /// an admin unlinked it.
     async fn provision_clerk_user(
         &self,
         clerk_user_id: &ClerkUserId,
@@ -353,7 +385,7 @@ pub trait Storage: Send + Sync + fmt::Debug {
         clerk_user_id: &ClerkUserId,
         now: DateTime<Utc>,
         audit: &NewAuditEvent,
-    ) -> StorageResult<MappingRecord>;
+    ) -> StorageResult<Linked>;
 
     /// Leases up to `limit` due messages to `worker` until `lease_until`;
     /// messages leased to another live worker are skipped.
@@ -443,7 +475,7 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Asks the runner of a running job to stop.
     async fn request_bulk_cancel(&self, id: uuid::Uuid, audit: &NewAuditEvent) -> StorageResult<BulkJobRecord>;
 
-    /// Users by migration state, without scanning `users`.
+    /// Users by migration state (the application's table is counted).
     async fn user_counts(&self) -> StorageResult<UserCounts>;
 
     /// Adds one replica's figures to the shared buckets.
@@ -486,6 +518,8 @@ pub trait Storage: Send + Sync + fmt::Debug {
 pub struct DatabaseOptions {
     pub max_connections: u32,
     pub acquire_timeout: Duration,
+    /// How the application's users table is read.
+    pub users: UsersTableConfig,
 }
 
 impl Default for DatabaseOptions {
@@ -493,6 +527,7 @@ impl Default for DatabaseOptions {
         Self {
             max_connections: 10,
             acquire_timeout: Duration::from_secs(5),
+            users: UsersTableConfig::default(),
         }
     }
 }
@@ -516,7 +551,9 @@ impl Backend {
     }
 }
 
-/// Opens the database a URL names; `migrate` applies pending migrations first.
+/// Opens the database a URL names; `migrate` applies pending migrations
+/// first. Then the application's users table is matched against the
+/// configured mapping (a named column that is missing stops here).
 pub async fn connect(url: &str, options: &DatabaseOptions, migrate: bool) -> StorageResult<Arc<dyn Storage>> {
     match Backend::from_url(url) {
         Some(Backend::Sqlite) => {
@@ -524,6 +561,7 @@ pub async fn connect(url: &str, options: &DatabaseOptions, migrate: bool) -> Sto
             if migrate {
                 storage.migrate().await?;
             }
+            storage.resolve_users().await?;
             Ok(Arc::new(storage))
         }
         Some(Backend::Postgres) => {
@@ -531,6 +569,7 @@ pub async fn connect(url: &str, options: &DatabaseOptions, migrate: bool) -> Sto
             if migrate {
                 storage.migrate().await?;
             }
+            storage.resolve_users().await?;
             Ok(Arc::new(storage))
         }
         None => Err(StorageError::Other(
@@ -539,14 +578,102 @@ pub async fn connect(url: &str, options: &DatabaseOptions, migrate: bool) -> Sto
     }
 }
 
-/// A database URL with its password replaced, for logs.
+/// A database URL with its password replaced, for logs: in the user-info
+/// part and in query parameters such as `?password=`.
 pub fn redact_url(url: &str) -> String {
     match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("*****"));
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("*****"));
+            }
+            let secret = |key: &str| {
+                let key = key.to_ascii_lowercase();
+                ["password", "passwd", "pwd", "secret", "token", "key", "sslpassword"]
+                    .iter()
+                    .any(|s| key.contains(s))
+            };
+            if parsed.query_pairs().any(|(k, _)| secret(&k)) {
+                let pairs: Vec<(String, String)> = parsed
+                    .query_pairs()
+                    .map(|(k, v)| {
+                        let v = if secret(&k) { "*****".to_owned() } else { v.into_owned() };
+                        (k.into_owned(), v)
+                    })
+                    .collect();
+                parsed.query_pairs_mut().clear().extend_pairs(pairs);
+            }
             parsed.to_string()
         }
-        Ok(parsed) => parsed.to_string(),
         Err(_) => "<unparseable database URL>".to_owned(),
+    }
+}
+
+/// Why a migration failed: the file, and the database's own message with
+/// the column, table or constraint it names (never the URL).
+fn migration_error(err: sqlx::migrate::MigrateError, migrator: &sqlx::migrate::Migrator) -> StorageError {
+    use sqlx::migrate::MigrateError;
+    let file = |version: i64| {
+        migrator
+            .iter()
+            .find(|m| m.version == version)
+            .map(|m| format!("{}_{}.sql", m.version, m.description.replace(' ', "_")))
+            .unwrap_or_else(|| format!("version {version}"))
+    };
+    match err {
+        MigrateError::ExecuteMigration(source, version) => {
+            let detail = match &source {
+                sqlx::Error::Database(db) => {
+                    let mut detail = db.message().to_owned();
+                    if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                        for (label, value) in [
+                            ("table", pg.table()),
+                            ("column", pg.column()),
+                            ("constraint", pg.constraint()),
+                            ("detail", pg.detail()),
+                        ] {
+                            if let Some(value) = value {
+                                detail.push_str(&format!("; {label}: {value}"));
+                            }
+                        }
+                    }
+                    detail
+                }
+                other => other.to_string(),
+            };
+            StorageError::Precondition(format!("migration {} failed: {detail}", file(version)))
+        }
+        MigrateError::Execute(sqlx::Error::Database(db)) => {
+            StorageError::Precondition(format!("migrations could not run: {}", db.message()))
+        }
+        MigrateError::Execute(source) => match classify(source, None) {
+            StorageError::Unavailable(source) => StorageError::Unavailable(source),
+            other => other,
+        },
+        other => StorageError::Precondition(format!("migrations could not run: {other}")),
+    }
+}
+
+/// The service's migrations table, apart from any the application keeps.
+const MIGRATIONS_TABLE: &str = "identity_schema_migrations";
+
+fn migrator(mut migrator: sqlx::migrate::Migrator) -> sqlx::migrate::Migrator {
+    migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
+    migrator
+}
+
+/// Logs what matching the users table warned about.
+fn log_users_table(resolved: &users_table::Resolved) {
+    for warning in &resolved.warnings {
+        tracing::warn!("{warning}");
+    }
+    if let Some(app) = &resolved.app {
+        tracing::info!(
+            table = %app.table,
+            email = app.email.is_some(),
+            password_hash = app.password_hash.is_some(),
+            soft_delete = app.deleted_at.is_some(),
+            mirror = app.clerk_id.is_some(),
+            "reading legacy users from the application's table"
+        );
     }
 }

@@ -1,8 +1,13 @@
 //! The PostgreSQL backend: the application's own database, native UUID and
 //! TIMESTAMPTZ. Migrations take sqlx's advisory lock, so replicas starting
-//! together apply them once.
+//! together apply them once; adopting the seed's tables and adding the
+//! mirror column happen under a second advisory lock, once.
 
-use std::{str::FromStr, time::Duration};
+use std::{
+    str::FromStr,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use sqlx::{
@@ -13,17 +18,24 @@ use uuid::Uuid;
 
 use super::{
     AuditQuery, AuditRecord, AuthFlush, AuthTotals, BulkCandidate, BulkCounters, BulkFilter, BulkJobRecord,
-    BulkJobState, BulkLease, Conflict, DatabaseOptions, InvitationCounts, MappingKey, MappingRecord, NewAuditEvent,
-    NewInvitation, NewLegacyUser, NewRevocation, OutboxCounts, OutboxMessage, Readiness, RevocationRecord,
-    SettingRecord, Storage, StorageError, StorageResult, UserCounts, UserKey, UserRecord, error::classify,
+    BulkJobState, BulkLease, Conflict, DatabaseOptions, InvitationCounts, Linked, MappingKey, MappingRecord,
+    NewAuditEvent, NewInvitation, NewLegacyUser, NewRevocation, OutboxCounts, OutboxMessage, Readiness,
+    RevocationRecord, SettingRecord, Storage, StorageError, StorageResult, UserCounts, UserKey, UserRecord,
+    UsersTableConfig,
+    error::classify,
+    log_users_table, migrator,
+    users_table::{UserSql, resolve},
 };
 use crate::domain::{AuditOutcome, ClerkUserId, Email, UserId};
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+/// Key of the advisory lock held while adopting the seed's tables.
+const ADOPT_LOCK: i64 = 0x1de7_1700_0001;
 
 #[derive(Debug, Clone)]
 pub struct PostgresStorage {
     pool: PgPool,
+    config: UsersTableConfig,
+    users: Arc<RwLock<Arc<UserSql>>>,
 }
 
 fn db_err(err: sqlx::Error) -> StorageError {
@@ -36,14 +48,18 @@ fn parse_clerk(raw: &str) -> StorageResult<ClerkUserId> {
 }
 
 fn user_from_row(row: &PgRow) -> StorageResult<UserRecord> {
+    let password: Option<String> = row.try_get("password_hash").map_err(db_err)?;
+    let updated: Option<chrono::DateTime<chrono::Utc>> = row.try_get("updated_at").map_err(db_err)?;
+    let mapped: Option<chrono::DateTime<chrono::Utc>> = row.try_get("mapped_at").map_err(db_err)?;
+    let email: Option<String> = row.try_get("email").map_err(db_err)?;
     Ok(UserRecord {
         id: UserId::from_uuid(row.try_get("id").map_err(db_err)?),
-        email: row.try_get("email").map_err(db_err)?,
+        email: email.filter(|e| !e.is_empty()),
         clerk_user_id: row.try_get("clerk_user_id").map_err(db_err)?,
         clerk_native: row.try_get("clerk_native").map_err(db_err)?,
-        has_password: row.try_get("has_password").map_err(db_err)?,
+        has_password: password.is_some_and(|p| !p.is_empty()),
         created_at: row.try_get("created_at").map_err(db_err)?,
-        updated_at: row.try_get("updated_at").map_err(db_err)?,
+        updated_at: updated.max(mapped),
     })
 }
 
@@ -96,57 +112,140 @@ async fn insert_audit(conn: &mut sqlx::PgConnection, event: &NewAuditEvent) -> S
     Ok(())
 }
 
-const USER_COLUMNS: &str = "id, email::text AS email, clerk_user_id, clerk_native,
-    (password_hash IS NOT NULL AND password_hash::text <> '') AS has_password,
-    created_at::timestamptz AS created_at, updated_at::timestamptz AS updated_at";
-/// Mapping columns; the casts accept an application table created with the
-/// seed's plain TIMESTAMP columns.
-const MAPPING_COLUMNS: &str =
-    "user_id, clerk_user_id, created_at::timestamptz AS created_at, updated_at::timestamptz AS updated_at";
+const MAPPING_COLUMNS: &str = "user_id, clerk_user_id, created_at, updated_at";
 
-/// Links inside the caller's transaction: locks the user row, writes the
-/// mapping and `users.clerk_user_id`.
-async fn link_in_tx(
-    conn: &mut sqlx::PgConnection,
-    user_id: UserId,
-    clerk_user_id: &ClerkUserId,
-) -> StorageResult<MappingRecord> {
-    let linked: Option<Option<String>> = sqlx::query_scalar("SELECT clerk_user_id FROM users WHERE id = $1 FOR UPDATE")
-        .bind(*user_id.as_uuid())
-        .fetch_optional(&mut *conn)
+/// Serialises writers of one key (a user, a Clerk user, an email) for the
+/// rest of the transaction.
+async fn lock_key(conn: &mut sqlx::PgConnection, space: &str, key: &str) -> StorageResult<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))")
+        .bind(space)
+        .bind(key)
+        .execute(conn)
         .await
         .map_err(db_err)?;
-    match linked {
-        None => return Err(StorageError::NotFound("user")),
-        Some(Some(_)) => return Err(StorageError::Conflict(Conflict::UserAlreadyLinked)),
-        Some(None) => {}
+    Ok(())
+}
+
+async fn find_in(conn: &mut sqlx::PgConnection, sql: &UserSql, id: UserId) -> StorageResult<Option<UserRecord>> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql.by_id.as_str()))
+        .bind(*id.as_uuid())
+        .fetch_optional(conn)
+        .await
+        .map_err(db_err)?;
+    row.as_ref().map(user_from_row).transpose()
+}
+
+async fn email_taken(conn: &mut sqlx::PgConnection, sql: &UserSql, email: &str) -> StorageResult<bool> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql.by_email.as_str()))
+        .bind(email)
+        .fetch_optional(conn)
+        .await
+        .map_err(db_err)?;
+    Ok(row.is_some())
+}
+
+/// Sets (or clears) the application's mirror column for a user of its table.
+async fn mirror(
+    conn: &mut sqlx::PgConnection,
+    sql: &UserSql,
+    user: &UserRecord,
+    clerk_user_id: Option<&str>,
+) -> StorageResult<()> {
+    if let Some(statement) = &sql.mirror
+        && !user.clerk_native
+    {
+        sqlx::query(sqlx::AssertSqlSafe(statement.as_str()))
+            .bind(clerk_user_id)
+            .bind(*user.id.as_uuid())
+            .execute(conn)
+            .await
+            .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
     }
-    let existing: Option<String> =
-        sqlx::query_scalar("SELECT clerk_user_id FROM user_clerk_mappings WHERE user_id = $1")
-            .bind(*user_id.as_uuid())
+    Ok(())
+}
+
+/// Links inside the caller's transaction. A Clerk user held by a
+/// provisional (Clerk-native) user moves to this one, and the provisional
+/// user is marked merged; `merge_audit` is then appended with both ids.
+async fn link_in_tx(
+    conn: &mut sqlx::PgConnection,
+    sql: &UserSql,
+    user_id: UserId,
+    clerk_user_id: &ClerkUserId,
+    merge_audit: &NewAuditEvent,
+) -> StorageResult<Linked> {
+    lock_key(conn, "identity.clerk", clerk_user_id.as_str()).await?;
+    lock_key(conn, "identity.user", &user_id.to_string()).await?;
+    let user = find_in(conn, sql, user_id)
+        .await?
+        .ok_or(StorageError::NotFound("user"))?;
+    if user.clerk_user_id.is_some() {
+        return Err(StorageError::Conflict(Conflict::UserAlreadyLinked));
+    }
+    let holder: Option<Uuid> =
+        sqlx::query_scalar("SELECT user_id FROM identity_user_mappings WHERE clerk_user_id = $1")
+            .bind(clerk_user_id.as_str())
             .fetch_optional(&mut *conn)
             .await
             .map_err(db_err)?;
-    if existing.is_some() {
-        return Err(StorageError::Conflict(Conflict::UserAlreadyLinked));
+    let mut merged_from = None;
+    if let Some(holder) = holder {
+        let holder = UserId::from_uuid(holder);
+        let provisional = find_in(conn, sql, holder).await?.is_some_and(|h| h.clerk_native);
+        if !provisional || user.clerk_native {
+            return Err(StorageError::Conflict(Conflict::ClerkUserTaken));
+        }
+        sqlx::query("DELETE FROM identity_user_mappings WHERE user_id = $1")
+            .bind(*holder.as_uuid())
+            .execute(&mut *conn)
+            .await
+            .map_err(db_err)?;
+        sqlx::query("UPDATE identity_users SET merged_into = $1, updated_at = now() WHERE id = $2")
+            .bind(*user_id.as_uuid())
+            .bind(*holder.as_uuid())
+            .execute(&mut *conn)
+            .await
+            .map_err(db_err)?;
+        insert_audit(
+            conn,
+            &NewAuditEvent {
+                user_id: Some(user_id),
+                detail: format!(
+                    "merged provisional user {holder} into {user_id} for {clerk_user_id}; {}",
+                    merge_audit.detail
+                ),
+                ..merge_audit.clone()
+            },
+        )
+        .await?;
+        merged_from = Some(holder);
     }
-    let row = sqlx::query(
-        "INSERT INTO user_clerk_mappings (user_id, clerk_user_id, created_at, updated_at)
-         VALUES ($1, $2, now(), now())
-         RETURNING user_id, clerk_user_id, created_at::timestamptz AS created_at, updated_at::timestamptz AS updated_at",
-    )
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO identity_user_mappings (user_id, clerk_user_id) VALUES ($1, $2) RETURNING {MAPPING_COLUMNS}"
+    )))
     .bind(*user_id.as_uuid())
     .bind(clerk_user_id.as_str())
     .fetch_one(&mut *conn)
     .await
     .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
-    sqlx::query("UPDATE users SET clerk_user_id = $1, updated_at = now() WHERE id = $2")
+    sqlx::query("DELETE FROM identity_unlinked_clerk_users WHERE clerk_user_id = $1")
         .bind(clerk_user_id.as_str())
-        .bind(*user_id.as_uuid())
         .execute(&mut *conn)
         .await
-        .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
-    mapping_from_row(&row)
+        .map_err(db_err)?;
+    mirror(conn, sql, &user, Some(clerk_user_id.as_str())).await?;
+    Ok(Linked {
+        mapping: mapping_from_row(&row)?,
+        merged_from,
+    })
+}
+
+/// The audit event a merge appends, from the link's own event.
+fn merge_event(audit: &NewAuditEvent) -> NewAuditEvent {
+    NewAuditEvent {
+        action: "user.merge".to_owned(),
+        ..audit.clone()
+    }
 }
 
 const JOB_COLUMNS: &str =
@@ -178,10 +277,6 @@ fn job_from_row(row: &PgRow) -> StorageResult<BulkJobRecord> {
     })
 }
 
-const CANDIDATE_FILTER: &str = "clerk_user_id IS NULL AND NOT clerk_native
-    AND (cardinality($1::uuid[]) = 0 OR id = ANY($1::uuid[]))
-    AND ($2::timestamptz IS NULL OR created_at < $2)";
-
 fn outbox_from_row(row: &PgRow) -> StorageResult<OutboxMessage> {
     let attempts: i32 = row.try_get("attempts").map_err(db_err)?;
     Ok(OutboxMessage {
@@ -201,6 +296,31 @@ fn outbox_from_row(row: &PgRow) -> StorageResult<OutboxMessage> {
     })
 }
 
+/// The columns of a table (`None`: no such table), names as stored.
+async fn table_columns(conn: &mut sqlx::PgConnection, table: &str) -> StorageResult<Option<Vec<(String, String)>>> {
+    let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+        .bind(table)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db_err)?;
+    if exists.is_none() {
+        return Ok(None);
+    }
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute
+         WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+    )
+    .bind(table)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    Ok(Some(rows))
+}
+
+fn has(columns: &[(String, String)], name: &str) -> bool {
+    columns.iter().any(|(c, _)| c == name)
+}
+
 impl PostgresStorage {
     pub async fn connect(url: &str, options: &DatabaseOptions) -> StorageResult<Self> {
         let connect = PgConnectOptions::from_str(url)
@@ -213,16 +333,300 @@ impl PostgresStorage {
             .connect_with(connect)
             .await
             .map_err(|e| StorageError::Unavailable(Box::new(e)))?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            config: options.users.clone(),
+            users: Arc::new(RwLock::new(Arc::new(UserSql::build(None, true)))),
+        })
     }
 
-    /// Applies pending migrations under sqlx's advisory lock.
+    /// Applies pending migrations under sqlx's advisory lock, then (under a
+    /// lock of its own) takes over the seed's tables once and adds the
+    /// mirror column when it is configured and missing.
     pub async fn migrate(&self) -> StorageResult<()> {
-        MIGRATOR
+        let migrator = migrator(sqlx::migrate!("./migrations/postgres"));
+        migrator
             .run(&self.pool)
             .await
-            .map_err(|e| StorageError::Other(Box::new(e)))
+            .map_err(|e| super::migration_error(e, &migrator))?;
+        let mut conn = self.pool.acquire().await.map_err(db_err)?;
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(ADOPT_LOCK)
+            .execute(&mut *conn)
+            .await
+            .map_err(db_err)?;
+        let result = self.adopt(&mut conn).await;
+        let unlock = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(ADOPT_LOCK)
+            .execute(&mut *conn)
+            .await
+            .map_err(db_err);
+        result.and(unlock.map(|_| ()))
     }
+
+    async fn adopt(&self, conn: &mut sqlx::PgConnection) -> StorageResult<()> {
+        let adopted: Option<String> =
+            sqlx::query_scalar("SELECT value FROM identity_settings WHERE key = 'adopted_seed_tables'")
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(db_err)?;
+        if adopted.is_none() {
+            let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(db_err)?;
+            adopt_seed_tables(&mut tx).await?;
+            sqlx::query(
+                "INSERT INTO identity_settings (key, value, updated_by) VALUES ('adopted_seed_tables', 'done', 'migration')
+                 ON CONFLICT (key) DO NOTHING",
+            )
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            tx.commit().await.map_err(db_err)?;
+        }
+        // The seed's optional `users.clerk_user_id`: the one column the
+        // service adds to an application table, nullable and without a
+        // default, so adding it rewrites nothing. It waits at most 5 s for
+        // the application's transactions; otherwise the next start tries again.
+        if let Some(column) = &self.config.clerk_id.name {
+            let table = self.config.table.quoted();
+            if let Some(columns) = table_columns(conn, &table).await?
+                && !has(&columns, column.name())
+            {
+                let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(db_err)?;
+                sqlx::query("SET LOCAL lock_timeout = '5s'")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                let added = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {} TEXT",
+                    column.quoted()
+                )))
+                .execute(&mut *tx)
+                .await;
+                match added {
+                    Ok(_) => tx.commit().await.map_err(db_err)?,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "cannot add the mirror column {column} to {}; it is left out until the next start", self.config.table);
+                        tx.rollback().await.map_err(db_err)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Matches the configured mapping against the application's table and
+    /// builds the statements that read it.
+    pub async fn resolve_users(&self) -> StorageResult<()> {
+        let mut conn = self.pool.acquire().await.map_err(db_err)?;
+        let columns = table_columns(&mut conn, &self.config.table.quoted()).await?;
+        let resolved = resolve(&self.config, columns.as_deref(), true)?;
+        log_users_table(&resolved);
+        let sql = Arc::new(UserSql::build(resolved.app, true));
+        *self.users.write().unwrap_or_else(std::sync::PoisonError::into_inner) = sql;
+        Ok(())
+    }
+
+    fn sql(&self) -> Arc<UserSql> {
+        self.users
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// After a statement met a dropped column: reads the table again (a
+    /// missing default column is then left out; a missing named one is a
+    /// precondition error) and says whether to try once more.
+    async fn recover(&self, err: &StorageError) -> StorageResult<bool> {
+        if let StorageError::SchemaChanged(message) = err {
+            tracing::warn!(%message, "the application's users table changed; reading its columns again");
+            self.resolve_users().await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    async fn find_user_once(&self, key: &UserKey) -> StorageResult<Option<UserRecord>> {
+        let sql = self.sql();
+        let mut conn = self.pool.acquire().await.map_err(db_err)?;
+        match key {
+            UserKey::Id(id) => find_in(&mut conn, &sql, *id).await,
+            UserKey::ClerkUserId(clerk) => {
+                let id: Option<Uuid> =
+                    sqlx::query_scalar("SELECT user_id FROM identity_user_mappings WHERE clerk_user_id = $1")
+                        .bind(clerk.as_str())
+                        .fetch_optional(&mut *conn)
+                        .await
+                        .map_err(db_err)?;
+                match id {
+                    Some(id) => find_in(&mut conn, &sql, UserId::from_uuid(id)).await,
+                    None => Ok(None),
+                }
+            }
+            UserKey::Email(email) => {
+                let row = sqlx::query(sqlx::AssertSqlSafe(sql.by_email.as_str()))
+                    .bind(email.normalized())
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(db_err)?;
+                row.as_ref().map(user_from_row).transpose()
+            }
+        }
+    }
+
+    async fn user_counts_once(&self) -> StorageResult<UserCounts> {
+        let sql = self.sql();
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql.counts.as_str()))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_err)?;
+        let total: i64 = row.try_get("legacy_total").map_err(db_err)?;
+        let migrated: i64 = row.try_get("migrated").map_err(db_err)?;
+        Ok(UserCounts {
+            legacy_only: (total - migrated).max(0),
+            migrated,
+            clerk_native: row.try_get("clerk_native").map_err(db_err)?,
+        })
+    }
+
+    async fn bulk_candidates_once(
+        &self,
+        filter: &BulkFilter,
+        after: Option<UserId>,
+        limit: u32,
+    ) -> StorageResult<Vec<BulkCandidate>> {
+        let sql = self.sql();
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql.candidates.as_str()))
+            .bind(&filter.user_ids)
+            .bind(filter.created_before)
+            .bind(after.map(|id| *id.as_uuid()))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter()
+            .map(|row| {
+                Ok(BulkCandidate {
+                    id: UserId::from_uuid(row.try_get("id").map_err(db_err)?),
+                    email: row
+                        .try_get::<Option<String>, _>("email")
+                        .map_err(db_err)?
+                        .filter(|e| !e.is_empty()),
+                    password_hash: row.try_get("password_hash").map_err(db_err)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn count_bulk_candidates_once(&self, filter: &BulkFilter) -> StorageResult<i64> {
+        let sql = self.sql();
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql.count_candidates.as_str()))
+            .bind(&filter.user_ids)
+            .bind(filter.created_before)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_err)
+    }
+}
+
+/// Takes over what the seed's Go implementation (or an earlier version of
+/// this service) left: mappings, unexpired revocations, and unexpired
+/// migration tokens, whose plaintext is hashed on the way (the plaintext
+/// is never accepted). Each table may be missing or have its own columns.
+async fn adopt_seed_tables(conn: &mut sqlx::PgConnection) -> StorageResult<()> {
+    if let Some(columns) = table_columns(conn, "user_clerk_mappings").await?
+        && has(&columns, "user_id")
+        && has(&columns, "clerk_user_id")
+    {
+        let created = if has(&columns, "created_at") {
+            "created_at::timestamptz"
+        } else {
+            "now()"
+        };
+        let updated = if has(&columns, "updated_at") {
+            "updated_at::timestamptz"
+        } else {
+            created
+        };
+        let done = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO identity_user_mappings (user_id, clerk_user_id, created_at, updated_at)
+             SELECT DISTINCT ON (user_id) user_id::uuid, clerk_user_id::text, COALESCE({created}, now()), COALESCE({updated}, now())
+             FROM user_clerk_mappings WHERE clerk_user_id IS NOT NULL
+             ORDER BY user_id, {created} DESC
+             ON CONFLICT DO NOTHING"
+        )))
+        .execute(&mut *conn)
+        .await
+        .map_err(db_err)?;
+        tracing::info!(rows = done.rows_affected(), "adopted the seed's user_clerk_mappings");
+    }
+    if let Some(columns) = table_columns(conn, "jwt_blacklist").await?
+        && has(&columns, "expires_at")
+        && (has(&columns, "jti") || has(&columns, "token_hash"))
+    {
+        let jti = if has(&columns, "jti") {
+            "jti::text"
+        } else {
+            "NULL::text"
+        };
+        let hash = if has(&columns, "token_hash") {
+            "token_hash::text"
+        } else {
+            "NULL::text"
+        };
+        let user = if has(&columns, "user_id") {
+            "user_id::uuid"
+        } else {
+            "NULL::uuid"
+        };
+        let done = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO identity_revocations (id, jti, token_hash, user_id, expires_at)
+             SELECT gen_random_uuid(), {jti}, {hash}, {user}, expires_at::timestamptz FROM jwt_blacklist
+             WHERE expires_at::timestamptz > now() AND ({jti} IS NOT NULL OR {hash} IS NOT NULL)
+             ON CONFLICT DO NOTHING"
+        )))
+        .execute(&mut *conn)
+        .await
+        .map_err(db_err)?;
+        tracing::info!(rows = done.rows_affected(), "adopted the seed's jwt_blacklist");
+    }
+    if let Some(columns) = table_columns(conn, "user_migration_tokens").await?
+        && has(&columns, "user_id")
+        && has(&columns, "expires_at")
+    {
+        let hash = if has(&columns, "token_hash") {
+            "token_hash::text"
+        } else if has(&columns, "token") {
+            "encode(sha256(convert_to(token::text, 'UTF8')), 'hex')"
+        } else {
+            ""
+        };
+        if !hash.is_empty() {
+            let used = if has(&columns, "used_at") {
+                "used_at IS NULL"
+            } else {
+                "true"
+            };
+            let superseded = if has(&columns, "superseded_at") {
+                "superseded_at IS NULL"
+            } else {
+                "true"
+            };
+            let done = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO identity_migration_tokens (id, user_id, token_hash, expires_at)
+                 SELECT gen_random_uuid(), user_id::uuid, {hash}, expires_at::timestamptz FROM user_migration_tokens
+                 WHERE expires_at::timestamptz > now() AND {used} AND {superseded}
+                 ON CONFLICT DO NOTHING"
+            )))
+            .execute(&mut *conn)
+            .await
+            .map_err(db_err)?;
+            tracing::info!(
+                rows = done.rows_affected(),
+                "adopted the seed's user_migration_tokens (hashed)"
+            );
+        }
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -243,60 +647,60 @@ impl Storage for PostgresStorage {
     }
 
     async fn find_user(&self, key: &UserKey) -> StorageResult<Option<UserRecord>> {
-        let row = match key {
-            UserKey::Id(id) => {
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "SELECT {USER_COLUMNS} FROM users WHERE id = $1"
-                )))
-                .bind(*id.as_uuid())
-                .fetch_optional(&self.pool)
-                .await
-            }
-            UserKey::ClerkUserId(clerk) => {
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "SELECT {USER_COLUMNS} FROM users WHERE clerk_user_id = $1"
-                )))
-                .bind(clerk.as_str().to_owned())
-                .fetch_optional(&self.pool)
-                .await
-            }
-            UserKey::Email(email) => {
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "SELECT {USER_COLUMNS} FROM users WHERE lower(email) = lower($1) ORDER BY created_at LIMIT 1"
-                )))
-                .bind(email.as_str().to_owned())
-                .fetch_optional(&self.pool)
-                .await
-            }
+        match self.find_user_once(key).await {
+            Err(err) if self.recover(&err).await? => self.find_user_once(key).await,
+            other => other,
         }
-        .map_err(db_err)?;
-        row.as_ref().map(user_from_row).transpose()
     }
 
     async fn insert_legacy_user(&self, user: &NewLegacyUser) -> StorageResult<()> {
-        // The application's table may not have a unique email constraint, so
-        // check case-insensitively under the same transaction.
+        let sql = self.sql();
+        let email = user.email.normalized();
+        let shown = user.email.as_str();
         let mut tx = self.pool.begin().await.map_err(db_err)?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('identity.users.email'), hashtext(lower($1)))")
-            .bind(user.email.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        let taken: Option<Uuid> = sqlx::query_scalar("SELECT id FROM users WHERE lower(email) = lower($1) LIMIT 1")
-            .bind(user.email.as_str())
+        lock_key(&mut tx, "identity.email", &email).await?;
+        lock_key(&mut tx, "identity.user", &user.id.to_string()).await?;
+        let in_directory: Option<i32> = sqlx::query_scalar("SELECT 1 FROM identity_users WHERE id = $1")
+            .bind(*user.id.as_uuid())
             .fetch_optional(&mut *tx)
             .await
             .map_err(db_err)?;
-        if taken.is_some() {
+        let holder = sqlx::query(sqlx::AssertSqlSafe(sql.by_email.as_str()))
+            .bind(&email)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err)?
+            .as_ref()
+            .map(user_from_row)
+            .transpose()?;
+        if in_directory.is_some() || holder.is_some_and(|h| h.id != user.id) {
             return Err(StorageError::Conflict(Conflict::UserExists));
         }
-        sqlx::query("INSERT INTO users (id, email, password_hash) VALUES ($1, $2, $3)")
+        if find_in(&mut tx, &sql, user.id).await?.is_some() {
+            // A user of the application's table: the export adds what the table does not show.
+            sqlx::query(
+                "INSERT INTO identity_user_profiles (user_id, email, email_key, password_hash) VALUES ($1, $4, $2, $3)
+                 ON CONFLICT (user_id) DO UPDATE SET email = excluded.email, email_key = excluded.email_key,
+                     password_hash = COALESCE(excluded.password_hash, identity_user_profiles.password_hash),
+                     imported_at = now()",
+            )
             .bind(*user.id.as_uuid())
-            .bind(user.email.as_str())
+            .bind(&email)
             .bind(user.password_hash.as_deref())
+            .bind(shown)
             .execute(&mut *tx)
             .await
             .map_err(|e| classify(e, Some(Conflict::UserExists)))?;
+        } else {
+            sqlx::query("INSERT INTO identity_users (id, email, email_key, password_hash) VALUES ($1, $4, $2, $3)")
+                .bind(*user.id.as_uuid())
+                .bind(&email)
+                .bind(user.password_hash.as_deref())
+                .bind(shown)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| classify(e, Some(Conflict::UserExists)))?;
+        }
         tx.commit().await.map_err(db_err)
     }
 
@@ -305,20 +709,22 @@ impl Storage for PostgresStorage {
         user_id: UserId,
         clerk_user_id: &ClerkUserId,
         audit: &NewAuditEvent,
-    ) -> StorageResult<MappingRecord> {
+    ) -> StorageResult<Linked> {
+        let sql = self.sql();
         let mut tx = self.pool.begin().await.map_err(db_err)?;
-        let mapping = link_in_tx(&mut tx, user_id, clerk_user_id).await?;
+        let linked = link_in_tx(&mut tx, &sql, user_id, clerk_user_id, &merge_event(audit)).await?;
         insert_audit(&mut tx, audit).await?;
         tx.commit().await.map_err(db_err)?;
-        Ok(mapping)
+        Ok(linked)
     }
 
     async fn unlink_user(&self, user_id: UserId, audit: &NewAuditEvent) -> StorageResult<MappingRecord> {
+        let sql = self.sql();
         let mut tx = self.pool.begin().await.map_err(db_err)?;
-        let row = sqlx::query(
-            "DELETE FROM user_clerk_mappings WHERE user_id = $1
-             RETURNING user_id, clerk_user_id, created_at::timestamptz AS created_at, updated_at::timestamptz AS updated_at",
-        )
+        lock_key(&mut tx, "identity.user", &user_id.to_string()).await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM identity_user_mappings WHERE user_id = $1 RETURNING {MAPPING_COLUMNS}"
+        )))
         .bind(*user_id.as_uuid())
         .fetch_optional(&mut *tx)
         .await
@@ -328,11 +734,18 @@ impl Storage for PostgresStorage {
             .map(mapping_from_row)
             .transpose()?
             .ok_or(StorageError::NotFound("mapping"))?;
-        sqlx::query("UPDATE users SET clerk_user_id = NULL, updated_at = now() WHERE id = $1")
-            .bind(*user_id.as_uuid())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
+        sqlx::query(
+            "INSERT INTO identity_unlinked_clerk_users (clerk_user_id, user_id) VALUES ($1, $2)
+             ON CONFLICT (clerk_user_id) DO UPDATE SET user_id = excluded.user_id, unlinked_at = now()",
+        )
+        .bind(removed.clerk_user_id.as_str())
+        .bind(*user_id.as_uuid())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        if let Some(user) = find_in(&mut tx, &sql, user_id).await? {
+            mirror(&mut tx, &sql, &user, None).await?;
+        }
         insert_audit(&mut tx, audit).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(removed)
@@ -342,7 +755,7 @@ impl Storage for PostgresStorage {
         let row = match key {
             MappingKey::UserId(id) => {
                 sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "SELECT {MAPPING_COLUMNS} FROM user_clerk_mappings WHERE user_id = $1"
+                    "SELECT {MAPPING_COLUMNS} FROM identity_user_mappings WHERE user_id = $1"
                 )))
                 .bind(*id.as_uuid())
                 .fetch_optional(&self.pool)
@@ -350,7 +763,7 @@ impl Storage for PostgresStorage {
             }
             MappingKey::ClerkUserId(clerk) => {
                 sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "SELECT {MAPPING_COLUMNS} FROM user_clerk_mappings WHERE clerk_user_id = $1"
+                    "SELECT {MAPPING_COLUMNS} FROM identity_user_mappings WHERE clerk_user_id = $1"
                 )))
                 .bind(clerk.as_str().to_owned())
                 .fetch_optional(&self.pool)
@@ -361,21 +774,32 @@ impl Storage for PostgresStorage {
         row.as_ref().map(mapping_from_row).transpose()
     }
 
+    fn users_have_emails(&self) -> bool {
+        self.sql().app.as_ref().is_none_or(|app| app.email.is_some())
+    }
+
+    async fn clerk_user_unlinked(&self, clerk_user_id: &ClerkUserId) -> StorageResult<bool> {
+        let found: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM identity_unlinked_clerk_users WHERE clerk_user_id = $1")
+                .bind(clerk_user_id.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_err)?;
+        Ok(found.is_some())
+    }
+
     async fn provision_clerk_user(
         &self,
         clerk_user_id: &ClerkUserId,
         email: Option<&Email>,
         audit: &NewAuditEvent,
     ) -> StorageResult<UserRecord> {
+        let sql = self.sql();
         let mut tx = self.pool.begin().await.map_err(db_err)?;
         // Serialise first sightings of one Clerk user; the unique index is the final word.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('identity.provision'), hashtext($1))")
-            .bind(clerk_user_id.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
+        lock_key(&mut tx, "identity.clerk", clerk_user_id.as_str()).await?;
         let mapped: Option<Uuid> =
-            sqlx::query_scalar("SELECT user_id FROM user_clerk_mappings WHERE clerk_user_id = $1")
+            sqlx::query_scalar("SELECT user_id FROM identity_user_mappings WHERE clerk_user_id = $1")
                 .bind(clerk_user_id.as_str())
                 .fetch_optional(&mut *tx)
                 .await
@@ -383,29 +807,32 @@ impl Storage for PostgresStorage {
         if mapped.is_some() {
             return Err(StorageError::Conflict(Conflict::ClerkUserTaken));
         }
+        let unlinked: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM identity_unlinked_clerk_users WHERE clerk_user_id = $1")
+                .bind(clerk_user_id.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        if unlinked.is_some() {
+            return Err(StorageError::Conflict(Conflict::ClerkUserUnlinked));
+        }
         let email = match email {
             Some(email) => {
-                let taken: Option<Uuid> =
-                    sqlx::query_scalar("SELECT id FROM users WHERE lower(email) = lower($1) LIMIT 1")
-                        .bind(email.as_str())
-                        .fetch_optional(&mut *tx)
-                        .await
-                        .map_err(db_err)?;
-                taken.is_none().then(|| email.as_str().to_owned())
+                let key = email.normalized();
+                lock_key(&mut tx, "identity.email", &key).await?;
+                (!email_taken(&mut tx, &sql, &key).await?).then_some(email)
             }
             None => None,
         };
         let id = UserId::new_random();
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO users (id, email, clerk_user_id, clerk_native) VALUES ($1, $2, $3, true) RETURNING {USER_COLUMNS}"
-        )))
-        .bind(*id.as_uuid())
-        .bind(email.as_deref())
-        .bind(clerk_user_id.as_str())
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
-        sqlx::query("INSERT INTO user_clerk_mappings (user_id, clerk_user_id) VALUES ($1, $2)")
+        sqlx::query("INSERT INTO identity_users (id, email, email_key, clerk_native) VALUES ($1, $2, $3, true)")
+            .bind(*id.as_uuid())
+            .bind(email.map(Email::as_str))
+            .bind(email.map(Email::normalized))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+        sqlx::query("INSERT INTO identity_user_mappings (user_id, clerk_user_id) VALUES ($1, $2)")
             .bind(*id.as_uuid())
             .bind(clerk_user_id.as_str())
             .execute(&mut *tx)
@@ -416,28 +843,36 @@ impl Storage for PostgresStorage {
             ..audit.clone()
         };
         insert_audit(&mut tx, &audit).await?;
+        let user = find_in(&mut tx, &sql, id)
+            .await?
+            .ok_or_else(|| StorageError::Other("provisioned user is missing".into()))?;
         tx.commit().await.map_err(db_err)?;
-        user_from_row(&row)
+        Ok(user)
     }
 
     async fn create_invitation(&self, invitation: &NewInvitation, audit: &NewAuditEvent) -> StorageResult<()> {
         let user = *invitation.user_id.as_uuid();
         let mut tx = self.pool.begin().await.map_err(db_err)?;
         sqlx::query(
-            "UPDATE user_migration_tokens SET superseded_at = now()
+            "UPDATE identity_migration_tokens SET superseded_at = now()
              WHERE user_id = $1 AND used_at IS NULL AND superseded_at IS NULL",
         )
         .bind(user)
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
-        sqlx::query("INSERT INTO user_migration_tokens (user_id, token_hash, expires_at) VALUES ($1, $2, $3)")
-            .bind(user)
-            .bind(&invitation.token_hash)
-            .bind(invitation.expires_at)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
+        sqlx::query(
+            "INSERT INTO identity_migration_tokens (id, user_id, token_hash, expires_at, email_supplied_by)
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(Uuid::new_v4())
+        .bind(user)
+        .bind(&invitation.token_hash)
+        .bind(invitation.expires_at)
+        .bind(invitation.email_supplied_by.as_deref())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
         let email = &invitation.email;
         sqlx::query(
             "INSERT INTO identity_outbox (id, kind, user_id, recipient, subject, body_text, body_html)
@@ -463,12 +898,13 @@ impl Storage for PostgresStorage {
         clerk_user_id: &ClerkUserId,
         now: chrono::DateTime<chrono::Utc>,
         audit: &NewAuditEvent,
-    ) -> StorageResult<MappingRecord> {
+    ) -> StorageResult<Linked> {
+        let sql = self.sql();
         let mut tx = self.pool.begin().await.map_err(db_err)?;
         // The row lock makes concurrent redemptions of one token queue up;
         // all but the first then find it used.
         let row = sqlx::query(
-            "SELECT id, user_id, used_at, superseded_at, expires_at FROM user_migration_tokens
+            "SELECT id, user_id, used_at, superseded_at, expires_at FROM identity_migration_tokens
              WHERE token_hash = $1 FOR UPDATE",
         )
         .bind(token_hash)
@@ -484,20 +920,20 @@ impl Storage for PostgresStorage {
         }
         let token_id: Uuid = row.try_get("id").map_err(db_err)?;
         let user_id = UserId::from_uuid(row.try_get("user_id").map_err(db_err)?);
-        let mapping = link_in_tx(&mut tx, user_id, clerk_user_id).await?;
-        sqlx::query("UPDATE user_migration_tokens SET used_at = $1 WHERE id = $2")
+        let audit = NewAuditEvent {
+            user_id: Some(user_id),
+            ..audit.clone()
+        };
+        let linked = link_in_tx(&mut tx, &sql, user_id, clerk_user_id, &merge_event(&audit)).await?;
+        sqlx::query("UPDATE identity_migration_tokens SET used_at = $1 WHERE id = $2")
             .bind(now)
             .bind(token_id)
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        let audit = NewAuditEvent {
-            user_id: Some(user_id),
-            ..audit.clone()
-        };
         insert_audit(&mut tx, &audit).await?;
         tx.commit().await.map_err(db_err)?;
-        Ok(mapping)
+        Ok(linked)
     }
 
     async fn claim_outbox(
@@ -590,14 +1026,10 @@ impl Storage for PostgresStorage {
     }
 
     async fn count_bulk_candidates(&self, filter: &BulkFilter) -> StorageResult<i64> {
-        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT count(*) FROM users WHERE {CANDIDATE_FILTER}"
-        )))
-        .bind(&filter.user_ids)
-        .bind(filter.created_before)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(db_err)
+        match self.count_bulk_candidates_once(filter).await {
+            Err(err) if self.recover(&err).await? => self.count_bulk_candidates_once(filter).await,
+            other => other,
+        }
     }
 
     async fn bulk_candidates(
@@ -606,27 +1038,10 @@ impl Storage for PostgresStorage {
         after: Option<UserId>,
         limit: u32,
     ) -> StorageResult<Vec<BulkCandidate>> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT id, email::text AS email, password_hash::text AS password_hash FROM users
-             WHERE {CANDIDATE_FILTER} AND ($3::uuid IS NULL OR id > $3)
-             ORDER BY id LIMIT $4"
-        )))
-        .bind(&filter.user_ids)
-        .bind(filter.created_before)
-        .bind(after.map(|id| *id.as_uuid()))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_err)?;
-        rows.iter()
-            .map(|row| {
-                Ok(BulkCandidate {
-                    id: UserId::from_uuid(row.try_get("id").map_err(db_err)?),
-                    email: row.try_get("email").map_err(db_err)?,
-                    password_hash: row.try_get("password_hash").map_err(db_err)?,
-                })
-            })
-            .collect()
+        match self.bulk_candidates_once(filter, after, limit).await {
+            Err(err) if self.recover(&err).await? => self.bulk_candidates_once(filter, after, limit).await,
+            other => other,
+        }
     }
 
     async fn create_bulk_job(
@@ -802,15 +1217,10 @@ impl Storage for PostgresStorage {
     }
 
     async fn user_counts(&self) -> StorageResult<UserCounts> {
-        let row = sqlx::query("SELECT legacy_only, migrated, clerk_native FROM identity_user_counts WHERE id")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(db_err)?;
-        Ok(UserCounts {
-            legacy_only: row.try_get("legacy_only").map_err(db_err)?,
-            migrated: row.try_get("migrated").map_err(db_err)?,
-            clerk_native: row.try_get("clerk_native").map_err(db_err)?,
-        })
+        match self.user_counts_once().await {
+            Err(err) if self.recover(&err).await? => self.user_counts_once().await,
+            other => other,
+        }
     }
 
     async fn flush_auth_stats(&self, flush: &AuthFlush) -> StorageResult<()> {
@@ -920,7 +1330,7 @@ impl Storage for PostgresStorage {
                  count(*) FILTER (WHERE used_at IS NULL AND superseded_at IS NULL AND expires_at > $1) AS pending,
                  count(*) FILTER (WHERE used_at IS NOT NULL) AS redeemed,
                  count(*) FILTER (WHERE used_at IS NULL AND superseded_at IS NULL AND expires_at <= $1) AS expired
-             FROM user_migration_tokens",
+             FROM identity_migration_tokens",
         )
         .bind(now)
         .fetch_one(&self.pool)
@@ -950,9 +1360,9 @@ impl Storage for PostgresStorage {
                  SELECT user_id, SUM(legacy) AS legacy, SUM(clerk) AS clerk, SUM(legacy_while_migrated) AS lwm
                  FROM identity_auth_activity WHERE day >= $1 GROUP BY user_id)
              SELECT count(*) AS active_users,
-                    count(*) FILTER (WHERE a.legacy > 0 AND a.clerk = 0 AND u.clerk_user_id IS NULL) AS legacy_only_unlinked,
+                    count(*) FILTER (WHERE a.legacy > 0 AND a.clerk = 0 AND m.user_id IS NULL) AS legacy_only_unlinked,
                     COALESCE(SUM(a.lwm), 0)::bigint AS lwm
-             FROM active a LEFT JOIN users u ON u.id = a.user_id",
+             FROM active a LEFT JOIN identity_user_mappings m ON m.user_id = a.user_id",
         )
         .bind(since_day)
         .fetch_one(&self.pool)
@@ -967,16 +1377,20 @@ impl Storage for PostgresStorage {
 
     async fn revoke_token(&self, revocation: &NewRevocation, audit: &NewAuditEvent) -> StorageResult<()> {
         let mut tx = self.pool.begin().await.map_err(db_err)?;
+        // Revoking again keeps the later expiry; it never shortens an entry.
         let sql = if revocation.jti.is_some() {
-            "INSERT INTO jwt_blacklist (jti, token_hash, user_id, expires_at) VALUES ($1, $2, $3, $4) ON CONFLICT (jti) DO NOTHING"
+            "INSERT INTO identity_revocations (id, jti, token_hash, user_id, expires_at) VALUES ($5, $1, $2, $3, $4)
+             ON CONFLICT (jti) DO UPDATE SET expires_at = GREATEST(identity_revocations.expires_at, excluded.expires_at)"
         } else {
-            "INSERT INTO jwt_blacklist (jti, token_hash, user_id, expires_at) VALUES ($1, $2, $3, $4) ON CONFLICT (token_hash) DO NOTHING"
+            "INSERT INTO identity_revocations (id, jti, token_hash, user_id, expires_at) VALUES ($5, $1, $2, $3, $4)
+             ON CONFLICT (token_hash) DO UPDATE SET expires_at = GREATEST(identity_revocations.expires_at, excluded.expires_at)"
         };
         sqlx::query(sql)
             .bind(revocation.jti.as_deref())
             .bind(revocation.token_hash.as_deref())
             .bind(revocation.user_id.map(|id| *id.as_uuid()))
             .bind(revocation.expires_at)
+            .bind(Uuid::new_v4())
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
@@ -985,7 +1399,7 @@ impl Storage for PostgresStorage {
     }
 
     async fn active_revocations(&self, now: chrono::DateTime<chrono::Utc>) -> StorageResult<Vec<RevocationRecord>> {
-        let rows = sqlx::query("SELECT jti, token_hash, expires_at FROM jwt_blacklist WHERE expires_at > $1")
+        let rows = sqlx::query("SELECT jti, token_hash, expires_at FROM identity_revocations WHERE expires_at > $1")
             .bind(now)
             .fetch_all(&self.pool)
             .await
@@ -1002,7 +1416,7 @@ impl Storage for PostgresStorage {
     }
 
     async fn purge_revocations(&self, now: chrono::DateTime<chrono::Utc>) -> StorageResult<u64> {
-        let done = sqlx::query("DELETE FROM jwt_blacklist WHERE expires_at <= $1")
+        let done = sqlx::query("DELETE FROM identity_revocations WHERE expires_at <= $1")
             .bind(now)
             .execute(&self.pool)
             .await

@@ -2,7 +2,11 @@
 //! microseconds, write transactions taken with `BEGIN IMMEDIATE` so two
 //! writers serialise instead of failing half way.
 
-use std::{str::FromStr, time::Duration};
+use std::{
+    str::FromStr,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -14,17 +18,21 @@ use uuid::Uuid;
 
 use super::{
     AuditQuery, AuditRecord, AuthFlush, AuthTotals, BulkCandidate, BulkCounters, BulkFilter, BulkJobRecord,
-    BulkJobState, BulkLease, Conflict, DatabaseOptions, InvitationCounts, MappingKey, MappingRecord, NewAuditEvent,
-    NewInvitation, NewLegacyUser, NewRevocation, OutboxCounts, OutboxMessage, Readiness, RevocationRecord,
-    SettingRecord, Storage, StorageError, StorageResult, UserCounts, UserKey, UserRecord, error::classify,
+    BulkJobState, BulkLease, Conflict, DatabaseOptions, InvitationCounts, Linked, MappingKey, MappingRecord,
+    NewAuditEvent, NewInvitation, NewLegacyUser, NewRevocation, OutboxCounts, OutboxMessage, Readiness,
+    RevocationRecord, SettingRecord, Storage, StorageError, StorageResult, UserCounts, UserKey, UserRecord,
+    UsersTableConfig,
+    error::classify,
+    log_users_table, migrator,
+    users_table::{UserSql, parse_sqlite_time, resolve},
 };
 use crate::domain::{AuditOutcome, ClerkUserId, Email, UserId};
-
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 #[derive(Debug, Clone)]
 pub struct SqliteStorage {
     pool: SqlitePool,
+    config: UsersTableConfig,
+    users: Arc<RwLock<Arc<UserSql>>>,
 }
 
 fn db_err(err: sqlx::Error) -> StorageError {
@@ -51,18 +59,39 @@ fn parse_clerk(raw: &str) -> StorageResult<ClerkUserId> {
         .map_err(|e| StorageError::Other(format!("stored Clerk id is malformed: {e}").into()))
 }
 
-const USER_COLUMNS: &str = "id, email, clerk_user_id, clerk_native, password_hash IS NOT NULL AND password_hash <> '' AS has_password, created_at, updated_at";
-
+/// A row of the user union (see `users_table::user_rows`). The service's
+/// own rows keep Unix microseconds; the application's `created_at` may be
+/// in any form SQLite writes, and one it cannot read is an error naming
+/// the column and the user.
 fn user_from_row(row: &SqliteRow) -> StorageResult<UserRecord> {
     let id: String = row.try_get("id").map_err(db_err)?;
+    let id = parse_uuid(&id)?;
+    let origin: i64 = row.try_get("origin").map_err(db_err)?;
+    let created: Option<String> = row.try_get("created_at").map_err(db_err)?;
+    let created_at = match created {
+        None => None,
+        Some(raw) if origin == 1 => Some(from_micros(raw.parse().map_err(|_| {
+            StorageError::Other(format!("identity_users.created_at of {id} is not a number").into())
+        })?)?),
+        Some(raw) => Some(parse_sqlite_time(&raw).ok_or_else(|| {
+            StorageError::Other(
+                format!("the application's users.created_at of {id} is not a time SQLite writes (Unix time, or YYYY-MM-DD HH:MM:SS)")
+                    .into(),
+            )
+        })?),
+    };
+    let updated: Option<i64> = row.try_get("updated_at").map_err(db_err)?;
+    let mapped: Option<i64> = row.try_get("mapped_at").map_err(db_err)?;
+    let password: Option<String> = row.try_get("password_hash").map_err(db_err)?;
+    let email: Option<String> = row.try_get("email").map_err(db_err)?;
     Ok(UserRecord {
-        id: parse_uuid(&id)?,
-        email: row.try_get("email").map_err(db_err)?,
+        id,
+        email: email.filter(|e| !e.is_empty()),
         clerk_user_id: row.try_get("clerk_user_id").map_err(db_err)?,
         clerk_native: row.try_get("clerk_native").map_err(db_err)?,
-        has_password: row.try_get("has_password").map_err(db_err)?,
-        created_at: from_micros(row.try_get("created_at").map_err(db_err)?)?,
-        updated_at: from_micros(row.try_get("updated_at").map_err(db_err)?)?,
+        has_password: password.is_some_and(|p| !p.is_empty()),
+        created_at,
+        updated_at: updated.max(mapped).map(from_micros).transpose()?,
     })
 }
 
@@ -117,58 +146,138 @@ async fn insert_audit(conn: &mut sqlx::SqliteConnection, event: &NewAuditEvent) 
     Ok(())
 }
 
-/// The mapping row; a Clerk id mapped already is [`Conflict::ClerkUserTaken`].
-async fn insert_mapping(
+async fn find_in(conn: &mut sqlx::SqliteConnection, sql: &UserSql, id: UserId) -> StorageResult<Option<UserRecord>> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql.by_id.as_str()))
+        .bind(id.to_string())
+        .fetch_optional(conn)
+        .await
+        .map_err(db_err)?;
+    row.as_ref().map(user_from_row).transpose()
+}
+
+async fn email_taken(conn: &mut sqlx::SqliteConnection, sql: &UserSql, email: &str) -> StorageResult<bool> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql.by_email.as_str()))
+        .bind(email)
+        .fetch_optional(conn)
+        .await
+        .map_err(db_err)?;
+    Ok(row.is_some())
+}
+
+/// Sets (or clears) the application's mirror column for a user of its table.
+async fn mirror(
     conn: &mut sqlx::SqliteConnection,
+    sql: &UserSql,
+    user: &UserRecord,
+    clerk_user_id: Option<&str>,
+) -> StorageResult<()> {
+    if let Some(statement) = &sql.mirror
+        && !user.clerk_native
+    {
+        sqlx::query(sqlx::AssertSqlSafe(statement.as_str()))
+            .bind(clerk_user_id)
+            .bind(user.id.to_string())
+            .execute(conn)
+            .await
+            .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+    }
+    Ok(())
+}
+
+async fn mapping_holder(
+    conn: &mut sqlx::SqliteConnection,
+    clerk_user_id: &ClerkUserId,
+) -> StorageResult<Option<UserId>> {
+    let holder: Option<String> =
+        sqlx::query_scalar("SELECT user_id FROM identity_user_mappings WHERE clerk_user_id = ?")
+            .bind(clerk_user_id.as_str())
+            .fetch_optional(conn)
+            .await
+            .map_err(db_err)?;
+    holder.as_deref().map(parse_uuid).transpose()
+}
+
+/// Links inside the caller's (write) transaction; see the PostgreSQL twin
+/// for the merge of a provisional user.
+async fn link_in_tx(
+    conn: &mut sqlx::SqliteConnection,
+    sql: &UserSql,
     user_id: UserId,
     clerk_user_id: &ClerkUserId,
-    now: i64,
-) -> StorageResult<()> {
+    merge_audit: &NewAuditEvent,
+) -> StorageResult<Linked> {
+    let user = find_in(conn, sql, user_id)
+        .await?
+        .ok_or(StorageError::NotFound("user"))?;
+    if user.clerk_user_id.is_some() {
+        return Err(StorageError::Conflict(Conflict::UserAlreadyLinked));
+    }
+    let now = micros(Utc::now());
+    let mut merged_from = None;
+    if let Some(holder) = mapping_holder(conn, clerk_user_id).await? {
+        let provisional = find_in(conn, sql, holder).await?.is_some_and(|h| h.clerk_native);
+        if !provisional || user.clerk_native {
+            return Err(StorageError::Conflict(Conflict::ClerkUserTaken));
+        }
+        sqlx::query("DELETE FROM identity_user_mappings WHERE user_id = ?")
+            .bind(holder.to_string())
+            .execute(&mut *conn)
+            .await
+            .map_err(db_err)?;
+        sqlx::query("UPDATE identity_users SET merged_into = ?, updated_at = ? WHERE id = ?")
+            .bind(user_id.to_string())
+            .bind(now)
+            .bind(holder.to_string())
+            .execute(&mut *conn)
+            .await
+            .map_err(db_err)?;
+        insert_audit(
+            conn,
+            &NewAuditEvent {
+                user_id: Some(user_id),
+                detail: format!(
+                    "merged provisional user {holder} into {user_id} for {clerk_user_id}; {}",
+                    merge_audit.detail
+                ),
+                ..merge_audit.clone()
+            },
+        )
+        .await?;
+        merged_from = Some(holder);
+    }
     sqlx::query(
-        "INSERT INTO user_clerk_mappings (id, user_id, clerk_user_id, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+        "INSERT INTO identity_user_mappings (user_id, clerk_user_id, created_at, updated_at) VALUES (?, ?, ?, ?)",
     )
-    .bind(Uuid::new_v4().to_string())
     .bind(user_id.to_string())
     .bind(clerk_user_id.as_str())
     .bind(now)
     .bind(now)
-    .execute(conn)
+    .execute(&mut *conn)
     .await
     .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
-    Ok(())
-}
-
-/// Links inside the caller's transaction: mapping row and `users.clerk_user_id`.
-async fn link_in_tx(
-    conn: &mut sqlx::SqliteConnection,
-    user_id: UserId,
-    clerk_user_id: &ClerkUserId,
-) -> StorageResult<MappingRecord> {
-    let linked: Option<Option<String>> = sqlx::query_scalar("SELECT clerk_user_id FROM users WHERE id = ?")
-        .bind(user_id.to_string())
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(db_err)?;
-    match linked {
-        None => return Err(StorageError::NotFound("user")),
-        Some(Some(_)) => return Err(StorageError::Conflict(Conflict::UserAlreadyLinked)),
-        Some(None) => {}
-    }
-    let now = micros(Utc::now());
-    insert_mapping(conn, user_id, clerk_user_id, now).await?;
-    sqlx::query("UPDATE users SET clerk_user_id = ?, updated_at = ? WHERE id = ?")
+    sqlx::query("DELETE FROM identity_unlinked_clerk_users WHERE clerk_user_id = ?")
         .bind(clerk_user_id.as_str())
-        .bind(now)
-        .bind(user_id.to_string())
         .execute(&mut *conn)
         .await
-        .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
-    Ok(MappingRecord {
-        user_id,
-        clerk_user_id: clerk_user_id.clone(),
-        created_at: from_micros(now)?,
-        updated_at: from_micros(now)?,
+        .map_err(db_err)?;
+    mirror(conn, sql, &user, Some(clerk_user_id.as_str())).await?;
+    Ok(Linked {
+        mapping: MappingRecord {
+            user_id,
+            clerk_user_id: clerk_user_id.clone(),
+            created_at: from_micros(now)?,
+            updated_at: from_micros(now)?,
+        },
+        merged_from,
     })
+}
+
+/// The audit event a merge appends, from the link's own event.
+fn merge_event(audit: &NewAuditEvent) -> NewAuditEvent {
+    NewAuditEvent {
+        action: "user.merge".to_owned(),
+        ..audit.clone()
+    }
 }
 
 const JOB_COLUMNS: &str =
@@ -217,10 +326,6 @@ fn filter_params(filter: &BulkFilter) -> (Option<String>, Option<i64>) {
     (ids, filter.created_before.map(micros))
 }
 
-const CANDIDATE_FILTER: &str = "clerk_user_id IS NULL AND clerk_native = 0
-    AND (?1 IS NULL OR id IN (SELECT value FROM json_each(?1)))
-    AND (?2 IS NULL OR created_at < ?2)";
-
 fn outbox_from_row(row: &SqliteRow) -> StorageResult<OutboxMessage> {
     let id: String = row.try_get("id").map_err(db_err)?;
     let attempts: i64 = row.try_get("attempts").map_err(db_err)?;
@@ -264,18 +369,159 @@ impl SqliteStorage {
             .connect_with(connect)
             .await
             .map_err(|e| StorageError::Unavailable(Box::new(e)))?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            config: options.users.clone(),
+            users: Arc::new(RwLock::new(Arc::new(UserSql::build(None, false)))),
+        })
     }
 
+    /// Applies pending migrations, then adds the mirror column when it is
+    /// configured and the application's table lacks it.
     pub async fn migrate(&self) -> StorageResult<()> {
-        MIGRATOR
+        let migrator = migrator(sqlx::migrate!("./migrations/sqlite"));
+        migrator
             .run(&self.pool)
             .await
-            .map_err(|e| StorageError::Other(Box::new(e)))
+            .map_err(|e| super::migration_error(e, &migrator))?;
+        if let Some(column) = &self.config.clerk_id.name
+            && let Some(columns) = self.table_columns().await?
+            && !columns.iter().any(|(c, _)| c == column.name())
+        {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "ALTER TABLE {} ADD COLUMN {} TEXT",
+                self.config.table.quoted(),
+                column.quoted()
+            )))
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        }
+        Ok(())
+    }
+
+    async fn table_columns(&self) -> StorageResult<Option<Vec<(String, String)>>> {
+        if self.config.table.schema().is_some() {
+            return Err(StorageError::Precondition(
+                "IDENTITY_USERS_TABLE: SQLite takes a plain table name, without a schema".into(),
+            ));
+        }
+        let rows: Vec<(String, String)> = sqlx::query_as("SELECT name, type FROM pragma_table_info(?)")
+            .bind(self.config.table.name())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok((!rows.is_empty()).then_some(rows))
+    }
+
+    /// Matches the configured mapping against the application's table and
+    /// builds the statements that read it.
+    pub async fn resolve_users(&self) -> StorageResult<()> {
+        let columns = self.table_columns().await?;
+        let resolved = resolve(&self.config, columns.as_deref(), false)?;
+        log_users_table(&resolved);
+        let sql = Arc::new(UserSql::build(resolved.app, false));
+        *self.users.write().unwrap_or_else(std::sync::PoisonError::into_inner) = sql;
+        Ok(())
+    }
+
+    fn sql(&self) -> Arc<UserSql> {
+        self.users
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// After a statement met a dropped column: reads the table again and
+    /// says whether to try once more.
+    async fn recover(&self, err: &StorageError) -> StorageResult<bool> {
+        if let StorageError::SchemaChanged(message) = err {
+            tracing::warn!(%message, "the application's users table changed; reading its columns again");
+            self.resolve_users().await?;
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     async fn begin_write(&self) -> StorageResult<sqlx::Transaction<'static, sqlx::Sqlite>> {
         self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)
+    }
+
+    async fn find_user_once(&self, key: &UserKey) -> StorageResult<Option<UserRecord>> {
+        let sql = self.sql();
+        let mut conn = self.pool.acquire().await.map_err(db_err)?;
+        match key {
+            UserKey::Id(id) => find_in(&mut conn, &sql, *id).await,
+            UserKey::ClerkUserId(clerk) => match mapping_holder(&mut conn, clerk).await? {
+                Some(id) => find_in(&mut conn, &sql, id).await,
+                None => Ok(None),
+            },
+            UserKey::Email(email) => {
+                let row = sqlx::query(sqlx::AssertSqlSafe(sql.by_email.as_str()))
+                    .bind(email.normalized())
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(db_err)?;
+                row.as_ref().map(user_from_row).transpose()
+            }
+        }
+    }
+
+    async fn user_counts_once(&self) -> StorageResult<UserCounts> {
+        let sql = self.sql();
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql.counts.as_str()))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_err)?;
+        let total: i64 = row.try_get("legacy_total").map_err(db_err)?;
+        let migrated: i64 = row.try_get("migrated").map_err(db_err)?;
+        Ok(UserCounts {
+            legacy_only: (total - migrated).max(0),
+            migrated,
+            clerk_native: row.try_get("clerk_native").map_err(db_err)?,
+        })
+    }
+
+    async fn bulk_candidates_once(
+        &self,
+        filter: &BulkFilter,
+        after: Option<UserId>,
+        limit: u32,
+    ) -> StorageResult<Vec<BulkCandidate>> {
+        let sql = self.sql();
+        let (ids, before) = filter_params(filter);
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql.candidates.as_str()))
+            .bind(ids)
+            .bind(before)
+            .bind(after.map(|id| id.to_string()))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get("id").map_err(db_err)?;
+                Ok(BulkCandidate {
+                    id: parse_uuid(&id)?,
+                    email: row
+                        .try_get::<Option<String>, _>("email")
+                        .map_err(db_err)?
+                        .filter(|e| !e.is_empty()),
+                    password_hash: row.try_get("password_hash").map_err(db_err)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn count_bulk_candidates_once(&self, filter: &BulkFilter) -> StorageResult<i64> {
+        let sql = self.sql();
+        let (ids, before) = filter_params(filter);
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql.count_candidates.as_str()))
+            .bind(ids)
+            .bind(before)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_err)
     }
 }
 
@@ -297,37 +543,67 @@ impl Storage for SqliteStorage {
     }
 
     async fn find_user(&self, key: &UserKey) -> StorageResult<Option<UserRecord>> {
-        let (sql, value) = match key {
-            UserKey::Id(id) => (format!("SELECT {USER_COLUMNS} FROM users WHERE id = ?"), id.to_string()),
-            UserKey::ClerkUserId(clerk) => (
-                format!("SELECT {USER_COLUMNS} FROM users WHERE clerk_user_id = ?"),
-                clerk.as_str().to_owned(),
-            ),
-            UserKey::Email(email) => (
-                format!("SELECT {USER_COLUMNS} FROM users WHERE email = ? COLLATE NOCASE ORDER BY created_at LIMIT 1"),
-                email.as_str().to_owned(),
-            ),
-        };
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(value)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db_err)?;
-        row.as_ref().map(user_from_row).transpose()
+        match self.find_user_once(key).await {
+            Err(err) if self.recover(&err).await? => self.find_user_once(key).await,
+            other => other,
+        }
     }
 
     async fn insert_legacy_user(&self, user: &NewLegacyUser) -> StorageResult<()> {
+        let sql = self.sql();
+        let email = user.email.normalized();
+        let shown = user.email.as_str();
         let now = micros(Utc::now());
-        sqlx::query("INSERT INTO users (id, email, password_hash, created_at, updated_at) VALUES (?, ?, ?, ?, ?)")
+        let mut tx = self.begin_write().await?;
+        let in_directory: Option<i64> = sqlx::query_scalar("SELECT 1 FROM identity_users WHERE id = ?")
             .bind(user.id.to_string())
-            .bind(user.email.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let holder = sqlx::query(sqlx::AssertSqlSafe(sql.by_email.as_str()))
+            .bind(&email)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err)?
+            .as_ref()
+            .map(user_from_row)
+            .transpose()?;
+        if in_directory.is_some() || holder.is_some_and(|h| h.id != user.id) {
+            return Err(StorageError::Conflict(Conflict::UserExists));
+        }
+        if find_in(&mut tx, &sql, user.id).await?.is_some() {
+            // A user of the application's table: the export adds what the table does not show.
+            sqlx::query(
+                "INSERT INTO identity_user_profiles (user_id, email_key, password_hash, imported_at, email)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (user_id) DO UPDATE SET email = excluded.email, email_key = excluded.email_key,
+                     password_hash = COALESCE(excluded.password_hash, identity_user_profiles.password_hash),
+                     imported_at = excluded.imported_at",
+            )
+            .bind(user.id.to_string())
+            .bind(&email)
+            .bind(user.password_hash.as_deref())
+            .bind(now)
+            .bind(shown)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| classify(e, Some(Conflict::UserExists)))?;
+        } else {
+            sqlx::query(
+                "INSERT INTO identity_users (id, email_key, password_hash, created_at, updated_at, email)
+                 VALUES (?, ?, ?, ?, ?, ?)",
+            )
+            .bind(user.id.to_string())
+            .bind(&email)
             .bind(user.password_hash.as_deref())
             .bind(now)
             .bind(now)
-            .execute(&self.pool)
+            .bind(shown)
+            .execute(&mut *tx)
             .await
             .map_err(|e| classify(e, Some(Conflict::UserExists)))?;
-        Ok(())
+        }
+        tx.commit().await.map_err(db_err)
     }
 
     async fn link_user(
@@ -335,18 +611,20 @@ impl Storage for SqliteStorage {
         user_id: UserId,
         clerk_user_id: &ClerkUserId,
         audit: &NewAuditEvent,
-    ) -> StorageResult<MappingRecord> {
+    ) -> StorageResult<Linked> {
+        let sql = self.sql();
         let mut tx = self.begin_write().await?;
-        let mapping = link_in_tx(&mut tx, user_id, clerk_user_id).await?;
+        let linked = link_in_tx(&mut tx, &sql, user_id, clerk_user_id, &merge_event(audit)).await?;
         insert_audit(&mut tx, audit).await?;
         tx.commit().await.map_err(db_err)?;
-        Ok(mapping)
+        Ok(linked)
     }
 
     async fn unlink_user(&self, user_id: UserId, audit: &NewAuditEvent) -> StorageResult<MappingRecord> {
+        let sql = self.sql();
         let mut tx = self.begin_write().await?;
         let row = sqlx::query(
-            "DELETE FROM user_clerk_mappings WHERE user_id = ? RETURNING user_id, clerk_user_id, created_at, updated_at",
+            "DELETE FROM identity_user_mappings WHERE user_id = ? RETURNING user_id, clerk_user_id, created_at, updated_at",
         )
         .bind(user_id.to_string())
         .fetch_optional(&mut *tx)
@@ -357,12 +635,19 @@ impl Storage for SqliteStorage {
             .map(mapping_from_row)
             .transpose()?
             .ok_or(StorageError::NotFound("mapping"))?;
-        sqlx::query("UPDATE users SET clerk_user_id = NULL, updated_at = ? WHERE id = ?")
-            .bind(micros(Utc::now()))
-            .bind(user_id.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
+        sqlx::query(
+            "INSERT INTO identity_unlinked_clerk_users (clerk_user_id, user_id, unlinked_at) VALUES (?, ?, ?)
+             ON CONFLICT (clerk_user_id) DO UPDATE SET user_id = excluded.user_id, unlinked_at = excluded.unlinked_at",
+        )
+        .bind(removed.clerk_user_id.as_str())
+        .bind(user_id.to_string())
+        .bind(micros(Utc::now()))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        if let Some(user) = find_in(&mut tx, &sql, user_id).await? {
+            mirror(&mut tx, &sql, &user, None).await?;
+        }
         insert_audit(&mut tx, audit).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(removed)
@@ -371,16 +656,30 @@ impl Storage for SqliteStorage {
     async fn find_mapping(&self, key: &MappingKey) -> StorageResult<Option<MappingRecord>> {
         let query = match key {
             MappingKey::UserId(id) => sqlx::query(
-                "SELECT user_id, clerk_user_id, created_at, updated_at FROM user_clerk_mappings WHERE user_id = ?",
+                "SELECT user_id, clerk_user_id, created_at, updated_at FROM identity_user_mappings WHERE user_id = ?",
             )
             .bind(id.to_string()),
             MappingKey::ClerkUserId(clerk) => sqlx::query(
-                "SELECT user_id, clerk_user_id, created_at, updated_at FROM user_clerk_mappings WHERE clerk_user_id = ?",
+                "SELECT user_id, clerk_user_id, created_at, updated_at FROM identity_user_mappings WHERE clerk_user_id = ?",
             )
             .bind(clerk.as_str().to_owned()),
         };
         let row = query.fetch_optional(&self.pool).await.map_err(db_err)?;
         row.as_ref().map(mapping_from_row).transpose()
+    }
+
+    fn users_have_emails(&self) -> bool {
+        self.sql().app.as_ref().is_none_or(|app| app.email.is_some())
+    }
+
+    async fn clerk_user_unlinked(&self, clerk_user_id: &ClerkUserId) -> StorageResult<bool> {
+        let found: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM identity_unlinked_clerk_users WHERE clerk_user_id = ?")
+                .bind(clerk_user_id.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_err)?;
+        Ok(found.is_some())
     }
 
     async fn provision_clerk_user(
@@ -389,57 +688,57 @@ impl Storage for SqliteStorage {
         email: Option<&Email>,
         audit: &NewAuditEvent,
     ) -> StorageResult<UserRecord> {
+        let sql = self.sql();
         let mut tx = self.begin_write().await?;
-        let mapped: Option<String> =
-            sqlx::query_scalar("SELECT user_id FROM user_clerk_mappings WHERE clerk_user_id = ?")
+        if mapping_holder(&mut tx, clerk_user_id).await?.is_some() {
+            return Err(StorageError::Conflict(Conflict::ClerkUserTaken));
+        }
+        let unlinked: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM identity_unlinked_clerk_users WHERE clerk_user_id = ?")
                 .bind(clerk_user_id.as_str())
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(db_err)?;
-        if mapped.is_some() {
-            return Err(StorageError::Conflict(Conflict::ClerkUserTaken));
+        if unlinked.is_some() {
+            return Err(StorageError::Conflict(Conflict::ClerkUserUnlinked));
         }
         let email = match email {
-            Some(email) => {
-                let taken: Option<String> = sqlx::query_scalar("SELECT id FROM users WHERE email = ? COLLATE NOCASE")
-                    .bind(email.as_str())
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(db_err)?;
-                taken.is_none().then(|| email.as_str().to_owned())
-            }
+            Some(email) => (!email_taken(&mut tx, &sql, &email.normalized()).await?).then_some(email),
             None => None,
         };
         let id = UserId::new_random();
         let now = micros(Utc::now());
         sqlx::query(
-            "INSERT INTO users (id, email, clerk_user_id, clerk_native, created_at, updated_at) VALUES (?, ?, ?, 1, ?, ?)",
+            "INSERT INTO identity_users (id, email, email_key, clerk_native, created_at, updated_at) VALUES (?, ?, ?, 1, ?, ?)",
         )
         .bind(id.to_string())
-        .bind(email.as_deref())
+        .bind(email.map(Email::as_str))
+        .bind(email.map(Email::normalized))
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+        sqlx::query(
+            "INSERT INTO identity_user_mappings (user_id, clerk_user_id, created_at, updated_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(id.to_string())
         .bind(clerk_user_id.as_str())
         .bind(now)
         .bind(now)
         .execute(&mut *tx)
         .await
         .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
-        insert_mapping(&mut tx, id, clerk_user_id, now).await?;
         let audit = NewAuditEvent {
             user_id: Some(id),
             ..audit.clone()
         };
         insert_audit(&mut tx, &audit).await?;
+        let user = find_in(&mut tx, &sql, id)
+            .await?
+            .ok_or_else(|| StorageError::Other("provisioned user is missing".into()))?;
         tx.commit().await.map_err(db_err)?;
-        let at = from_micros(now)?;
-        Ok(UserRecord {
-            id,
-            email,
-            clerk_user_id: Some(clerk_user_id.as_str().to_owned()),
-            clerk_native: true,
-            has_password: false,
-            created_at: at,
-            updated_at: at,
-        })
+        Ok(user)
     }
 
     async fn create_invitation(&self, invitation: &NewInvitation, audit: &NewAuditEvent) -> StorageResult<()> {
@@ -447,7 +746,7 @@ impl Storage for SqliteStorage {
         let user = invitation.user_id.to_string();
         let mut tx = self.begin_write().await?;
         sqlx::query(
-            "UPDATE user_migration_tokens SET superseded_at = ?
+            "UPDATE identity_migration_tokens SET superseded_at = ?
              WHERE user_id = ? AND used_at IS NULL AND superseded_at IS NULL",
         )
         .bind(now)
@@ -456,12 +755,14 @@ impl Storage for SqliteStorage {
         .await
         .map_err(db_err)?;
         sqlx::query(
-            "INSERT INTO user_migration_tokens (id, user_id, token_hash, expires_at, created_at) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO identity_migration_tokens (id, user_id, token_hash, expires_at, email_supplied_by, created_at)
+             VALUES (?, ?, ?, ?, ?, ?)",
         )
         .bind(Uuid::new_v4().to_string())
         .bind(&user)
         .bind(&invitation.token_hash)
         .bind(micros(invitation.expires_at))
+        .bind(invitation.email_supplied_by.as_deref())
         .bind(now)
         .execute(&mut *tx)
         .await
@@ -493,10 +794,11 @@ impl Storage for SqliteStorage {
         clerk_user_id: &ClerkUserId,
         now: DateTime<Utc>,
         audit: &NewAuditEvent,
-    ) -> StorageResult<MappingRecord> {
+    ) -> StorageResult<Linked> {
+        let sql = self.sql();
         let mut tx = self.begin_write().await?;
         let row = sqlx::query(
-            "SELECT id, user_id FROM user_migration_tokens
+            "SELECT id, user_id FROM identity_migration_tokens
              WHERE token_hash = ? AND used_at IS NULL AND superseded_at IS NULL AND expires_at > ?",
         )
         .bind(token_hash)
@@ -508,20 +810,20 @@ impl Storage for SqliteStorage {
         let token_id: String = row.try_get("id").map_err(db_err)?;
         let user_id: String = row.try_get("user_id").map_err(db_err)?;
         let user_id = parse_uuid(&user_id)?;
-        let mapping = link_in_tx(&mut tx, user_id, clerk_user_id).await?;
-        sqlx::query("UPDATE user_migration_tokens SET used_at = ? WHERE id = ?")
+        let audit = NewAuditEvent {
+            user_id: Some(user_id),
+            ..audit.clone()
+        };
+        let linked = link_in_tx(&mut tx, &sql, user_id, clerk_user_id, &merge_event(&audit)).await?;
+        sqlx::query("UPDATE identity_migration_tokens SET used_at = ? WHERE id = ?")
             .bind(micros(now))
             .bind(token_id)
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        let audit = NewAuditEvent {
-            user_id: Some(user_id),
-            ..audit.clone()
-        };
         insert_audit(&mut tx, &audit).await?;
         tx.commit().await.map_err(db_err)?;
-        Ok(mapping)
+        Ok(linked)
     }
 
     async fn claim_outbox(
@@ -627,15 +929,10 @@ impl Storage for SqliteStorage {
     }
 
     async fn count_bulk_candidates(&self, filter: &BulkFilter) -> StorageResult<i64> {
-        let (ids, before) = filter_params(filter);
-        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT count(*) FROM users WHERE {CANDIDATE_FILTER}"
-        )))
-        .bind(ids)
-        .bind(before)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(db_err)
+        match self.count_bulk_candidates_once(filter).await {
+            Err(err) if self.recover(&err).await? => self.count_bulk_candidates_once(filter).await,
+            other => other,
+        }
     }
 
     async fn bulk_candidates(
@@ -644,28 +941,10 @@ impl Storage for SqliteStorage {
         after: Option<UserId>,
         limit: u32,
     ) -> StorageResult<Vec<BulkCandidate>> {
-        let (ids, before) = filter_params(filter);
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT id, email, password_hash FROM users WHERE {CANDIDATE_FILTER} AND (?3 IS NULL OR id > ?3)
-             ORDER BY id LIMIT ?4"
-        )))
-        .bind(ids)
-        .bind(before)
-        .bind(after.map(|id| id.to_string()))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_err)?;
-        rows.iter()
-            .map(|row| {
-                let id: String = row.try_get("id").map_err(db_err)?;
-                Ok(BulkCandidate {
-                    id: parse_uuid(&id)?,
-                    email: row.try_get("email").map_err(db_err)?,
-                    password_hash: row.try_get("password_hash").map_err(db_err)?,
-                })
-            })
-            .collect()
+        match self.bulk_candidates_once(filter, after, limit).await {
+            Err(err) if self.recover(&err).await? => self.bulk_candidates_once(filter, after, limit).await,
+            other => other,
+        }
     }
 
     async fn create_bulk_job(
@@ -849,15 +1128,10 @@ impl Storage for SqliteStorage {
     }
 
     async fn user_counts(&self) -> StorageResult<UserCounts> {
-        let row = sqlx::query("SELECT legacy_only, migrated, clerk_native FROM identity_user_counts WHERE id = 1")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(db_err)?;
-        Ok(UserCounts {
-            legacy_only: row.try_get("legacy_only").map_err(db_err)?,
-            migrated: row.try_get("migrated").map_err(db_err)?,
-            clerk_native: row.try_get("clerk_native").map_err(db_err)?,
-        })
+        match self.user_counts_once().await {
+            Err(err) if self.recover(&err).await? => self.user_counts_once().await,
+            other => other,
+        }
     }
 
     async fn flush_auth_stats(&self, flush: &AuthFlush) -> StorageResult<()> {
@@ -948,7 +1222,7 @@ impl Storage for SqliteStorage {
                  COALESCE(SUM(used_at IS NULL AND superseded_at IS NULL AND expires_at > ?1), 0) AS pending,
                  COALESCE(SUM(used_at IS NOT NULL), 0) AS redeemed,
                  COALESCE(SUM(used_at IS NULL AND superseded_at IS NULL AND expires_at <= ?1), 0) AS expired
-             FROM user_migration_tokens",
+             FROM identity_migration_tokens",
         )
         .bind(micros(now))
         .fetch_one(&self.pool)
@@ -978,9 +1252,9 @@ impl Storage for SqliteStorage {
                  SELECT user_id, SUM(legacy) AS legacy, SUM(clerk) AS clerk, SUM(legacy_while_migrated) AS lwm
                  FROM identity_auth_activity WHERE day >= ? GROUP BY user_id)
              SELECT count(*) AS active_users,
-                    COALESCE(SUM(a.legacy > 0 AND a.clerk = 0 AND u.clerk_user_id IS NULL), 0) AS legacy_only_unlinked,
+                    COALESCE(SUM(a.legacy > 0 AND a.clerk = 0 AND m.user_id IS NULL), 0) AS legacy_only_unlinked,
                     COALESCE(SUM(a.lwm), 0) AS lwm
-             FROM active a LEFT JOIN users u ON u.id = a.user_id",
+             FROM active a LEFT JOIN identity_user_mappings m ON m.user_id = a.user_id",
         )
         .bind(since_day)
         .fetch_one(&self.pool)
@@ -995,10 +1269,12 @@ impl Storage for SqliteStorage {
 
     async fn revoke_token(&self, revocation: &NewRevocation, audit: &NewAuditEvent) -> StorageResult<()> {
         let mut tx = self.begin_write().await?;
-        sqlx::query(
-            "INSERT INTO jwt_blacklist (id, jti, token_hash, user_id, expires_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?)
-             ON CONFLICT DO NOTHING",
-        )
+        // Revoking again keeps the later expiry; it never shortens an entry.
+        let target = if revocation.jti.is_some() { "jti" } else { "token_hash" };
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO identity_revocations (id, jti, token_hash, user_id, expires_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT ({target}) DO UPDATE SET expires_at = max(identity_revocations.expires_at, excluded.expires_at)"
+        )))
         .bind(Uuid::new_v4().to_string())
         .bind(revocation.jti.as_deref())
         .bind(revocation.token_hash.as_deref())
@@ -1013,7 +1289,7 @@ impl Storage for SqliteStorage {
     }
 
     async fn active_revocations(&self, now: DateTime<Utc>) -> StorageResult<Vec<RevocationRecord>> {
-        let rows = sqlx::query("SELECT jti, token_hash, expires_at FROM jwt_blacklist WHERE expires_at > ?")
+        let rows = sqlx::query("SELECT jti, token_hash, expires_at FROM identity_revocations WHERE expires_at > ?")
             .bind(micros(now))
             .fetch_all(&self.pool)
             .await
@@ -1030,7 +1306,7 @@ impl Storage for SqliteStorage {
     }
 
     async fn purge_revocations(&self, now: DateTime<Utc>) -> StorageResult<u64> {
-        let done = sqlx::query("DELETE FROM jwt_blacklist WHERE expires_at <= ?")
+        let done = sqlx::query("DELETE FROM identity_revocations WHERE expires_at <= ?")
             .bind(micros(now))
             .execute(&self.pool)
             .await

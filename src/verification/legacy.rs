@@ -1,4 +1,5 @@
-//! The application's own HS-signed JWTs (`sub` = internal user id).
+//! The application's own HS-signed JWTs: the internal user id in a
+//! configurable claim (`sub` by default; LeafLock signs `user_id`).
 //!
 //! The payload is read once: before the signature check to route the token
 //! (its `iss`), and trusted only after [`LegacyVerifier::verify`] has checked
@@ -7,7 +8,10 @@
 use aws_lc_rs::hmac;
 use jsonwebtoken::Algorithm;
 use secrecy::ExposeSecret;
-use serde::Deserialize;
+use serde::{
+    Deserialize, Deserializer,
+    de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor},
+};
 
 use super::{
     reason::{RejectReason, Rejection, outside_validity},
@@ -25,20 +29,55 @@ enum OneOrMany {
     Many(Vec<String>),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default)]
 struct Claims {
-    #[serde(default)]
-    sub: Option<String>,
-    #[serde(default)]
+    /// The configured user-id claim.
+    user: Option<String>,
     exp: Option<i64>,
-    #[serde(default)]
     nbf: Option<i64>,
-    #[serde(default)]
     iss: Option<String>,
-    #[serde(default)]
     jti: Option<String>,
-    #[serde(default)]
     aud: Option<OneOrMany>,
+}
+
+/// Reads the claims the verifier needs, the user id from the claim the
+/// operator names; every other member is skipped unread.
+struct ClaimsSeed<'a> {
+    user_claim: &'a str,
+}
+
+impl<'de> DeserializeSeed<'de> for ClaimsSeed<'_> {
+    type Value = Claims;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Claims, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ClaimsSeed<'_> {
+    type Value = Claims;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object of claims")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Claims, A::Error> {
+        let mut claims = Claims::default();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match key.as_ref() {
+                k if k == self.user_claim => claims.user = map.next_value()?,
+                "exp" => claims.exp = map.next_value()?,
+                "nbf" => claims.nbf = map.next_value()?,
+                "iss" => claims.iss = map.next_value()?,
+                "jti" => claims.jti = map.next_value()?,
+                "aud" => claims.aud = map.next_value()?,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(claims)
+    }
 }
 
 /// A legacy token whose signature and claims checked out.
@@ -59,12 +98,13 @@ pub(crate) struct Unverified<'a> {
 }
 
 impl<'a> Unverified<'a> {
-    pub fn read(peeked: &'a Peeked<'a>) -> Result<Self, Rejection> {
+    /// Reads the claims, the user id from `user_claim`.
+    pub fn read(peeked: &'a Peeked<'a>, user_claim: &str) -> Result<Self, Rejection> {
         Ok(Self {
             alg: &peeked.header.alg,
             message: peeked.message,
             signature: peeked.signature,
-            claims: peeked.claims()?,
+            claims: peeked.claims_with(ClaimsSeed { user_claim })?,
         })
     }
 
@@ -85,6 +125,7 @@ pub(crate) struct LegacyVerifier {
     /// Required in every token when set; without it `aud` is not checked
     /// here (the caller's expected audience still is, per request).
     audience: Option<String>,
+    user_claim: String,
 }
 
 impl LegacyVerifier {
@@ -100,7 +141,13 @@ impl LegacyVerifier {
             key: hmac::Key::new(hmac_algorithm, config.secret.expose_secret().as_bytes()),
             issuer: config.issuer.clone(),
             audience: config.audience.clone(),
+            user_claim: config.user_claim.clone(),
         }
+    }
+
+    /// The claim that holds the user id.
+    pub fn user_claim(&self) -> &str {
+        &self.user_claim
     }
 
     /// Checks the algorithm, the signature and the claims; `check_time`
@@ -119,7 +166,9 @@ impl LegacyVerifier {
         let claims = token.claims;
 
         let exp = claims.exp.ok_or_else(|| malformed("missing claim exp"))?;
-        let sub = claims.sub.ok_or_else(|| malformed("missing claim sub"))?;
+        let Some(sub) = claims.user else {
+            return Err(malformed(&format!("missing claim {}", self.user_claim)));
+        };
         if self.issuer.is_some() && claims.iss.is_none() {
             return Err(malformed("missing claim iss"));
         }
@@ -146,8 +195,12 @@ impl LegacyVerifier {
         {
             return Err(Rejection::new(RejectReason::Audience, "audience is not accepted"));
         }
-        let user_id =
-            UserId::parse("sub", &sub).map_err(|_| Rejection::new(RejectReason::Malformed, "sub is not a user id"))?;
+        let user_id = UserId::parse("sub", &sub).map_err(|_| {
+            Rejection::new(
+                RejectReason::Malformed,
+                format!("{} is not a user id", self.user_claim),
+            )
+        })?;
         Ok(LegacyToken {
             user_id,
             jti: claims.jti.filter(|j| !j.is_empty()),
@@ -173,6 +226,7 @@ mod tests {
             algorithm: Algorithm::HS256,
             issuer: Some("app".into()),
             audience: audience.map(str::to_owned),
+            user_claim: "sub".into(),
         })
     }
 
@@ -182,7 +236,7 @@ mod tests {
 
     fn check(verifier: &LegacyVerifier, token: &str, check_time: bool) -> Result<LegacyToken, RejectReason> {
         let peeked = peek(token).map_err(|r| r.reason)?;
-        let unverified = Unverified::read(&peeked).map_err(|r| r.reason)?;
+        let unverified = Unverified::read(&peeked, verifier.user_claim()).map_err(|r| r.reason)?;
         verifier.verify(unverified, check_time).map_err(|r| r.reason)
     }
 
@@ -224,5 +278,30 @@ mod tests {
         let mut tampered = sign(Algorithm::HS256, claims(json!({})));
         tampered.push('A');
         assert_eq!(check(&plain, &tampered, true).unwrap_err(), RejectReason::BadSignature);
+    }
+
+    #[test]
+    fn the_user_id_comes_from_the_configured_claim_with_any_hs_algorithm() {
+        let now = chrono::Utc::now().timestamp();
+        let user = UserId::new_random().to_string();
+        for algorithm in [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512] {
+            let leaflock = LegacyVerifier::new(&LegacyJwtConfig {
+                secret: SECRET.to_owned().into(),
+                algorithm,
+                issuer: None,
+                audience: None,
+                user_claim: "user_id".into(),
+            });
+            // LeafLock's own shape: user_id, exp, iat, nothing else.
+            let token = sign(algorithm, json!({"user_id": user, "exp": now + 60, "iat": now}));
+            let ok = check(&leaflock, &token, true).unwrap();
+            assert_eq!(ok.user_id.to_string(), user);
+            assert_eq!(ok.jti, None);
+            // `sub` is not read when another claim is configured.
+            let with_sub = sign(algorithm, json!({"sub": user, "exp": now + 60}));
+            assert_eq!(check(&leaflock, &with_sub, true).unwrap_err(), RejectReason::Malformed);
+            let not_uuid = sign(algorithm, json!({"user_id": 42, "exp": now + 60}));
+            assert_eq!(check(&leaflock, &not_uuid, true).unwrap_err(), RejectReason::Malformed);
+        }
     }
 }

@@ -534,7 +534,8 @@ impl Verifier {
             };
         }
         if matches!(alg, "HS256" | "HS384" | "HS512") {
-            let unverified = match Unverified::read(&peeked) {
+            let user_claim = inner.legacy.as_ref().map_or("sub", LegacyVerifier::user_claim);
+            let unverified = match Unverified::read(&peeked, user_claim) {
                 Ok(unverified) => unverified,
                 Err(rejection) => return Ok(Err(rejection)),
             };
@@ -648,7 +649,7 @@ impl Verifier {
                 let invalid =
                     |r: Rejection| DomainError::invalid("token", format!("is not a valid legacy token ({})", r.reason));
                 let verified = legacy
-                    .verify(Unverified::read(&peeked).map_err(invalid)?, false)
+                    .verify(Unverified::read(&peeked, legacy.user_claim()).map_err(invalid)?, false)
                     .map_err(invalid)?;
                 let expires_at = DateTime::from_timestamp(verified.expires_at, 0).unwrap_or(DateTime::<Utc>::MAX_UTC);
                 let digest = hex::encode(Sha256::digest(token.as_bytes()));

@@ -44,6 +44,8 @@ pub struct Principal {
     pub migration_state: MigrationState,
     pub expires_at: DateTime<Utc>,
     pub organization: Option<Organization>,
+    /// Provisioned by this service: the application has no row for the user.
+    pub new_to_application: bool,
 }
 
 impl Principal {
@@ -57,8 +59,17 @@ impl Principal {
             migration_state: user.migration_state(),
             expires_at: DateTime::from_timestamp(expires_at, 0).unwrap_or(DateTime::<Utc>::MAX_UTC),
             organization: None,
+            new_to_application: user.clerk_native,
         }
     }
+}
+
+/// The answer for a Clerk user an admin unlinked.
+fn unlinked() -> Rejection {
+    Rejection::new(
+        RejectReason::UnmappedUser,
+        "Clerk user was unlinked by an admin; it is refused until linked again",
+    )
 }
 
 pub(crate) struct PrincipalResolver {
@@ -92,13 +103,18 @@ impl PrincipalResolver {
         if let Some(user) = self.users.by_clerk(clerk_user_id).await? {
             return Ok(Ok(user));
         }
+        // UnlinkUser is a rollback: the Clerk user stays unmapped until an
+        // admin links it again, whatever the policy would do.
+        if self.policy != UnmappedPolicy::Reject && self.users.storage().clerk_user_unlinked(clerk_user_id).await? {
+            return Ok(Err(unlinked()));
+        }
         match self.policy {
             UnmappedPolicy::Reject => Ok(Err(Rejection::new(
                 RejectReason::UnmappedUser,
                 "Clerk user is not mapped",
             ))),
-            UnmappedPolicy::Provision => self.provision(caller, clerk_user_id, None).await.map(Ok),
-            UnmappedPolicy::LinkByEmail => self.link_by_email(caller, clerk_user_id).await.map(Ok),
+            UnmappedPolicy::Provision => self.provision(caller, clerk_user_id, None).await,
+            UnmappedPolicy::LinkByEmail => self.link_by_email(caller, clerk_user_id).await,
         }
     }
 
@@ -108,7 +124,7 @@ impl PrincipalResolver {
         caller: &Caller,
         clerk_user_id: &ClerkUserId,
         email: Option<&Email>,
-    ) -> Result<Arc<UserRecord>, DomainError> {
+    ) -> Result<Result<Arc<UserRecord>, Rejection>, DomainError> {
         let event = audit::event(
             caller,
             "user.provision",
@@ -124,28 +140,33 @@ impl PrincipalResolver {
         {
             Ok(user) => {
                 tracing::info!(user_id = %user.id, clerk_user_id = %clerk_user_id, "provisioned a user for a new Clerk user");
-                Ok(self.users.put(user).await)
+                Ok(Ok(self.users.put(user).await))
             }
             Err(StorageError::Conflict(Conflict::ClerkUserTaken)) => self.reread(clerk_user_id).await,
+            Err(StorageError::Conflict(Conflict::ClerkUserUnlinked)) => Ok(Err(unlinked())),
             Err(err) => Err(err.into()),
         }
     }
 
-    async fn reread(&self, clerk_user_id: &ClerkUserId) -> Result<Arc<UserRecord>, DomainError> {
-        let user = self
+    /// The user a concurrent writer mapped; a mapping whose user is gone
+    /// (soft-deleted in the application) is a user that is not found.
+    async fn reread(&self, clerk_user_id: &ClerkUserId) -> Result<Result<Arc<UserRecord>, Rejection>, DomainError> {
+        match self
             .users
             .storage()
             .find_user(&UserKey::ClerkUserId(clerk_user_id.clone()))
             .await?
-            .ok_or_else(|| DomainError::Internal("Clerk user mapped but its user is missing".into()))?;
-        Ok(self.users.put(user).await)
+        {
+            Some(user) => Ok(Ok(self.users.put(user).await)),
+            None => Ok(Err(Rejection::new(RejectReason::UserNotFound, "user not found"))),
+        }
     }
 
     async fn link_by_email(
         &self,
         caller: &Caller,
         clerk_user_id: &ClerkUserId,
-    ) -> Result<Arc<UserRecord>, DomainError> {
+    ) -> Result<Result<Arc<UserRecord>, Rejection>, DomainError> {
         let api = self
             .clerk_api
             .as_ref()
@@ -176,9 +197,9 @@ impl PrincipalResolver {
                     format!("linked to {clerk_user_id} by verified email"),
                 );
                 match storage.link_user(user.id, clerk_user_id, &event).await {
-                    Ok(_) => {
+                    Ok(linked) => {
                         tracing::info!(user_id = %user.id, clerk_user_id = %clerk_user_id, "linked a legacy user by verified email");
-                        self.users.invalidate(user.id, None).await;
+                        self.users.forget_link(&linked).await;
                         self.reread(clerk_user_id).await
                     }
                     Err(StorageError::Conflict(Conflict::ClerkUserTaken)) => self.reread(clerk_user_id).await,

@@ -39,6 +39,22 @@ impl Peeked<'_> {
             .map_err(|_| malformed("payload is not base64url"))?;
         serde_json::from_slice(&payload).map_err(|_| malformed("claims are missing or malformed"))
     }
+
+    /// The payload decoded through a seed (claims whose names are configured).
+    pub fn claims_with<T, S>(&self, seed: S) -> Result<T, Rejection>
+    where
+        S: for<'de> serde::de::DeserializeSeed<'de, Value = T>,
+    {
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(self.payload)
+            .map_err(|_| malformed("payload is not base64url"))?;
+        let mut deserializer = serde_json::Deserializer::from_slice(&payload);
+        let value = seed
+            .deserialize(&mut deserializer)
+            .and_then(|value| deserializer.end().map(|()| value))
+            .map_err(|_| malformed("claims are missing or malformed"))?;
+        Ok(value)
+    }
 }
 
 /// A token's signature part decoded (base64url, unpadded), for the verifier

@@ -143,9 +143,16 @@ async fn every_user_is_created_once_through_faults_and_a_crash(db: TestDb) {
     assert!(created["password_digest"].as_str().unwrap().starts_with("$2b$"));
 
     // Locally: everyone linked but the conflict, whose reason is kept.
-    let unlinked = strings(&app.db, "SELECT email FROM users WHERE clerk_user_id IS NULL").await;
+    let unlinked: Vec<Option<String>> = app
+        .storage
+        .bulk_candidates(&identity::storage::BulkFilter::default(), None, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.email)
+        .collect();
     assert_eq!(unlinked, vec![Some("bulk60@example.com".to_owned())]);
-    let mappings = strings(&app.db, "SELECT clerk_user_id FROM user_clerk_mappings").await;
+    let mappings = strings(&app.db, "SELECT clerk_user_id FROM identity_user_mappings").await;
     assert_eq!(mappings.len(), 499);
     let reasons = strings(&app.db, "SELECT reason FROM identity_bulk_failures").await;
     assert_eq!(reasons.len(), 1);
@@ -195,7 +202,7 @@ async fn dry_run_reports_and_writes_nothing(db: TestDb) {
     );
     assert_eq!(fake.state.creates.load(Ordering::SeqCst), 0);
     assert!(
-        strings(&app.db, "SELECT clerk_user_id FROM user_clerk_mappings")
+        strings(&app.db, "SELECT clerk_user_id FROM identity_user_mappings")
             .await
             .is_empty()
     );

@@ -52,12 +52,14 @@ async fn spawn(db: TestDb, fake: &FakeClerk, smtp: &FakeSmtp) -> TestApp {
 fn by_token(token: &str) -> InitiateMigrationRequest {
     InitiateMigrationRequest {
         subject: Some(Subject::LegacyToken(token.to_owned())),
+        email: String::new(),
     }
 }
 
 fn by_id(id: impl ToString) -> InitiateMigrationRequest {
     InitiateMigrationRequest {
         subject: Some(Subject::UserId(id.to_string())),
+        email: String::new(),
     }
 }
 
@@ -100,7 +102,7 @@ async fn invitation_is_emailed_and_redeemed_with_a_clerk_session(db: TestDb) {
     );
 
     // Only the hash is stored, and the outbox forgets the body once sent.
-    let hashes = strings(&app.db, "SELECT token_hash FROM user_migration_tokens").await;
+    let hashes = strings(&app.db, "SELECT token_hash FROM identity_migration_tokens").await;
     assert_eq!(hashes, vec![Some(hex::encode(Sha256::digest(token.as_bytes())))]);
     let mut cleared = false;
     for _ in 0..50 {
@@ -207,7 +209,7 @@ async fn a_new_invitation_supersedes_and_expiry_ends_the_old(db: TestDb) {
     crate::common::exec(
         &app.db,
         &format!(
-            "UPDATE user_migration_tokens SET expires_at = {} WHERE user_id = '{bob}'",
+            "UPDATE identity_migration_tokens SET expires_at = {} WHERE user_id = '{bob}'",
             match app.db.backend {
                 crate::common::Backend::Sqlite => (chrono::Utc::now().timestamp_micros() - 1_000_000).to_string(),
                 crate::common::Backend::Postgres => "now() - interval '1 second'".to_owned(),
@@ -264,7 +266,7 @@ async fn twenty_concurrent_completions_admit_exactly_one(db: TestDb) {
         }
     }
     assert_eq!(ok, 1);
-    let mappings = strings(&app.db, "SELECT clerk_user_id FROM user_clerk_mappings").await;
+    let mappings = strings(&app.db, "SELECT clerk_user_id FROM identity_user_mappings").await;
     assert_eq!(mappings.len(), 1);
     app.shutdown().await;
 }
@@ -309,7 +311,10 @@ async fn bad_requests_and_rate_limits_are_clear(db: TestDb) {
 
     assert_invalid(
         &migrator
-            .initiate_migration(InitiateMigrationRequest { subject: None })
+            .initiate_migration(InitiateMigrationRequest {
+                subject: None,
+                email: String::new(),
+            })
             .await
             .unwrap_err(),
         "subject",

@@ -45,7 +45,7 @@ async fn existing_users_table_is_extended_never_rewritten() {
     for task in tasks {
         task.await.unwrap().unwrap();
     }
-    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM identity_schema_migrations")
         .fetch_one(&mut conn)
         .await
         .unwrap();

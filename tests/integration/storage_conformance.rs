@@ -141,8 +141,9 @@ async fn link_writes_mapping_user_and_audit_together(db: TestDb) {
         .link_user(id, &clerk("user_a"), &audit("user.link", Some(id)))
         .await
         .unwrap();
-    assert_eq!(mapping.user_id, id);
-    assert_eq!(mapping.clerk_user_id, clerk("user_a"));
+    assert_eq!(mapping.mapping.user_id, id);
+    assert_eq!(mapping.mapping.clerk_user_id, clerk("user_a"));
+    assert_eq!(mapping.merged_from, None);
     for key in [MappingKey::UserId(id), MappingKey::ClerkUserId(clerk("user_a"))] {
         assert_eq!(storage.find_mapping(&key).await.unwrap().unwrap().user_id, id);
     }
@@ -552,16 +553,19 @@ async fn user_counts_stay_exact_through_every_change(db: TestDb) {
             clerk_native: 1
         }
     );
-    // A failed link changes nothing.
-    let _ = storage
+    // Linking a legacy user to a provisioned Clerk user merges the two:
+    // the provisional user no longer counts.
+    let merged = storage
         .link_user(ann, &clerk("user_new"), &audit("user.link", Some(ann)))
-        .await;
+        .await
+        .unwrap();
+    assert!(merged.merged_from.is_some());
     assert_eq!(
         counts().await,
         UserCounts {
-            legacy_only: 2,
-            migrated: 0,
-            clerk_native: 1
+            legacy_only: 1,
+            migrated: 1,
+            clerk_native: 0
         }
     );
 }

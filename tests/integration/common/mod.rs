@@ -332,6 +332,7 @@ pub fn legacy_config() -> LegacyJwtConfig {
         algorithm: jsonwebtoken::Algorithm::HS256,
         issuer: None,
         audience: None,
+        user_claim: "sub".to_owned(),
     }
 }
 
