@@ -12,9 +12,11 @@
   OpenTelemetry variables in OTEL_VARIABLES), and reaches all of them;
 * the real binary, started with exactly the rendered configuration (ConfigMap
   and Secret values resolved, test values for external secrets, a fresh SQLite
-  database, free ports, a fake OTLP collector) runs the migration Job's
-  command and then serves, SERVING on every probe's health service, serves
-  /metrics, exports a trace when tracing is on, and exits 0 on SIGTERM.
+  database holding the application's users table where a value file maps one,
+  free ports, a fake OTLP collector) runs the migration Job's command and then
+  serves, SERVING on every probe's health service (`liveness` included),
+  serves /metrics, exports a trace when tracing is on, exits 0 on SIGTERM, and
+  leaves an application table it must not extend as it was.
 
 Run: pip install -r tests/helm/requirements.txt && python3 tests/helm/test_chart.py
 Environment: IDENTITY_BIN (default target/debug/identity); without the binary
@@ -32,6 +34,7 @@ import re
 import secrets
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -40,6 +43,8 @@ import time
 import unittest
 import urllib.request
 from concurrent import futures
+from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +66,20 @@ KUBE_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
 # CRD kinds kubernetes-validate has no schema for; checked by hand instead.
 CRD_GROUPS = ("monitoring.coreos.com/",)
 # Value files under tests/helm/values/ that every check renders.
-VALUE_FILES = ["minimal.yaml", "production.yaml", "secret-files.yaml", "full.yaml"]
+VALUE_FILES = ["minimal.yaml", "production.yaml", "secret-files.yaml", "full.yaml", "leaflock.yaml"]
+# The users-table mapping (config.usersTable), where "" is rendered: it means
+# "no such column", while null leaves the variable to the binary's default.
+USERS_TABLE_VARIABLES = {
+    "table": "IDENTITY_USERS_TABLE",
+    "idColumn": "IDENTITY_USERS_ID_COLUMN",
+    "emailColumn": "IDENTITY_USERS_EMAIL_COLUMN",
+    "passwordHashColumn": "IDENTITY_USERS_PASSWORD_HASH_COLUMN",
+    "createdAtColumn": "IDENTITY_USERS_CREATED_AT_COLUMN",
+    "deletedAtColumn": "IDENTITY_USERS_DELETED_AT_COLUMN",
+    "clerkIdColumn": "IDENTITY_USERS_CLERK_ID_COLUMN",
+}
+# The health entry that follows only the process (never the database).
+LIVENESS_SERVICE = "liveness"
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -202,16 +220,50 @@ class ChartTest(unittest.TestCase):
                     serious = [m for m in report["messages"] if m["severity"] >= 2]
                     self.assertEqual(serious, [], report)
 
-    def test_defaults_alone_are_refused_naming_the_required_values(self):
+    def test_lint_is_clean_on_the_chart_as_shipped(self):
+        """`helm lint helm/identity` and chart-testing's `ct lint` (no ci/ values: the defaults) pass."""
         with helm_python.Chart.load(CHART) as chart:
-            with self.assertRaises(helm_python.HelmValuesError) as caught:
-                chart.validate_schema({})
-            self.assertIn("/secrets/apiKeys", str(caught.exception))
-            self.assertIn("/secrets/databaseUrl", str(caught.exception))
-            with self.assertRaises(helm_python.HelmError):
-                chart.render({}, name=RELEASE, namespace=NAMESPACE)
-        report = helm_python.lint(CHART)
-        self.assertTrue(report["errors"], "lint with no API keys and no database URL should fail")
+            chart.validate_schema(None)
+            chart.validate_schema({})
+        for strict in (False, True):
+            for kube in [None, *KUBE_VERSIONS]:
+                with self.subTest(strict=strict, kube=kube):
+                    report = helm_python.lint(
+                        CHART, None, strict=strict, kube_version=f"v{kube}" if kube else None
+                    )
+                    self.assertEqual(report["errors"], [], report)
+                    serious = [m for m in report["messages"] if m["severity"] >= 2]
+                    self.assertEqual(serious, [], report)
+        self.assertEqual(helm_python.lint(CHART)["errors"], [], "plain `helm lint` with the chart's own values")
+
+    def test_install_without_database_url_and_api_keys_is_refused_with_a_clear_message(self):
+        url = REQUIRED["secrets"]["databaseUrl"]
+        keys = REQUIRED["secrets"]["apiKeys"]
+        cases = [
+            ("defaults", {}, ["secrets.databaseUrl (IDENTITY_DATABASE_URL)", "secrets.apiKeys (IDENTITY_API_KEYS)"]),
+            ("no API keys", {"secrets": {"databaseUrl": url}}, ["secrets.apiKeys (IDENTITY_API_KEYS)"]),
+            ("empty key list", {"secrets": {"databaseUrl": url, "apiKeys": []}}, ["secrets.apiKeys (IDENTITY_API_KEYS)"]),
+            ("no database URL", {"secrets": {"apiKeys": keys}}, ["secrets.databaseUrl (IDENTITY_DATABASE_URL)"]),
+        ]
+        with helm_python.Chart.load(CHART) as chart:
+            for case, values, named in cases:
+                for install in (True, False):
+                    with self.subTest(case=case, install=install):
+                        with self.assertRaises(helm_python.HelmError) as caught:
+                            chart.render(values, name=RELEASE, namespace=NAMESPACE,
+                                         is_install=install, is_upgrade=not install)
+                        message = str(caught.exception)
+                        self.assertIn("missing required value", message)
+                        for name in named:
+                            self.assertIn(name, message)
+                        for name in {"secrets.databaseUrl (", "secrets.apiKeys ("} - {n.split(" ")[0] + " (" for n in named}:
+                            self.assertNotIn(name, message, "names only what is missing")
+                        self.assertIn("secrets.existingSecret", message, "says how to use an existing Secret")
+                        self.assertIn("gen-api-key", message, "says how to create a key")
+            # with the values (or an existing Secret), it renders
+            for values in (REQUIRED, {"secrets": {"existingSecret": "identity-credentials"}}):
+                files = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+                self.assertTrue(any(path.endswith("deployment.yaml") for path in files))
 
     def test_each_value_set_renders_the_expected_resources(self):
         expected = {
@@ -223,6 +275,7 @@ class ChartTest(unittest.TestCase):
             },
             "secret-files.yaml": {"ConfigMap", "Deployment", "Secret", "Service", "ServiceAccount"},
             "full.yaml": {"ConfigMap", "Deployment", "Job", "PodDisruptionBudget", "Secret", "Service", "ServiceAccount"},
+            "leaflock.yaml": {"ConfigMap", "Deployment", "Job", "PodDisruptionBudget", "Secret", "Service", "ServiceAccount"},
         }
         for label, values in value_sets():
             with self.subTest(values=label):
@@ -517,7 +570,7 @@ class ChartTest(unittest.TestCase):
 
     def test_every_known_variable_is_reachable_from_values(self):
         reached: set[str] = set()
-        for label in ("defaults+required", "secret-files.yaml", "full.yaml"):
+        for label in ("defaults+required", "secret-files.yaml", "full.yaml", "leaflock.yaml"):
             render = rendered(label, dict(value_sets())[label])
             names = container_env_names(render, render.one("Deployment"))
             reached |= {n.removesuffix("_FILE") if n.removesuffix("_FILE") in SECRET_VARIABLES else n for n in names}
@@ -574,6 +627,89 @@ class ChartTest(unittest.TestCase):
                     "extraVolumes": [{"name": "mail", "emptyDir": {}}] if mounts else [],
                     "extraVolumeMounts": mounts,
                 }))
+
+    def test_users_table_mapping_and_legacy_user_claim(self):
+        def job_env(render: Rendered) -> dict[str, Any]:
+            return {e["name"]: e for e in render.one("Job")["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+        def users_env(data: dict[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in data.items() if k.startswith("IDENTITY_USERS_")}
+
+        # leaflock.yaml: the LeafLock layout, "" rendered as an empty value (not left out)
+        leaflock = {
+            "IDENTITY_USERS_TABLE": "users",
+            "IDENTITY_USERS_ID_COLUMN": "id",
+            "IDENTITY_USERS_EMAIL_COLUMN": "",
+            "IDENTITY_USERS_PASSWORD_HASH_COLUMN": "password_hash",
+            "IDENTITY_USERS_CREATED_AT_COLUMN": "created_at",
+            "IDENTITY_USERS_DELETED_AT_COLUMN": "deleted_at",
+            "IDENTITY_USERS_CLERK_ID_COLUMN": "",
+        }
+        render = rendered("leaflock.yaml", load_values("leaflock.yaml"))
+        config = render.one("ConfigMap")["data"]
+        self.assertEqual(users_env(config), leaflock)
+        self.assertEqual(config["IDENTITY_LEGACY_JWT_USER_CLAIM"], "user_id")
+        self.assertEqual(config["IDENTITY_LEGACY_JWT_ALGORITHM"], "HS512")
+        configmap_text = next(text for path, text in render.files.items() if path.endswith("configmap.yaml"))
+        self.assertIn('IDENTITY_USERS_EMAIL_COLUMN: ""', configmap_text)
+        self.assertIn('IDENTITY_USERS_CLERK_ID_COLUMN: ""', configmap_text)
+        # the migration Job (which checks the table and may add the Clerk id column) gets the same mapping
+        env = job_env(render)
+        self.assertEqual({k: e.get("value") for k, e in users_env(env).items()}, leaflock)
+        self.assertNotIn("IDENTITY_LEGACY_JWT_USER_CLAIM", env, "the Job verifies no tokens")
+        job_text = next(text for path, text in render.files.items() if path.endswith("migration-job.yaml"))
+        self.assertRegex(job_text, r'- name: IDENTITY_USERS_EMAIL_COLUMN\n\s+value: ""\n')
+        # as the kubelet builds the server's environment: the empty variables are there, empty
+        container = render.one("Deployment")["spec"]["template"]["spec"]["containers"][0]
+        run = BinaryRun(self, Path("/nonexistent"), render)
+        try:
+            server_env = run.resolve(render.one("Deployment")["spec"]["template"]["spec"], container)
+        finally:
+            subprocess.run(["rm", "-rf", str(run.tmp)], check=False)
+        self.assertEqual(users_env(server_env), leaflock)
+
+        # defaults: nothing set, the binary's defaults (the seed's layout, claim sub) apply
+        render = rendered("defaults+required", REQUIRED)
+        config = render.one("ConfigMap")["data"]
+        self.assertEqual(users_env(config), {})
+        self.assertNotIn("IDENTITY_LEGACY_JWT_USER_CLAIM", config)
+        self.assertEqual(users_env(job_env(render)), {})
+
+        # null and "" differ for every column that may be absent; names are passed as given
+        for key, variable in USERS_TABLE_VARIABLES.items():
+            with self.subTest(value=key):
+                if key not in ("table", "idColumn"):
+                    config = Rendered(deep_merge(REQUIRED, {"config": {"usersTable": {key: ""}}})).one("ConfigMap")["data"]
+                    self.assertEqual(users_env(config), {variable: ""})
+                config = Rendered(deep_merge(REQUIRED, {"config": {"usersTable": {key: "Legacy_Col9"}}})).one("ConfigMap")["data"]
+                self.assertEqual(users_env(config), {variable: "Legacy_Col9"})
+        config = Rendered(deep_merge(REQUIRED, {"config": {"usersTable": {"table": "app.users"}}})).one("ConfigMap")["data"]
+        self.assertEqual(config["IDENTITY_USERS_TABLE"], "app.users")
+        # `env` still overrides, "" included
+        config = Rendered(deep_merge(REQUIRED, {
+            "config": {"usersTable": {"emailColumn": "email"}},
+            "env": {"IDENTITY_USERS_EMAIL_COLUMN": ""},
+        })).one("ConfigMap")["data"]
+        self.assertEqual(config["IDENTITY_USERS_EMAIL_COLUMN"], "")
+
+    def test_liveness_follows_only_the_process(self):
+        """Liveness (and start-up) ask for the `liveness` health entry; readiness follows the database."""
+        for label, values in value_sets():
+            with self.subTest(values=label):
+                container = rendered(label, values).one("Deployment")["spec"]["template"]["spec"]["containers"][0]
+                self.assertEqual(container["livenessProbe"]["grpc"]["service"], LIVENESS_SERVICE)
+                self.assertEqual(container["startupProbe"]["grpc"]["service"], LIVENESS_SERVICE)
+                self.assertIn(container["readinessProbe"]["grpc"].get("service", ""),
+                              ("", "identity.v1.IdentityService", "identity.v1.MigrationService"))
+        # a database outage of failureThreshold x periodSeconds must not matter: liveness never asks for it
+        with helm_python.Chart.load(CHART) as chart:
+            for service in ("", "identity.v1.IdentityService", "identity.v1.MigrationService"):
+                with self.subTest(liveness=service):
+                    with self.assertRaises(helm_python.HelmValuesError):
+                        chart.validate_schema(deep_merge(REQUIRED, {"probes": {"liveness": {"service": service}}}))
+            chart.validate_schema(deep_merge(REQUIRED, {"probes": {"startup": {"service": ""}}}))
+        readme = (CHART / "README.md").read_text(encoding="utf-8")
+        self.assertIn(f"`{LIVENESS_SERVICE}`", readme)
 
     def test_readme_lists_every_value(self):
         with open(CHART / "values.yaml", encoding="utf-8") as f:
@@ -646,6 +782,21 @@ class ChartTest(unittest.TestCase):
         ("trace sampler ratio", {"tracing": {"sampler": {"arg": 1.5}}}, "/tracing/sampler/arg"),
         ("unknown tracing value", {"tracing": {"protocol": "http/protobuf"}}, "protocol"),
         ("OTLP egress needs ports", {"networkPolicy": {"egress": {"otlp": {"ports": []}}}}, "/networkPolicy/egress/otlp/ports"),
+        ("users table injection", {"config": {"usersTable": {"table": "users; DROP TABLE users"}}}, "/config/usersTable/table"),
+        ("users table with two dots", {"config": {"usersTable": {"table": "a.b.c"}}}, "/config/usersTable/table"),
+        ("users table empty", {"config": {"usersTable": {"table": ""}}}, "/config/usersTable/table"),
+        ("users table quoted", {"config": {"usersTable": {"table": '"users"'}}}, "/config/usersTable/table"),
+        ("id column empty", {"config": {"usersTable": {"idColumn": ""}}}, "/config/usersTable/idColumn"),
+        ("column starting with a digit", {"config": {"usersTable": {"emailColumn": "1email"}}}, "/config/usersTable/emailColumn"),
+        ("column with a dash", {"config": {"usersTable": {"passwordHashColumn": "password-hash"}}}, "/config/usersTable/passwordHashColumn"),
+        ("column of 64 characters", {"config": {"usersTable": {"createdAtColumn": "c" * 64}}}, "/config/usersTable/createdAtColumn"),
+        ("column with a space", {"config": {"usersTable": {"deletedAtColumn": "deleted at"}}}, "/config/usersTable/deletedAtColumn"),
+        ("column with a schema", {"config": {"usersTable": {"clerkIdColumn": "public.clerk_user_id"}}}, "/config/usersTable/clerkIdColumn"),
+        ("unknown users table value", {"config": {"usersTable": {"emailHashColumn": "email_hash"}}}, "emailHashColumn"),
+        ("legacy user claim empty", {"config": {"legacyJwt": {"userClaim": ""}}}, "/config/legacyJwt/userClaim"),
+        ("legacy user claim with a space", {"config": {"legacyJwt": {"userClaim": "user id"}}}, "/config/legacyJwt/userClaim"),
+        ("liveness on the database", {"probes": {"liveness": {"service": ""}}}, "/probes/liveness/service"),
+        ("readiness on the process only", {"probes": {"readiness": {"service": "liveness"}}}, "/probes/readiness/service"),
     ]
 
     TEMPLATE_RULES = [
@@ -673,6 +824,9 @@ class ChartTest(unittest.TestCase):
         ("mail folder on the read-only root", {"config": {"mail": {"transport": "file", "dir": "/var/mail"}}}, "read-only root filesystem"),
         ("mail folder escaping the volume", {"config": {"mail": {"transport": "file", "dir": "../../etc/mail"}}}, "read-only root filesystem"),
         ("product name over 100 bytes", {"config": {"invitations": {"productName": "é" * 60}}}, "at most 100"),
+        ("users table is the service's own", {"config": {"usersTable": {"table": "identity_users"}}}, "one of the service's own tables"),
+        ("users table is the service's own, with a schema",
+         {"config": {"usersTable": {"table": "app.identity_users"}}}, "one of the service's own tables"),
     ]
 
     def test_values_violating_the_schema_are_refused(self):
@@ -710,7 +864,86 @@ class ChartTest(unittest.TestCase):
         sets = value_sets() + [("metrics-off", deep_merge(REQUIRED, {"metrics": {"enabled": False}}))]
         for label, values in sets:
             with self.subTest(values=label):
-                BinaryRun(self, binary, rendered(label, values)).run()
+                BinaryRun(self, binary, rendered(label, values), APP_TABLES.get(label)).run()
+
+
+@dataclass(frozen=True)
+class AppTable:
+    """An application's users table (SQLite stand-in) that a value file maps, made before the binary starts."""
+
+    sql: str
+    # The service may not add anything to it (clerkIdColumn ""): columns, indexes and triggers stay as they are.
+    untouched: bool
+
+
+# The seed's layout, with its optional clerk_user_id column (full.yaml names each column).
+SEED_APP_TABLE = AppTable(
+    sql="""
+    CREATE TABLE users (
+        id TEXT PRIMARY KEY NOT NULL,
+        email TEXT UNIQUE NOT NULL,
+        password_hash TEXT NOT NULL,
+        failed_attempts INTEGER DEFAULT 0,
+        created_at TEXT DEFAULT CURRENT_TIMESTAMP,
+        updated_at TEXT DEFAULT CURRENT_TIMESTAMP,
+        clerk_user_id TEXT UNIQUE
+    );
+    INSERT INTO users (id, email, password_hash)
+        VALUES ('0b7c2a4e-6f1d-4c3b-9a8e-1f2d3c4b5a69', 'ada@example.com', '$2b$12$C6UzMDM.H6dfI/f/IKcEeO5Q8tVqKQ6nJ8ZKxWzGrDq9ZbIuE6ZTm');
+    """,
+    untouched=False,
+)
+# LeafLock's layout (leaflock.yaml): no readable email, Argon2id digests, soft delete,
+# the application's own tables beside it, and no clerk_user_id, which must not appear.
+LEAFLOCK_APP_TABLE = AppTable(
+    sql="""
+    CREATE TABLE users (
+        id TEXT PRIMARY KEY NOT NULL,
+        email_hash BLOB UNIQUE NOT NULL,
+        email_encrypted BLOB NOT NULL,
+        email_search_hash BLOB UNIQUE,
+        password_hash TEXT NOT NULL,
+        salt BLOB NOT NULL,
+        master_key_encrypted BLOB NOT NULL,
+        public_key BLOB,
+        private_key_encrypted BLOB,
+        mfa_secret_encrypted BLOB,
+        mfa_enabled INTEGER DEFAULT 0,
+        created_at TEXT DEFAULT CURRENT_TIMESTAMP,
+        updated_at TEXT DEFAULT CURRENT_TIMESTAMP,
+        last_login TEXT,
+        failed_attempts INTEGER DEFAULT 0,
+        locked_until TEXT,
+        deleted_at TEXT,
+        is_admin INTEGER DEFAULT 0,
+        storage_used INTEGER DEFAULT 0,
+        storage_limit INTEGER DEFAULT 5242880,
+        theme_preference TEXT DEFAULT 'system'
+    );
+    CREATE TABLE notes (
+        id TEXT PRIMARY KEY NOT NULL,
+        user_id TEXT NOT NULL REFERENCES users (id),
+        title_encrypted BLOB,
+        created_at TEXT DEFAULT CURRENT_TIMESTAMP
+    );
+    CREATE TABLE audit_log (
+        id TEXT PRIMARY KEY NOT NULL,
+        user_id TEXT REFERENCES users (id),
+        action TEXT NOT NULL,
+        created_at TEXT DEFAULT CURRENT_TIMESTAMP
+    );
+    INSERT INTO users (id, email_hash, email_encrypted, password_hash, salt, master_key_encrypted)
+        VALUES ('5f0c1e7a-3b2d-4e8f-9a6b-7c8d9e0f1a2b', x'00', x'01',
+                '$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNoaGFzaA', x'02', x'03');
+    INSERT INTO users (id, email_hash, email_encrypted, password_hash, salt, master_key_encrypted, deleted_at)
+        VALUES ('6a1d2f8b-4c3e-4f9a-8b7c-8d9e0f1a2b3c', x'10', x'11',
+                '$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNoaGFzaA', x'12', x'13',
+                datetime('now'));
+    """,
+    untouched=True,
+)
+# Value files whose usersTable names a table: it must exist (a named table that is missing stops start-up).
+APP_TABLES = {"full.yaml": SEED_APP_TABLE, "leaflock.yaml": LEAFLOCK_APP_TABLE}
 
 
 def free_port(host: str) -> int:
@@ -723,10 +956,11 @@ def free_port(host: str) -> int:
 class BinaryRun:
     """Starts the binary the way the kubelet would start the rendered containers."""
 
-    def __init__(self, test: unittest.TestCase, binary: Path, render: Rendered):
+    def __init__(self, test: unittest.TestCase, binary: Path, render: Rendered, app_table: AppTable | None = None):
         self.test = test
         self.binary = binary
         self.render = render
+        self.app_table = app_table
         self.tmp = Path(tempfile.mkdtemp(prefix="identity-chart-"))
         self.database_url = f"sqlite://{self.tmp}/identity.db"
         # Secrets the chart does not create (existingSecret): test values by key.
@@ -809,11 +1043,36 @@ class BinaryRun:
 
     def run(self) -> None:
         try:
+            before = self.create_app_table()
             for job in self.render.jobs():
                 self.run_job(job)
             self.run_server()
+            if self.app_table and self.app_table.untouched:
+                self.test.assertEqual(
+                    self.app_table_shape(), before,
+                    "the application's users table changed although config.usersTable.clerkIdColumn is \"\" "
+                    "(an empty variable must reach the binary as \"no such column\", not as unset)",
+                )
         finally:
             subprocess.run(["rm", "-rf", str(self.tmp)], check=False)
+
+    def create_app_table(self) -> list[Any] | None:
+        """The application's users table in the test database, as the application left it; returns its shape."""
+        if not self.app_table:
+            return None
+        with closing(sqlite3.connect(self.tmp / "identity.db")) as db:
+            db.executescript(self.app_table.sql)
+            db.commit()
+        return self.app_table_shape()
+
+    def app_table_shape(self) -> list[Any]:
+        """Columns of `users`, and every index and trigger on it."""
+        with closing(sqlite3.connect(self.tmp / "identity.db")) as db:
+            columns = db.execute("PRAGMA table_info(users)").fetchall()
+            objects = db.execute(
+                "SELECT type, name, sql FROM sqlite_master WHERE tbl_name = 'users' ORDER BY type, name"
+            ).fetchall()
+        return [columns, objects]
 
     def run_job(self, job: dict[str, Any]) -> None:
         pod = job["spec"]["template"]["spec"]
@@ -921,6 +1180,8 @@ class BinaryRun:
                     last = str({s: health_pb2.HealthCheckResponse.ServingStatus.Name(v) for s, v in statuses.items()})
                 except grpc.RpcError as e:
                     last = f"{e.code()}: {e.details()}"
+                    if e.code() == grpc.StatusCode.NOT_FOUND:
+                        last += " (a probe asks for a health entry the binary does not register: see src/health.rs)"
                 time.sleep(0.2)
         self.test.fail(f"not SERVING on {target} for {services} within 20 s ({last}):\n{log_path.read_text()}")
 

@@ -187,6 +187,33 @@ Secret key: the headers usually carry a collector's API key), or nothing.
 {{- end }}
 
 {{/*
+The users-table mapping (config.usersTable) as a YAML map NAME: "value". Here
+"" is not "unset": null leaves a variable out, so the binary's default
+applies, while "" is rendered as an empty value, which the binary reads as
+"the table has no such column". The replicas (ConfigMap) and the migration
+Job get the same mapping.
+*/}}
+{{- define "identity.usersTableEnv" -}}
+{{- $u := .Values.config.usersTable | default dict -}}
+{{- $d := dict -}}
+{{- $vars := dict
+  "IDENTITY_USERS_TABLE" $u.table
+  "IDENTITY_USERS_ID_COLUMN" $u.idColumn
+  "IDENTITY_USERS_EMAIL_COLUMN" $u.emailColumn
+  "IDENTITY_USERS_PASSWORD_HASH_COLUMN" $u.passwordHashColumn
+  "IDENTITY_USERS_CREATED_AT_COLUMN" $u.createdAtColumn
+  "IDENTITY_USERS_DELETED_AT_COLUMN" $u.deletedAtColumn
+  "IDENTITY_USERS_CLERK_ID_COLUMN" $u.clerkIdColumn
+-}}
+{{- range $k, $v := $vars }}
+{{- if not (kindIs "invalid" $v) }}
+{{- $_ := set $d $k (toString $v | trim) }}
+{{- end }}
+{{- end }}
+{{- toYaml $d }}
+{{- end }}
+
+{{/*
 Non-secret configuration as a YAML map NAME: "value" (the ConfigMap's data).
 `values.env` entries come last and win.
 */}}
@@ -207,6 +234,7 @@ Non-secret configuration as a YAML map NAME: "value" (the ConfigMap's data).
   "IDENTITY_LEGACY_JWT_ALGORITHM" $c.legacyJwt.algorithm
   "IDENTITY_LEGACY_JWT_ISSUER" $c.legacyJwt.issuer
   "IDENTITY_LEGACY_JWT_AUDIENCE" $c.legacyJwt.audience
+  "IDENTITY_LEGACY_JWT_USER_CLAIM" $c.legacyJwt.userClaim
   "IDENTITY_CLERK_PUBLISHABLE_KEY" $c.clerk.publishableKey
   "IDENTITY_CLERK_ISSUER" $c.clerk.issuer
   "IDENTITY_CLERK_JWKS_URL" $c.clerk.jwksUrl
@@ -244,6 +272,10 @@ Non-secret configuration as a YAML map NAME: "value" (the ConfigMap's data).
 {{- else if and (not (kindIs "invalid" $v)) (ne (toString $v) "") }}
 {{- $_ := set $d $k (toString $v) }}
 {{- end }}
+{{- end }}
+{{- /* The users-table mapping, where "" is rendered (it differs from unset). */ -}}
+{{- range $k, $v := (include "identity.usersTableEnv" . | fromYaml) }}
+{{- $_ := set $d $k $v }}
 {{- end }}
 {{- /* A fractional number: not through the whole-number conversion above. */ -}}
 {{- if not (kindIs "invalid" $c.bulk.clerkRequestsPerSecond) }}
@@ -324,11 +356,19 @@ only the variables the migration Job needs), secretName.
 {{- define "identity.validate" -}}
 {{- $v := .Values -}}
 {{- if not $v.secrets.existingSecret }}
+{{- /* Required at install, not in values.schema.json: the defaults leave them
+empty so that `helm lint` (and chart-testing's `ct lint`) pass on the chart
+as shipped, while install and template stop here, naming what is missing.
+(Helm's lint mode turns `fail` into a log line.) */}}
+{{- $missing := list }}
 {{- range (include "identity.secretVariables" . | fromYamlArray) }}
 {{- if and .required (not (include "identity.secretValue" (dict "root" $ "value" .value))) }}
-{{- fail (printf "secrets.%s is required (%s), or name a Secret holding it in secrets.existingSecret" .value .env) }}
+{{- $missing = append $missing (printf "secrets.%s (%s)" .value .env) }}
 {{- end }}
 {{- end }}
+{{- if $missing }}
+{{- fail (printf "missing required value%s %s: set %s, e.g. --set-string secrets.databaseUrl='postgres://USER:PASSWORD@HOST:5432/DB' --set-string secrets.apiKeys='NAME:SHA256HEX:verify' (create keys with `identity gen-api-key --name NAME --scopes verify`), or name an existing Secret holding them in secrets.existingSecret (keys secrets.keys.databaseUrl and secrets.keys.apiKeys)" (ternary "s" "" (gt (len $missing) 1)) (join " and " $missing) (ternary "them" "it" (gt (len $missing) 1))) }}
+{{- else }}
 {{- $url := include "identity.secretValue" (dict "root" . "value" "databaseUrl") }}
 {{- if not (regexMatch "^(postgres://|postgresql://|sqlite:)" $url) }}
 {{- fail "secrets.databaseUrl must start with postgres://, postgresql:// or sqlite:" }}
@@ -345,6 +385,7 @@ only the variables the migration Job needs), secretName.
 {{- end }}
 {{- if eq $keyCount 0 }}
 {{- fail "secrets.apiKeys has no entry: the service refuses to listen on a pod address without API keys" }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- $secretEnvs := list }}
@@ -391,6 +432,11 @@ only the variables the migration Job needs), secretName.
 {{- end }}
 {{- if not $ok }}
 {{- fail (printf "config.mail.dir %s is on the read-only root filesystem: use a folder under /tmp or /var/lib/identity (emptyDirs), or mount a volume there with extraVolumes/extraVolumeMounts" $dir) }}
+{{- end }}
+{{- end }}
+{{- with $v.config.usersTable }}
+{{- if and (not (kindIs "invalid" .table)) (hasPrefix "identity_" (toString .table | splitList "." | last)) }}
+{{- fail (printf "config.usersTable.table %s is one of the service's own tables (prefix identity_): name the application's users table" .table) }}
 {{- end }}
 {{- end }}
 {{- $product := toString ($v.config.invitations.productName | default "") | trim }}
