@@ -417,9 +417,13 @@ impl PostgresStorage {
     /// Matches the configured mapping against the application's table and
     /// builds the statements that read it.
     pub async fn resolve_users(&self) -> StorageResult<()> {
+        self.resolve_users_with(true).await
+    }
+
+    async fn resolve_users_with(&self, strict: bool) -> StorageResult<()> {
         let mut conn = self.pool.acquire().await.map_err(db_err)?;
         let columns = table_columns(&mut conn, &self.config.table.quoted()).await?;
-        let resolved = resolve(&self.config, columns.as_deref(), true)?;
+        let resolved = resolve(&self.config, columns.as_deref(), true, strict)?;
         log_users_table(&resolved);
         let sql = Arc::new(UserSql::build(resolved.app, true));
         *self.users.write().unwrap_or_else(std::sync::PoisonError::into_inner) = sql;
@@ -439,7 +443,7 @@ impl PostgresStorage {
     async fn recover(&self, err: &StorageError) -> StorageResult<bool> {
         if let StorageError::SchemaChanged(message) = err {
             tracing::warn!(%message, "the application's users table changed; reading its columns again");
-            self.resolve_users().await?;
+            self.resolve_users_with(false).await?;
             return Ok(true);
         }
         Ok(false)
@@ -624,6 +628,31 @@ async fn adopt_seed_tables(conn: &mut sqlx::PgConnection) -> StorageResult<()> {
                 rows = done.rows_affected(),
                 "adopted the seed's user_migration_tokens (hashed)"
             );
+            if has(&columns, "token") {
+                // No plaintext token stays usable in the database: each is
+                // replaced by its hash (the link in the email still works,
+                // through the hashed copy). Where the column cannot hold a
+                // hash, the old tokens are expired instead.
+                let mut savepoint = sqlx::Connection::begin(&mut *conn).await.map_err(db_err)?;
+                let hashed = sqlx::query(
+                    "UPDATE user_migration_tokens SET token = encode(sha256(convert_to(token::text, 'UTF8')), 'hex')",
+                )
+                .execute(&mut *savepoint)
+                .await;
+                match hashed {
+                    Ok(_) => savepoint.commit().await.map_err(db_err)?,
+                    Err(err) => {
+                        savepoint.rollback().await.map_err(db_err)?;
+                        tracing::warn!(error = %err, "cannot replace the seed's plaintext migration tokens by their hashes; expiring them");
+                        sqlx::query(
+                            "UPDATE user_migration_tokens SET expires_at = now() WHERE expires_at::timestamptz > now()",
+                        )
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(db_err)?;
+                    }
+                }
+            }
         }
     }
     Ok(())

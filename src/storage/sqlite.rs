@@ -417,8 +417,12 @@ impl SqliteStorage {
     /// Matches the configured mapping against the application's table and
     /// builds the statements that read it.
     pub async fn resolve_users(&self) -> StorageResult<()> {
+        self.resolve_users_with(true).await
+    }
+
+    async fn resolve_users_with(&self, strict: bool) -> StorageResult<()> {
         let columns = self.table_columns().await?;
-        let resolved = resolve(&self.config, columns.as_deref(), false)?;
+        let resolved = resolve(&self.config, columns.as_deref(), false, strict)?;
         log_users_table(&resolved);
         let sql = Arc::new(UserSql::build(resolved.app, false));
         *self.users.write().unwrap_or_else(std::sync::PoisonError::into_inner) = sql;
@@ -437,7 +441,7 @@ impl SqliteStorage {
     async fn recover(&self, err: &StorageError) -> StorageResult<bool> {
         if let StorageError::SchemaChanged(message) = err {
             tracing::warn!(%message, "the application's users table changed; reading its columns again");
-            self.resolve_users().await?;
+            self.resolve_users_with(false).await?;
             return Ok(true);
         }
         Ok(false)

@@ -205,10 +205,15 @@ pub(crate) struct Resolved {
 
 /// Matches the configuration against the columns the database reports
 /// (`None`: the table does not exist). `(name, type)` pairs, names as stored.
+/// `strict` (start-up) refuses a named column that is missing; at run time
+/// (the application dropped a column under a running service, as the
+/// seed's cleanup does) it is left out with a warning, so the service keeps
+/// serving, and the next start asks for the configuration to be fixed.
 pub(crate) fn resolve(
     config: &UsersTableConfig,
     columns: Option<&[(String, String)]>,
     postgres: bool,
+    strict: bool,
 ) -> Result<Resolved, StorageError> {
     let mut warnings = Vec::new();
     if config.table.name().starts_with("identity_") {
@@ -238,7 +243,7 @@ pub(crate) fn resolve(
         };
         match columns.iter().find(|(column, _)| column == name.name()) {
             Some((column, data_type)) => Ok(Some((Ident::plain(column).quoted(), data_type.to_ascii_lowercase()))),
-            None if setting.explicit || setting.variable == "IDENTITY_USERS_ID_COLUMN" => {
+            None if (strict && setting.explicit) || setting.variable == "IDENTITY_USERS_ID_COLUMN" => {
                 Err(StorageError::Precondition(format!(
                     "{}: column {} does not exist in table {}",
                     setting.variable, name, config.table
@@ -589,7 +594,7 @@ mod tests {
         ];
         let mut config = UsersTableConfig::default();
         // Defaults that are missing are warned about and treated as absent.
-        let resolved = resolve(&config, Some(&columns), true).unwrap();
+        let resolved = resolve(&config, Some(&columns), true, true).unwrap();
         let app = resolved.app.unwrap();
         assert_eq!(app.email, None);
         assert_eq!(app.id_type, IdType::Uuid);
@@ -598,19 +603,24 @@ mod tests {
         config
             .set_column("IDENTITY_USERS_DELETED_AT_COLUMN", "deleted_at")
             .unwrap();
-        let err = resolve(&config, Some(&columns), true).unwrap_err().to_string();
+        let err = resolve(&config, Some(&columns), true, true).unwrap_err().to_string();
         assert!(
             err.contains("IDENTITY_USERS_DELETED_AT_COLUMN") && err.contains("deleted_at"),
             "{err}"
         );
         // No table at all: fine by default, an error when named.
-        assert!(resolve(&UsersTableConfig::default(), None, true).unwrap().app.is_none());
+        assert!(
+            resolve(&UsersTableConfig::default(), None, true, true)
+                .unwrap()
+                .app
+                .is_none()
+        );
         let explicit = UsersTableConfig {
             table_explicit: true,
             ..UsersTableConfig::default()
         };
         assert!(
-            resolve(&explicit, None, true)
+            resolve(&explicit, None, true, true)
                 .unwrap_err()
                 .to_string()
                 .contains("IDENTITY_USERS_TABLE")

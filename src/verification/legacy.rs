@@ -195,12 +195,8 @@ impl LegacyVerifier {
         {
             return Err(Rejection::new(RejectReason::Audience, "audience is not accepted"));
         }
-        let user_id = UserId::parse("sub", &sub).map_err(|_| {
-            Rejection::new(
-                RejectReason::Malformed,
-                format!("{} is not a user id", self.user_claim),
-            )
-        })?;
+        let user_id = UserId::parse("sub", &sub)
+            .map_err(|_| Rejection::new(RejectReason::Malformed, format!("{} is not a user id", self.user_claim)))?;
         Ok(LegacyToken {
             user_id,
             jti: claims.jti.filter(|j| !j.is_empty()),

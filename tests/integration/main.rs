@@ -11,6 +11,7 @@ mod caller_access;
 mod cli;
 mod health_and_reflection;
 mod invitations;
+mod leaflock;
 mod metrics_api;
 mod postgres_schema;
 mod storage_conformance;

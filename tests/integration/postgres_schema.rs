@@ -11,7 +11,7 @@ use crate::common::{Backend, TestDb};
 
 #[tokio::test]
 async fn existing_users_table_is_extended_never_rewritten() {
-    let Some(db) = TestDb::new(Backend::Postgres).await else {
+    let Some(db) = TestDb::bare(Backend::Postgres).await else {
         return;
     };
     let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();

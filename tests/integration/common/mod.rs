@@ -85,10 +85,81 @@ pub enum Backend {
     Postgres,
 }
 
-/// A fresh, empty database for one test.
+/// What the database holds before the service first starts on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Nothing: legacy users come from `import-users` into the service's directory.
+    Empty,
+    /// The seed application's `users(id, email, password_hash, failed_attempts,
+    /// created_at, updated_at)` and the Go implementation's own tables;
+    /// legacy users are rows the application wrote.
+    Seed,
+}
+
+impl Layout {
+    /// `IDENTITY_TEST_LAYOUT` (`empty` or `seed`) for every suite; by
+    /// default SQLite starts empty and PostgreSQL holds the seed's application.
+    fn for_backend(backend: Backend) -> Self {
+        match std::env::var("IDENTITY_TEST_LAYOUT").as_deref() {
+            Ok("empty") => Self::Empty,
+            Ok("seed") => Self::Seed,
+            Ok(other) => panic!("IDENTITY_TEST_LAYOUT={other}: expected empty or seed"),
+            Err(_) => match backend {
+                Backend::Sqlite => Self::Empty,
+                Backend::Postgres => Self::Seed,
+            },
+        }
+    }
+}
+
+/// The seed application's tables, as its Go implementation creates them.
+pub const SEED_POSTGRES: &str = "
+    CREATE TABLE users (
+        id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+        email VARCHAR(255) NOT NULL UNIQUE,
+        password_hash VARCHAR(255) NOT NULL,
+        failed_attempts INTEGER NOT NULL DEFAULT 0,
+        created_at TIMESTAMP NOT NULL DEFAULT NOW(),
+        updated_at TIMESTAMP NOT NULL DEFAULT NOW()
+    );
+    CREATE TABLE user_clerk_mappings (
+        id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+        user_id UUID NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        clerk_user_id TEXT NOT NULL UNIQUE,
+        created_at TIMESTAMP NOT NULL DEFAULT NOW(),
+        updated_at TIMESTAMP NOT NULL DEFAULT NOW()
+    );
+    CREATE TABLE user_migration_tokens (
+        id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+        user_id UUID NOT NULL REFERENCES users(id),
+        token TEXT NOT NULL,
+        expires_at TIMESTAMP NOT NULL,
+        created_at TIMESTAMP NOT NULL DEFAULT NOW()
+    );
+    CREATE TABLE jwt_blacklist (
+        id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+        jti TEXT UNIQUE,
+        user_id UUID,
+        expires_at TIMESTAMP NOT NULL,
+        created_at TIMESTAMP NOT NULL DEFAULT NOW()
+    );";
+
+/// The seed's `users` in SQLite, timestamps as `datetime('now')` writes them.
+pub const SEED_SQLITE: &str = "
+    CREATE TABLE users (
+        id TEXT PRIMARY KEY NOT NULL,
+        email TEXT NOT NULL UNIQUE,
+        password_hash TEXT NOT NULL,
+        failed_attempts INTEGER NOT NULL DEFAULT 0,
+        created_at TEXT NOT NULL DEFAULT (datetime('now')),
+        updated_at TEXT NOT NULL DEFAULT (datetime('now'))
+    );";
+
+/// A fresh database for one test, laid out as [`Layout`] says.
 #[derive(Debug)]
 pub struct TestDb {
     pub backend: Backend,
+    pub layout: Layout,
     pub url: String,
     /// Keeps the SQLite file alive.
     _dir: Option<tempfile::TempDir>,
@@ -96,12 +167,30 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new(backend: Backend) -> Option<Self> {
+        let db = Self::bare(backend).await?;
+        if db.layout == Layout::Seed {
+            exec(
+                &db,
+                match backend {
+                    Backend::Sqlite => SEED_SQLITE,
+                    Backend::Postgres => SEED_POSTGRES,
+                },
+            )
+            .await;
+        }
+        Some(db)
+    }
+
+    /// A database with nothing in it, whatever the layout.
+    pub async fn bare(backend: Backend) -> Option<Self> {
+        let layout = Layout::for_backend(backend);
         match backend {
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().expect("temp dir");
                 let url = format!("sqlite://{}", dir.path().join("identity.db").display());
                 Some(Self {
                     backend,
+                    layout,
                     url,
                     _dir: Some(dir),
                 })
@@ -123,6 +212,7 @@ impl TestDb {
                 url.set_path(&name);
                 Some(Self {
                     backend,
+                    layout,
                     url: url.to_string(),
                     _dir: None,
                 })
@@ -134,6 +224,7 @@ impl TestDb {
     pub fn share(&self) -> Self {
         Self {
             backend: self.backend,
+            layout: self.layout,
             url: self.url.clone(),
             _dir: None,
         }
@@ -252,7 +343,9 @@ impl TestApp {
     }
 
     pub async fn spawn_with(db: TestDb, config: Config, [admin_key, verify_key, migrate_key]: [String; 3]) -> Self {
-        let storage = db.storage().await;
+        let storage = storage::connect(&db.url, &config.database, true)
+            .await
+            .expect("open test database");
         let server = server::start_with_storage(config, storage.clone())
             .await
             .expect("server starts");
@@ -287,17 +380,30 @@ impl TestApp {
         self.migration(&self.admin_key)
     }
 
-    /// Inserts a legacy user and returns its id.
+    /// Adds a legacy user and returns its id: a row the application writes
+    /// into its own table (seed layout), or an import into the service's
+    /// directory (empty layout).
     pub async fn legacy_user(&self, email: &str) -> UserId {
         let id = UserId::new_random();
-        self.storage
-            .insert_legacy_user(&NewLegacyUser {
-                id,
-                email: Email::parse("email", email).unwrap(),
-                password_hash: Some("$2b$12$abcdefghijklmnopqrstuu8pHn2n9FcsZ8Sx0I2mO5Ww8R0o5y5yK".to_owned()),
-            })
-            .await
-            .unwrap();
+        let hash = "$2b$12$abcdefghijklmnopqrstuu8pHn2n9FcsZ8Sx0I2mO5Ww8R0o5y5yK";
+        match self.db.layout {
+            Layout::Empty => self
+                .storage
+                .insert_legacy_user(&NewLegacyUser {
+                    id,
+                    email: Email::parse("email", email).unwrap(),
+                    password_hash: Some(hash.to_owned()),
+                })
+                .await
+                .unwrap(),
+            Layout::Seed => {
+                exec(
+                    &self.db,
+                    &format!("INSERT INTO users (id, email, password_hash) VALUES ('{id}', '{email}', '{hash}')"),
+                )
+                .await
+            }
+        }
         id
     }
 
