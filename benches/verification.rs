@@ -118,7 +118,7 @@ impl Setup {
     fn verifier(&self) -> Verifier {
         Verifier::new(
             &self.config,
-            AuthModes::new(self.storage.clone()),
+            AuthModes::starting_with(self.storage.clone(), identity::domain::AuthMode::Dual),
             self.users.clone(),
             reqwest::Client::new(),
             std::sync::Arc::new(identity::metrics::AuthRecorder::default()),

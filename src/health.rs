@@ -8,6 +8,7 @@ use tonic::server::NamedService;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
+    domain::AuthModes,
     grpc::{IdentityApi, MigrationApi},
     pb::{identity_service_server::IdentityServiceServer, migration_service_server::MigrationServiceServer},
     storage::Storage,
@@ -40,6 +41,7 @@ pub(crate) async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
 pub(crate) async fn watch_database(
     reporter: HealthReporter,
     storage: Arc<dyn Storage>,
+    modes: AuthModes,
     interval: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -63,6 +65,8 @@ pub(crate) async fn watch_database(
                 false
             }
         };
+        // Serving also needs the auth mode: without it verification fails closed.
+        let ok = ok && modes.known();
         if healthy != Some(ok) {
             if ok && healthy.is_some() {
                 tracing::info!("database reachable again; reporting SERVING");

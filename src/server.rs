@@ -121,7 +121,7 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
     let modes = AuthModes::new(storage.clone());
     let audit = AuditLog::new(storage.clone());
     if let Err(err) = modes.refresh().await {
-        tracing::warn!(error = %err, "cannot read the auth mode yet; using the default until the next refresh");
+        tracing::warn!(error = %err, "cannot read the auth mode yet; verification answers UNAVAILABLE until it is read");
     }
     let recorder = Arc::new(AuthRecorder::default());
     let stats = MigrationStats::new(storage.clone(), recorder.clone(), modes.clone());
@@ -149,6 +149,7 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
     tokio::spawn(health::watch_database(
         reporter.clone(),
         storage.clone(),
+        modes.clone(),
         config.health_interval,
         stop_rx.clone(),
     ));
@@ -281,7 +282,9 @@ async fn refresh_auth_mode(modes: AuthModes, every: Duration, mut stop: watch::R
             _ = stop.changed() => return,
         }
         let before = modes.current();
+        let known = modes.known();
         match modes.refresh().await {
+            Ok(state) if !known => tracing::info!(mode = %state.mode, "auth mode read; verification enabled"),
             Ok(state) if state.mode != before => {
                 tracing::info!(from = %before, to = %state.mode, "auth mode changed by another replica");
             }

@@ -7,7 +7,7 @@ use std::{
     str::FromStr,
     sync::{
         Arc,
-        atomic::{AtomicU8, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
 };
 
@@ -91,30 +91,78 @@ pub struct AuthModeState {
     pub updated_by: String,
 }
 
+/// The mode byte of a replica that has not read the mode yet.
+const UNKNOWN: u64 = 0xff;
+
+/// A mode and the generation of the write that set it, in one word, so a
+/// refresh that read the database before a `set` on this replica cannot
+/// overwrite the newer mode: it only lands if nothing changed meanwhile.
+fn pack(generation: u64, mode: AuthMode) -> u64 {
+    (generation << 8) | u64::from(mode.to_u8())
+}
+
+fn generation(state: u64) -> u64 {
+    state >> 8
+}
+
 #[derive(Debug, Clone)]
 pub struct AuthModes {
     storage: Arc<dyn Storage>,
-    current: Arc<AtomicU8>,
+    state: Arc<AtomicU64>,
 }
 
 impl AuthModes {
+    /// Until the first read of the stored mode succeeds the mode is
+    /// unknown: verification answers UNAVAILABLE and health NOT_SERVING,
+    /// rather than enforce a default that could reopen legacy tokens after
+    /// a `clerk_only` cutover.
     pub fn new(storage: Arc<dyn Storage>) -> Self {
         Self {
             storage,
-            current: Arc::new(AtomicU8::new(AuthMode::default().to_u8())),
+            state: Arc::new(AtomicU64::new(UNKNOWN)),
         }
     }
 
-    /// The mode this replica enforces now, without touching the database.
-    pub fn current(&self) -> AuthMode {
-        AuthMode::from_u8(self.current.load(Ordering::Acquire))
+    /// Modes that start as `mode`, as if it had been read (benchmarks and
+    /// embedders that drive the verifier without a server).
+    pub fn starting_with(storage: Arc<dyn Storage>, mode: AuthMode) -> Self {
+        Self {
+            storage,
+            state: Arc::new(AtomicU64::new(pack(0, mode))),
+        }
     }
 
-    /// Reads the stored mode and makes it the one this replica enforces.
+    /// Whether this replica has read the mode at least once.
+    pub fn known(&self) -> bool {
+        self.state.load(Ordering::Acquire) & 0xff != UNKNOWN
+    }
+
+    /// The mode this replica enforces now, without touching the database
+    /// (the default while [`Self::known`] is false; callers check it first).
+    pub fn current(&self) -> AuthMode {
+        AuthMode::from_u8((self.state.load(Ordering::Acquire) & 0xff) as u8)
+    }
+
+    /// Reads the stored mode and makes it the one this replica enforces,
+    /// unless a `set` on this replica landed while the read was under way.
     pub async fn refresh(&self) -> Result<AuthModeState, DomainError> {
+        let seen = self.state.load(Ordering::Acquire);
         let state = self.load().await?;
-        self.current.store(state.mode.to_u8(), Ordering::Release);
+        let next = pack(generation(seen).wrapping_add(1), state.mode);
+        if self
+            .state
+            .compare_exchange(seen, next, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            tracing::debug!("a newer auth mode was set while refreshing; keeping it");
+        }
         Ok(state)
+    }
+
+    fn apply(&self, mode: AuthMode) {
+        let _ = self.state.fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+            Some(pack(generation(s).wrapping_add(1), mode))
+        });
     }
 
     async fn load(&self) -> Result<AuthModeState, DomainError> {
@@ -155,7 +203,7 @@ impl AuthModes {
         );
         match self.storage.put_setting(SETTING_KEY, mode.as_str(), &event).await {
             Ok(prev) => {
-                self.current.store(mode.to_u8(), Ordering::Release);
+                self.apply(mode);
                 // Never set before means the default was in force.
                 let previous = prev.and_then(|p| p.value.parse::<AuthMode>().ok()).unwrap_or_default();
                 tracing::info!(caller = %caller.name, %previous, %mode, "auth mode changed");
@@ -167,5 +215,30 @@ impl AuthModes {
                 Err(err)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stale_refresh_does_not_overwrite_a_newer_set() {
+        let state = AtomicU64::new(UNKNOWN);
+        let seen = state.load(Ordering::Acquire);
+        // A set lands while a refresh is reading the database...
+        state.store(pack(generation(seen) + 1, AuthMode::ClerkOnly), Ordering::Release);
+        // ...so the refresh's compare-and-swap fails and the set stands.
+        let stale = pack(generation(seen) + 1, AuthMode::Dual);
+        assert!(
+            state
+                .compare_exchange(seen, stale, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        );
+        assert_eq!(
+            AuthMode::from_u8((state.load(Ordering::Acquire) & 0xff) as u8),
+            AuthMode::ClerkOnly
+        );
+        assert_eq!(UNKNOWN & 0xff, 0xff);
     }
 }

@@ -427,6 +427,12 @@ impl Verifier {
         field: &'static str,
         raw_token: &str,
     ) -> Result<Result<(Arc<Verified>, [u8; 32]), Rejection>, DomainError> {
+        if !self.inner.modes.known() {
+            return Err(DomainError::Unavailable {
+                message: "the auth mode has not been read from the database yet".into(),
+                source: None,
+            });
+        }
         let token = token::strip_bearer(raw_token);
         if token.is_empty() {
             return Err(DomainError::invalid(field, "must not be empty"));

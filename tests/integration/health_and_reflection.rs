@@ -65,6 +65,11 @@ async fn serving_for_the_server_and_each_service(db: TestDb) {
         for service in SERVICES {
             wait_for(&mut health, service, ServingStatus::NotServing).await;
         }
+        // Liveness follows the process only: no restart loop during an outage.
+        assert_eq!(
+            status_of(&mut health, "liveness").await.unwrap(),
+            ServingStatus::Serving
+        );
         let update = tokio::time::timeout(Duration::from_secs(10), watch.next())
             .await
             .unwrap()
@@ -72,6 +77,66 @@ async fn serving_for_the_server_and_each_service(db: TestDb) {
             .unwrap();
         assert_eq!(update.status(), ServingStatus::NotServing);
     }
+    app.shutdown().await;
+}
+
+/// Until the stored auth mode has been read, nothing is verified (a
+/// replica must not enforce `dual` after a `clerk_only` cutover).
+async fn an_unknown_auth_mode_fails_closed(db: TestDb) {
+    use identity::pb::{RejectionReason, VerifyTokenRequest};
+    // A stored mode this replica cannot read.
+    {
+        let storage = db.storage().await;
+        let event = identity::storage::NewAuditEvent {
+            caller: "test".into(),
+            action: "auth_mode.set".into(),
+            user_id: None,
+            outcome: identity::domain::AuditOutcome::Success,
+            detail: String::new(),
+        };
+        storage.put_setting("auth_mode", "clerk_only_v2", &event).await.unwrap();
+    }
+    let (mut config, keys) = crate::common::test_config(&db);
+    config.verification.legacy = Some(crate::common::legacy_config());
+    let app = TestApp::spawn_with(db, config, keys).await;
+    let mut health = HealthClient::new(app.channel.clone());
+    assert_eq!(
+        status_of(&mut health, "identity.v1.IdentityService").await.unwrap(),
+        ServingStatus::NotServing
+    );
+    assert_eq!(
+        status_of(&mut health, "liveness").await.unwrap(),
+        ServingStatus::Serving
+    );
+    let user = app.legacy_user("ann@example.com").await;
+    let token = crate::common::tokens::legacy(crate::common::tokens::legacy_claims(&user.to_string()));
+    let err = app
+        .identity(&app.verify_key)
+        .verify_token(VerifyTokenRequest {
+            token: token.clone(),
+            expected_audience: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+
+    // Once a valid mode is stored, the next refresh enables verification.
+    let event = identity::storage::NewAuditEvent {
+        caller: "test".into(),
+        action: "auth_mode.set".into(),
+        user_id: None,
+        outcome: identity::domain::AuditOutcome::Success,
+        detail: String::new(),
+    };
+    app.storage
+        .put_setting("auth_mode", "clerk_only", &event)
+        .await
+        .unwrap();
+    wait_for(&mut health, "identity.v1.IdentityService", ServingStatus::Serving).await;
+    assert_eq!(
+        crate::common::rejected(app.verify(&token).await),
+        RejectionReason::MethodDisabled
+    );
     app.shutdown().await;
 }
 
@@ -151,5 +216,6 @@ async fn reflection_lists_every_service_in_both_versions(db: TestDb) {
 
 crate::backend_tests!(
     serving_for_the_server_and_each_service,
+    an_unknown_auth_mode_fails_closed,
     reflection_lists_every_service_in_both_versions
 );

@@ -504,11 +504,20 @@ pub fn rejected(result: identity::pb::verify_token_response::Result) -> identity
     }
 }
 
+/// A direct connection to the test's SQLite file, created when missing.
+async fn sqlite_conn(db: &TestDb) -> sqlx::SqliteConnection {
+    use std::str::FromStr;
+    let options = sqlx::sqlite::SqliteConnectOptions::from_str(&db.url)
+        .unwrap()
+        .create_if_missing(true);
+    sqlx::SqliteConnection::connect_with(&options).await.unwrap()
+}
+
 /// Runs a SQL statement against the test database directly (test set-up and inspection).
 pub async fn exec(db: &TestDb, sql: &str) {
     match db.backend {
         Backend::Sqlite => {
-            let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            let mut conn = sqlite_conn(db).await;
             sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
                 .execute(&mut conn)
                 .await
@@ -528,7 +537,7 @@ pub async fn exec(db: &TestDb, sql: &str) {
 pub async fn strings(db: &TestDb, sql: &str) -> Vec<Option<String>> {
     match db.backend {
         Backend::Sqlite => {
-            let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            let mut conn = sqlite_conn(db).await;
             sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
                 .fetch_all(&mut conn)
                 .await
