@@ -62,6 +62,8 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "IDENTITY_METRICS_ADDR",
     "IDENTITY_STATS_FLUSH_SECONDS",
     "IDENTITY_LEGACY_JWT_USER_CLAIM",
+    "IDENTITY_SMTP_ALLOW_PLAINTEXT",
+    "IDENTITY_MIGRATION_LINK",
     "IDENTITY_USERS_TABLE",
     "IDENTITY_USERS_ID_COLUMN",
     "IDENTITY_USERS_EMAIL_COLUMN",
@@ -316,8 +318,12 @@ impl Config {
         }
 
         let verification = VerificationConfig::load(&vars)?;
-        let invitations = InvitationConfig::load(&vars)?;
+        let mut invitations = InvitationConfig::load(&vars)?;
         let mail = MailConfig::load(&vars)?;
+        // Outside development mode, the log transport only by explicit choice.
+        invitations.deliverable = api_keys.is_empty()
+            || !matches!(mail.transport, MailTransportConfig::Log)
+            || vars.plain("IDENTITY_MAIL_TRANSPORT").is_some();
         let default_rate: f64 = vars.parse("IDENTITY_CLERK_API_RATE", 9.0, "requests per second, e.g. 9 or 90")?;
         if !(default_rate.is_finite() && default_rate > 0.0 && default_rate <= 100.0) {
             return Err(ConfigError::new(
@@ -518,12 +524,28 @@ impl Default for VerificationConfig {
 /// Migration invitations.
 #[derive(Debug, Clone)]
 pub struct InvitationConfig {
-    /// The application's frontend; links go to `{frontend_url}/migrate?token=...`.
+    /// The application's frontend; links go to `{frontend_url}/migrate#token=...`.
     pub frontend_url: url::Url,
     pub product_name: String,
     pub ttl: Duration,
     pub per_user_per_hour: u32,
     pub per_caller_per_minute: u32,
+    /// Where the token goes in the link (`IDENTITY_MIGRATION_LINK`).
+    pub link: LinkStyle,
+    /// False outside development mode when no mail transport was chosen:
+    /// invitations are then refused rather than "sent" to the log and lost.
+    pub deliverable: bool,
+}
+
+/// Where the migration token goes in the emailed link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LinkStyle {
+    /// `/migrate#token=...`: never sent to a server, so it stays out of
+    /// proxy logs and `Referer` headers (the page reads `location.hash`).
+    #[default]
+    Fragment,
+    /// `/migrate?token=...`, the seed's form.
+    Query,
 }
 
 impl Default for InvitationConfig {
@@ -534,6 +556,8 @@ impl Default for InvitationConfig {
             ttl: Duration::from_secs(24 * 3600),
             per_user_per_hour: 3,
             per_caller_per_minute: 600,
+            link: LinkStyle::Fragment,
+            deliverable: true,
         }
     }
 }
@@ -583,6 +607,17 @@ impl InvitationConfig {
             ttl: vars.seconds("IDENTITY_INVITATION_TTL_SECONDS", 24 * 3600, 60..=30 * 86_400)?,
             per_user_per_hour,
             per_caller_per_minute,
+            link: match vars.plain("IDENTITY_MIGRATION_LINK").map(str::trim) {
+                None | Some("fragment") => LinkStyle::Fragment,
+                Some("query") => LinkStyle::Query,
+                Some(other) => {
+                    return Err(ConfigError::new(
+                        "IDENTITY_MIGRATION_LINK",
+                        format!("invalid value {other:?}: expected fragment or query"),
+                    ));
+                }
+            },
+            deliverable: true,
         })
     }
 }
@@ -653,6 +688,36 @@ impl MailConfig {
                     return Err(ConfigError::new(
                         "IDENTITY_SMTP_URL",
                         "must start with smtp:// or smtps://",
+                    ));
+                }
+                // smtp:// without `tls=` is plaintext: the links would cross
+                // the network in clear. Loopback (a local relay) is fine.
+                let tls = parsed
+                    .query_pairs()
+                    .any(|(k, v)| k == "tls" && matches!(v.as_ref(), "required" | "opportunistic"));
+                let loopback = match parsed.host() {
+                    // smtp:// is not a special scheme: its host stays text.
+                    Some(url::Host::Domain(host)) => {
+                        host == "localhost"
+                            || host
+                                .trim_start_matches('[')
+                                .trim_end_matches(']')
+                                .parse::<std::net::IpAddr>()
+                                .is_ok_and(|ip| ip.is_loopback())
+                    }
+                    Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                    Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                    None => false,
+                };
+                if parsed.scheme() == "smtp"
+                    && !tls
+                    && !loopback
+                    && !vars.bool("IDENTITY_SMTP_ALLOW_PLAINTEXT", false)?
+                {
+                    return Err(ConfigError::new(
+                        "IDENTITY_SMTP_URL",
+                        "smtp:// without TLS would send migration links in clear: use smtps://, add ?tls=required, \
+                         or set IDENTITY_SMTP_ALLOW_PLAINTEXT=true (the value is not shown)",
                     ));
                 }
                 MailTransportConfig::Smtp(url)
@@ -977,6 +1042,48 @@ mod tests {
         assert_eq!(config.listen_addr.to_string(), DEFAULT_LISTEN_ADDR);
         assert_eq!(config.database_url.expose_secret(), DEFAULT_DATABASE_URL);
         assert!(config.api_keys.is_empty());
+    }
+
+    #[test]
+    fn plaintext_smtp_needs_an_opt_in_outside_loopback() {
+        let smtp = |url: &str, extra: &[(&str, &str)]| {
+            let mut pairs = vec![("IDENTITY_SMTP_URL", url)];
+            pairs.extend_from_slice(extra);
+            load(&pairs)
+        };
+        let err = smtp("smtp://user:pw@mail.example.com:25", &[]).unwrap_err();
+        assert_eq!(err.variable, "IDENTITY_SMTP_URL");
+        assert!(!err.message.contains("pw@"), "{err}");
+        assert!(smtp("smtp://mail.example.com:587?tls=required", &[]).is_ok());
+        assert!(smtp("smtps://mail.example.com", &[]).is_ok());
+        smtp("smtp://127.0.0.1:2525", &[]).unwrap();
+        assert!(
+            smtp(
+                "smtp://mail.example.com:25",
+                &[("IDENTITY_SMTP_ALLOW_PLAINTEXT", "true")]
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn invitations_are_not_lost_to_the_log_outside_development() {
+        let (_, line) = crate::domain::generate_api_key("svc", &[crate::domain::Scope::Admin]);
+        let production = load(&[("IDENTITY_API_KEYS", &line), ("IDENTITY_LISTEN_ADDR", "0.0.0.0:50051")]).unwrap();
+        assert!(!production.invitations.deliverable);
+        let chosen = load(&[
+            ("IDENTITY_API_KEYS", &line),
+            ("IDENTITY_LISTEN_ADDR", "0.0.0.0:50051"),
+            ("IDENTITY_MAIL_TRANSPORT", "log"),
+        ])
+        .unwrap();
+        assert!(chosen.invitations.deliverable);
+        assert!(load(&[]).unwrap().invitations.deliverable, "development mode");
+        assert_eq!(load(&[]).unwrap().invitations.link, LinkStyle::Fragment);
+        assert_eq!(
+            load(&[("IDENTITY_MIGRATION_LINK", "query")]).unwrap().invitations.link,
+            LinkStyle::Query
+        );
     }
 
     #[test]

@@ -20,6 +20,10 @@ use crate::{
     verification::{KeyError, Verifier},
 };
 
+/// Concurrent calls one HTTP/2 connection may have open; a client beyond
+/// it waits for a slot (HTTP/2 flow control), it is not refused.
+const MAX_CONCURRENT_STREAMS: u32 = 256;
+
 /// Why the server could not start; each message says what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -226,6 +230,13 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
     let mut shutdown_rx = stop_rx;
     let drain_reporter = reporter.clone();
     let router = tonic::transport::Server::builder()
+        // HTTP/2 bounds: tonic leaves streams per connection unbounded.
+        .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
+        .http2_max_pending_accept_reset_streams(Some(64))
+        .http2_max_header_list_size(Some(16 * 1024))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
         .layer(grpc_metrics)
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -253,6 +264,12 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
 }
 
 fn log_verification_setup(config: &Config) {
+    if !config.invitations.deliverable {
+        tracing::warn!(
+            "no mail transport configured (IDENTITY_SMTP_URL): InitiateMigration answers FAILED_PRECONDITION \
+             rather than lose invitations; set IDENTITY_MAIL_TRANSPORT=log to log them on purpose"
+        );
+    }
     let v = &config.verification;
     match (&v.legacy, &v.clerk) {
         (None, None) => tracing::warn!("neither legacy JWTs nor Clerk are configured: VerifyToken rejects every token"),
@@ -301,6 +318,9 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .include_reflection_service(false)
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // google.rpc error details (BadRequest, RetryInfo...), so grpcurl
+        // decodes the details every INVALID_ARGUMENT carries.
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
 }

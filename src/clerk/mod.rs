@@ -16,8 +16,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClerkApiError {
+    /// Without its URL: query strings such as `?email_address=` must not
+    /// reach stored failure reasons, audit details or logs.
     #[error("Clerk request failed: {0}")]
-    Transport(#[from] reqwest::Error),
+    Transport(reqwest::Error),
     #[error("Clerk answered {status}")]
     Status {
         status: reqwest::StatusCode,
@@ -28,6 +30,12 @@ pub enum ClerkApiError {
     /// Clerk refused the request as invalid (4xx other than 404/429), with its error code.
     #[error("Clerk refused the request ({status}): {code}")]
     Refused { status: reqwest::StatusCode, code: String },
+}
+
+impl From<reqwest::Error> for ClerkApiError {
+    fn from(err: reqwest::Error) -> Self {
+        Self::Transport(err.without_url())
+    }
 }
 
 impl ClerkApiError {

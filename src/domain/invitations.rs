@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use super::{AuditOutcome, Caller, DomainError, Email, Scope, UserCache, UserId, audit};
 use crate::{
-    config::InvitationConfig,
+    config::{InvitationConfig, LinkStyle},
     mail::{Invitation, render_invitation},
     storage::{Conflict, MappingRecord, NewInvitation, NewOutboxMessage, StorageError, UserKey},
     verification::{RejectReason, Verifier},
@@ -151,6 +151,11 @@ impl Invitations {
         user_id: UserId,
         supplied: Option<Email>,
     ) -> Result<InvitationSent, DomainError> {
+        if !self.config.deliverable {
+            return Err(DomainError::FailedPrecondition(
+                "no mail transport is configured (IDENTITY_SMTP_URL): the invitation would be lost".into(),
+            ));
+        }
         self.limit(caller, user_id)?;
         let storage = self.users.storage();
         let user = storage
@@ -186,7 +191,12 @@ impl Invitations {
 
         let mut link = self.config.frontend_url.clone();
         link.set_path(&format!("{}/migrate", link.path().trim_end_matches('/')));
-        link.query_pairs_mut().clear().append_pair("token", &token);
+        match self.config.link {
+            LinkStyle::Fragment => link.set_fragment(Some(&format!("token={token}"))),
+            LinkStyle::Query => {
+                link.query_pairs_mut().clear().append_pair("token", &token);
+            }
+        }
         let user_name = email.split('@').next().unwrap_or(&email);
         let rendered = render_invitation(&Invitation {
             product_name: &self.config.product_name,

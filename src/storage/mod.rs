@@ -677,3 +677,20 @@ fn log_users_table(resolved: &users_table::Resolved) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn urls_lose_their_passwords_wherever_they_are() {
+        let redacted = redact_url("postgres://app:s3cret@db:5432/app?sslmode=require&password=other&sslpassword=x");
+        assert!(
+            !redacted.contains("s3cret") && !redacted.contains("other") && !redacted.contains("=x"),
+            "{redacted}"
+        );
+        assert!(redacted.contains("sslmode=require"), "{redacted}");
+        assert_eq!(redact_url("sqlite://identity.db"), "sqlite://identity.db");
+        assert_eq!(redact_url("::nope"), "<unparseable database URL>");
+    }
+}

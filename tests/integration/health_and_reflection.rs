@@ -169,26 +169,31 @@ async fn reflection_lists_every_service_in_both_versions(db: TestDb) {
         ] {
             assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
         }
-        // The symbol of a message resolves to its file, documented.
-        let request = ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::FileContainingSymbol(
-                "identity.v1.LinkUserRequest".into(),
-            )),
-        };
-        let mut stream = client
-            .server_reflection_info(tokio_stream::iter([request]))
-            .await
-            .unwrap()
-            .into_inner();
-        let response = stream.next().await.unwrap().unwrap();
-        assert!(
-            matches!(
-                response.message_response,
-                Some(MessageResponse::FileDescriptorResponse(_))
-            ),
-            "{response:?}"
-        );
+        // The symbol of a message resolves to its file, documented; so do the
+        // google.rpc error details, so grpcurl decodes BadRequest.
+        for symbol in [
+            "identity.v1.LinkUserRequest",
+            "google.rpc.BadRequest",
+            "google.rpc.RetryInfo",
+        ] {
+            let request = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::FileContainingSymbol(symbol.into())),
+            };
+            let mut stream = client
+                .server_reflection_info(tokio_stream::iter([request]))
+                .await
+                .unwrap()
+                .into_inner();
+            let response = stream.next().await.unwrap().unwrap();
+            assert!(
+                matches!(
+                    response.message_response,
+                    Some(MessageResponse::FileDescriptorResponse(_))
+                ),
+                "{symbol}: {response:?}"
+            );
+        }
     }
     {
         use tonic_reflection::pb::v1alpha::{

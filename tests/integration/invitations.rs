@@ -94,10 +94,11 @@ async fn invitation_is_emailed_and_redeemed_with_a_clerk_session(db: TestDb) {
     assert!(html.contains("Multi-factor authentication"));
     let token = token_in(&raw);
     assert_eq!(token.len(), 43, "256 bits, base64url");
-    assert!(text.contains(&format!("https://app.example.com/migrate?token={token}")));
+    // The token rides in the fragment: no server, proxy log or Referer sees it.
+    assert!(text.contains(&format!("https://app.example.com/migrate#token={token}")));
     // In HTML the link is entity-escaped like every value (`/` as `&#x2f;`).
     assert!(
-        html.contains(&format!("app.example.com&#x2f;migrate?token={token}")),
+        html.contains(&format!("app.example.com&#x2f;migrate#token={token}")),
         "{html}"
     );
 
@@ -433,7 +434,24 @@ async fn replicas_never_send_a_message_twice(db: TestDb) {
     first.shutdown().await;
 }
 
+/// Outside development mode with no mail transport chosen, an invitation
+/// is refused rather than "sent" to the log and lost.
+async fn invitations_without_a_mail_transport_are_refused(db: TestDb) {
+    let fake = FakeClerk::start(&["clerk_a"]).await;
+    let smtp = FakeSmtp::start().await;
+    let (mut config, keys) = config_for(&db, &fake, &smtp);
+    config.mail.transport = MailTransportConfig::Log;
+    config.invitations.deliverable = false;
+    let app = TestApp::spawn_with(db, config, keys).await;
+    let ann = app.legacy_user("ann@example.com").await;
+    let err = app.admin().initiate_migration(by_id(ann)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("mail transport"), "{err:?}");
+    assert!(strings(&app.db, "SELECT id FROM identity_outbox").await.is_empty());
+}
+
 crate::backend_tests!(
+    invitations_without_a_mail_transport_are_refused,
     invitation_is_emailed_and_redeemed_with_a_clerk_session,
     a_new_invitation_supersedes_and_expiry_ends_the_old,
     twenty_concurrent_completions_admit_exactly_one,

@@ -142,7 +142,11 @@ pub fn parse(raw: &str) -> (String, String, String) {
 /// The migration token in a captured invitation.
 pub fn token_in(raw: &str) -> String {
     let (_, text, _) = parse(raw);
-    let at = text.find("migrate?token=").expect("a migration link") + "migrate?token=".len();
+    let at = text
+        .find("migrate#token=")
+        .or_else(|| text.find("migrate?token="))
+        .expect("a migration link")
+        + "migrate#token=".len();
     text[at..]
         .chars()
         .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
