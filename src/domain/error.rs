@@ -75,3 +75,15 @@ impl From<StorageError> for DomainError {
         }
     }
 }
+
+/// "outer: inner: innermost", for the log.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

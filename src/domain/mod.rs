@@ -16,7 +16,7 @@ pub use audit::{AuditLog, AuditOutcome, AuditPage, AuditPageRequest};
 pub use auth_mode::{AuthMode, AuthModeState, AuthModes};
 pub use bulk::{BulkConfig, BulkMigrations, BulkProgress, BulkRequest, password_hasher};
 pub use caller::{ApiKey, ApiKeyRegistry, Caller, Scope, generate_api_key};
-pub use error::DomainError;
+pub use error::{DomainError, error_chain};
 pub use ids::{ClerkUserId, Email, UserId};
 pub use invitations::{INVALID_TOKEN, InvitationSent, Invitations};
 pub use user_cache::UserCache;

@@ -186,6 +186,8 @@ fn shared_error(err: Arc<DomainError>) -> DomainError {
             message: message.clone(),
             source: None,
         },
-        other => DomainError::Internal(other.to_string().into()),
+        // The whole cause chain, not just "internal error": the log must say
+        // which column of which row could not be read.
+        other => DomainError::Internal(super::error_chain(other).into()),
     }
 }

@@ -4,6 +4,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::domain::DomainError;
+pub use crate::domain::error_chain;
 
 /// Converts a domain error into the status a client sees. Expected errors
 /// keep their short message; unexpected ones are logged with their cause
@@ -36,16 +37,4 @@ pub fn to_status(err: DomainError) -> Status {
             Status::internal("internal error")
         }
     }
-}
-
-/// "outer: inner: innermost", for the log.
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -595,3 +595,38 @@ async fn the_go_implementation_tables_are_honoured() {
     let mirrored = strings(&app.db, &format!("SELECT clerk_user_id FROM users WHERE id = '{bob}'")).await;
     assert_eq!(mirrored, vec![Some("user_bob".to_owned())]);
 }
+
+/// Rows another program wrote into a SQLite users table, in every time
+/// format SQLite produces, are read; one that is no time at all is refused
+/// with an error naming the column and the user (never a bare "internal").
+#[tokio::test]
+async fn sqlite_times_written_by_other_programs() {
+    use identity::storage::UserKey;
+    let db = TestDb::bare(Backend::Sqlite).await.unwrap();
+    exec(&db, crate::common::SEED_SQLITE).await;
+    let ids: Vec<UserId> = (0..5).map(|_| UserId::new_random()).collect();
+    for (id, created) in ids.iter().zip([
+        "datetime('now')",
+        "'2026-11-30T12:34:56Z'",
+        "'2026-11-30 12:34:56.123'",
+        "1796042096",
+        "'yesterday'",
+    ]) {
+        exec(
+            &db,
+            &format!("INSERT INTO users (id, email, password_hash, created_at) VALUES ('{id}', '{id}@example.com', 'x', {created})"),
+        )
+        .await;
+    }
+    let storage = db.storage().await;
+    for id in &ids[..4] {
+        let user = storage.find_user(&UserKey::Id(*id)).await.unwrap().unwrap();
+        assert!(user.created_at.is_some(), "{id}");
+    }
+    let err = storage.find_user(&UserKey::Id(ids[4])).await.unwrap_err();
+    let chain = identity::domain::error_chain(&err);
+    assert!(
+        chain.contains("created_at") && chain.contains(&ids[4].to_string()),
+        "{chain}"
+    );
+}
