@@ -134,10 +134,12 @@ impl MigrationService for MigrationApi {
                 )));
             }
         };
-        // Fail before streaming when the caller may not read stats.
+        // Fail before streaming when the caller may not read stats or holds
+        // as many streams as it may; the slot is freed when the stream ends.
+        let slot = self.stats.open_stream(&caller).map_err(to_status)?;
         let first = self
             .stats
-            .snapshot(&caller, window, body.readiness_days)
+            .shared_snapshot(&caller, window, body.readiness_days)
             .await
             .map_err(to_status)?;
         let (tx, rx) = tokio::sync::mpsc::channel(2);
@@ -145,6 +147,7 @@ impl MigrationService for MigrationApi {
         let mut stop = self.stop.clone();
         let readiness_days = body.readiness_days;
         tokio::spawn(async move {
+            let _slot = slot;
             let mut next = Ok(first);
             loop {
                 let message = next
@@ -162,7 +165,7 @@ impl MigrationService for MigrationApi {
                     _ = tx.closed() => return,
                     _ = stop.changed() => return,
                 }
-                next = stats.snapshot(&caller, window, readiness_days).await;
+                next = stats.shared_snapshot(&caller, window, readiness_days).await;
             }
         });
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))

@@ -13,7 +13,7 @@ use crate::{
 };
 
 /// The span of time auth figures cover.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Window {
     Last5Minutes,
     LastHour,
@@ -75,7 +75,38 @@ pub struct MigrationStats {
     /// Readiness aggregates days of activity and joins the active users'
     /// links: recomputed at most every `READINESS_TTL` per replica, so a
     /// stream of snapshots costs the same whatever the number of users.
-    readiness: moka::future::Cache<i64, Readiness>,
+    /// Keyed by (first day, look-back bucket): a caller cycling through
+    /// look-backs meets at most `READINESS_BUCKETS.len()` keys a day.
+    readiness: moka::future::Cache<(i64, u32), Readiness>,
+    /// Snapshots streams share: one computation per window and look-back
+    /// per `SHARED_TTL`, however many streams ask.
+    shared: moka::future::Cache<(Window, u32), StatsSnapshot>,
+    /// Open `StreamMigrationMetrics` streams, per caller and in all.
+    streams: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+/// Open metric streams one caller may hold on one replica.
+pub const MAX_STREAMS_PER_CALLER: usize = 8;
+/// Open metric streams one replica serves in all.
+pub const MAX_STREAMS_PER_REPLICA: usize = 256;
+
+/// A slot held by one open metric stream; dropping it frees the slot.
+#[derive(Debug)]
+pub struct StreamSlot {
+    caller: String,
+    streams: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut streams = self.streams.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(open) = streams.get_mut(&self.caller) {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                streams.remove(&self.caller);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for MigrationStats {
@@ -85,6 +116,10 @@ impl std::fmt::Debug for MigrationStats {
 }
 
 const READINESS_TTL: Duration = Duration::from_secs(30);
+const SHARED_TTL: Duration = Duration::from_secs(1);
+
+/// Look-backs readiness is computed for; a request is rounded up to one.
+const READINESS_BUCKETS: [u32; 8] = [1, 7, 14, 30, 60, 90, 180, 365];
 
 /// Default and maximum look-back for cutover readiness.
 const DEFAULT_READINESS_DAYS: u32 = 30;
@@ -93,15 +128,71 @@ const MAX_READINESS_DAYS: u32 = 365;
 impl MigrationStats {
     pub fn new(storage: Arc<dyn Storage>, recorder: Arc<AuthRecorder>, modes: AuthModes) -> Self {
         let readiness = moka::future::Cache::builder()
-            .max_capacity(400)
+            .max_capacity(64)
             .time_to_live(READINESS_TTL)
+            .build();
+        let shared = moka::future::Cache::builder()
+            .max_capacity(64)
+            .time_to_live(SHARED_TTL)
             .build();
         Self {
             storage,
             recorder,
             modes,
             readiness,
+            shared,
+            streams: Arc::default(),
         }
+    }
+
+    /// A slot for one more metric stream, or RESOURCE_EXHAUSTED when the
+    /// caller or the replica holds the most it may.
+    pub fn open_stream(&self, caller: &Caller) -> Result<StreamSlot, DomainError> {
+        caller.require_any(&Scope::ALL)?;
+        let mut streams = self.streams.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let total: usize = streams.values().sum();
+        let mine = streams.get(&caller.name).copied().unwrap_or(0);
+        let exhausted = |message: String| DomainError::ResourceExhausted {
+            message,
+            retry_after: Duration::from_secs(5),
+        };
+        if mine >= MAX_STREAMS_PER_CALLER {
+            return Err(exhausted(format!(
+                "this caller already has {MAX_STREAMS_PER_CALLER} metric streams open on this replica"
+            )));
+        }
+        if total >= MAX_STREAMS_PER_REPLICA {
+            return Err(exhausted(format!(
+                "this replica already serves {MAX_STREAMS_PER_REPLICA} metric streams"
+            )));
+        }
+        *streams.entry(caller.name.clone()).or_default() += 1;
+        Ok(StreamSlot {
+            caller: caller.name.clone(),
+            streams: self.streams.clone(),
+        })
+    }
+
+    /// The snapshot streams send: shared by every stream of the same window
+    /// and look-back on this replica, computed at most once per second.
+    pub async fn shared_snapshot(
+        &self,
+        caller: &Caller,
+        window: Window,
+        readiness_days: u32,
+    ) -> Result<StatsSnapshot, DomainError> {
+        caller.require_any(&Scope::ALL)?;
+        let days = Self::check_readiness_days(readiness_days)?;
+        self.shared
+            .try_get_with((window, days), self.compute(window, days))
+            .await
+            .map_err(|e| match e.as_ref() {
+                DomainError::Unavailable { message, .. } => DomainError::Unavailable {
+                    message: message.clone(),
+                    source: None,
+                },
+                other => DomainError::Internal(crate::domain::error_chain(other).into()),
+            })
     }
 
     /// Writes this replica's pending figures; on failure they are kept for the next try.
@@ -133,10 +224,14 @@ impl MigrationStats {
         }
     }
 
+    /// The look-back a request gets: its days rounded up to a bucket.
     pub fn check_readiness_days(days: u32) -> Result<u32, DomainError> {
         match days {
             0 => Ok(DEFAULT_READINESS_DAYS),
-            d if d <= MAX_READINESS_DAYS => Ok(d),
+            d if d <= MAX_READINESS_DAYS => Ok(READINESS_BUCKETS
+                .into_iter()
+                .find(|bucket| *bucket >= d)
+                .unwrap_or(MAX_READINESS_DAYS)),
             _ => Err(DomainError::invalid(
                 "readiness_days",
                 format!("must be at most {MAX_READINESS_DAYS}"),
@@ -152,6 +247,10 @@ impl MigrationStats {
     ) -> Result<StatsSnapshot, DomainError> {
         caller.require_any(&Scope::ALL)?;
         let readiness_days = Self::check_readiness_days(readiness_days)?;
+        self.compute(window, readiness_days).await
+    }
+
+    async fn compute(&self, window: Window, readiness_days: u32) -> Result<StatsSnapshot, DomainError> {
         // This replica's own figures are exact; other replicas' lag by one flush interval.
         if let Err(err) = self.flush().await {
             tracing::warn!(error = %err, "cannot flush auth figures before reading stats");
@@ -169,7 +268,7 @@ impl MigrationStats {
             self.storage.latest_bulk_job(),
             async {
                 self.readiness
-                    .try_get_with(since_day, self.storage.readiness(since_day))
+                    .try_get_with((since_day, readiness_days), self.storage.readiness(since_day))
                     .await
                     .map_err(|e| crate::storage::StorageError::Unavailable(e.to_string().into()))
             },

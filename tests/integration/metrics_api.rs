@@ -116,14 +116,35 @@ async fn stats_are_exact_and_cluster_wide(db: TestDb) {
 
 /// Opens StreamMigrationMetrics with the verify key.
 async fn open_stream(app: &TestApp, interval_seconds: u32) -> tonic::Streaming<pb::StreamMigrationMetricsResponse> {
-    app.migration(&app.verify_key)
+    try_open_stream(app, &app.verify_key, interval_seconds).await.unwrap()
+}
+
+async fn try_open_stream(
+    app: &TestApp,
+    key: &str,
+    interval_seconds: u32,
+) -> Result<tonic::Streaming<pb::StreamMigrationMetricsResponse>, tonic::Status> {
+    app.migration(key)
         .stream_migration_metrics(StreamMigrationMetricsRequest {
             interval_seconds,
             ..Default::default()
         })
         .await
-        .unwrap()
-        .into_inner()
+        .map(tonic::Response::into_inner)
+}
+
+/// Opens a stream, waiting for a slot while the caller's dropped streams close on the server.
+async fn open_stream_when_free(app: &TestApp) -> tonic::Streaming<pb::StreamMigrationMetricsResponse> {
+    for _ in 0..100 {
+        match try_open_stream(app, &app.verify_key, 3600).await {
+            Ok(stream) => return stream,
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(status) => panic!("cannot open a stream: {status:?}"),
+        }
+    }
+    panic!("the slots of dropped streams were never freed")
 }
 
 async fn streams_push_snapshots_and_end_cleanly(db: TestDb) {
@@ -202,15 +223,17 @@ async fn a_thousand_cancelled_streams_leave_nothing_behind(db: TestDb) {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let baseline = metrics.num_alive_tasks();
-    for _ in 0..10 {
+    // One caller may hold 8 streams: 125 rounds of 8, each round reusing
+    // the slots the last one freed.
+    for _ in 0..125 {
         let mut streams = Vec::new();
-        for _ in 0..100 {
-            let mut stream = open_stream(&app, 3600).await;
+        for _ in 0..8 {
+            let mut stream = open_stream_when_free(&app).await;
             stream.next().await.unwrap().unwrap();
             streams.push(stream);
         }
         assert!(
-            metrics.num_alive_tasks() >= baseline + 100,
+            metrics.num_alive_tasks() >= baseline + 8,
             "each open stream has its task"
         );
         drop(streams);
@@ -227,6 +250,54 @@ async fn a_thousand_cancelled_streams_leave_nothing_behind(db: TestDb) {
         alive <= baseline + 2,
         "{alive} tasks alive after cancelling 1,000 streams (baseline {baseline})"
     );
+    app.shutdown().await;
+}
+
+async fn a_caller_cannot_open_unbounded_streams(db: TestDb) {
+    let app = TestApp::spawn(db).await;
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let mut stream = open_stream(&app, 3600).await;
+        stream.next().await.unwrap().unwrap();
+        held.push(stream);
+    }
+    let refused = try_open_stream(&app, &app.verify_key, 3600).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("8 metric streams"), "{}", refused.message());
+    // Another caller has slots of its own.
+    let mut other = try_open_stream(&app, &app.admin_key, 3600).await.unwrap();
+    other.next().await.unwrap().unwrap();
+    // Closing one stream frees its slot.
+    drop(held.pop());
+    let mut again = open_stream_when_free(&app).await;
+    again.next().await.unwrap().unwrap();
+
+    // Look-backs are rounded up to a few buckets, so cycling them cannot
+    // defeat the readiness cache; the answer says which look-back it used.
+    let mut client = app.migration(&app.verify_key);
+    for (asked, used) in [
+        (1, 1),
+        (2, 7),
+        (10, 14),
+        (30, 30),
+        (31, 60),
+        (200, 365),
+        (365, 365),
+        (0, 30),
+    ] {
+        let stats = client
+            .get_migration_stats(GetMigrationStatsRequest {
+                window: StatsWindow::LastHour as i32,
+                readiness_days: asked,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .stats
+            .unwrap();
+        assert_eq!(stats.readiness.unwrap().days, used, "asked for {asked} days");
+    }
+    drop(held);
     app.shutdown().await;
 }
 
@@ -276,5 +347,6 @@ crate::backend_tests!(
     stats_are_exact_and_cluster_wide,
     streams_push_snapshots_and_end_cleanly,
     a_thousand_cancelled_streams_leave_nothing_behind,
+    a_caller_cannot_open_unbounded_streams,
     prometheus_endpoint_exposes_the_service,
 );

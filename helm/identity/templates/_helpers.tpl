@@ -255,9 +255,11 @@ Non-secret configuration as a YAML map NAME: "value" (the ConfigMap's data).
   "IDENTITY_INVITATION_TTL_SECONDS" $c.invitations.ttlSeconds
   "IDENTITY_INVITES_PER_USER_PER_HOUR" $c.invitations.perUserPerHour
   "IDENTITY_INVITES_PER_CALLER_PER_MINUTE" $c.invitations.perCallerPerMinute
+  "IDENTITY_MIGRATION_LINK" $c.invitations.link
   "IDENTITY_MAIL_TRANSPORT" $c.mail.transport
   "IDENTITY_MAIL_FROM" $c.mail.from
   "IDENTITY_MAIL_DIR" $c.mail.dir
+  "IDENTITY_SMTP_ALLOW_PLAINTEXT" $c.mail.allowPlaintext
   "IDENTITY_OUTBOX_POLL_SECONDS" $c.mail.outbox.pollSeconds
   "IDENTITY_OUTBOX_MAX_ATTEMPTS" $c.mail.outbox.maxAttempts
   "IDENTITY_OUTBOX_RETRY_BASE_SECONDS" $c.mail.outbox.retryBaseSeconds
