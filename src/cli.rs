@@ -195,11 +195,12 @@ fn legacy_token(config: &Config, user: &str, ttl: u64) -> Result<ExitCode, Strin
     let user = crate::domain::UserId::parse("--user", user).map_err(|e| e.to_string())?;
     let now = chrono::Utc::now().timestamp();
     let mut claims = serde_json::json!({
-        "sub": user.to_string(),
         "iat": now,
         "exp": now.saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX / 2)),
         "jti": uuid::Uuid::new_v4().to_string(),
     });
+    // The claim the verifier reads the user id from (IDENTITY_LEGACY_JWT_USER_CLAIM).
+    claims[legacy.user_claim.as_str()] = user.to_string().into();
     if let Some(issuer) = &legacy.issuer {
         claims["iss"] = issuer.clone().into();
     }

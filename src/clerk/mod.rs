@@ -27,6 +27,8 @@ pub enum ClerkApiError {
     },
     #[error("Clerk's answer could not be read: {0}")]
     Decode(String),
+    #[error("Clerk did not answer within {0:?}")]
+    Deadline(Duration),
     /// Clerk refused the request as invalid (4xx other than 404/429), with its error code.
     #[error("Clerk refused the request ({status}): {code}")]
     Refused { status: reqwest::StatusCode, code: String },
@@ -41,7 +43,7 @@ impl From<reqwest::Error> for ClerkApiError {
 impl ClerkApiError {
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Transport(_) => true,
+            Self::Transport(_) | Self::Deadline(_) => true,
             Self::Status { status, .. } => {
                 status.is_server_error() || *status == reqwest::StatusCode::TOO_MANY_REQUESTS
             }
@@ -140,7 +142,21 @@ pub struct ClerkApi {
     secret: SecretString,
     /// Paces every request (bulk jobs), retries included.
     limiter: Option<Arc<DefaultDirectRateLimiter>>,
+    budget: RetryBudget,
 }
+
+/// How long a Clerk call may keep trying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RetryBudget {
+    /// Jobs in the background: six retries, honouring `Retry-After` up to a minute.
+    Background,
+    /// A caller waits on the answer (VerifyToken's unmapped policy): one
+    /// quick retry, no long `Retry-After`, and a deadline for the whole call.
+    Interactive,
+}
+
+/// The longest a call on a caller's behalf takes, retries included.
+pub const INTERACTIVE_DEADLINE: Duration = Duration::from_secs(8);
 
 impl std::fmt::Debug for ClerkApi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -171,6 +187,15 @@ impl ClerkApi {
             base,
             secret,
             limiter: None,
+            budget: RetryBudget::Background,
+        }
+    }
+
+    /// The same client for calls a caller waits on: see `RetryBudget::Interactive`.
+    pub fn interactive(&self) -> Self {
+        Self {
+            budget: RetryBudget::Interactive,
+            ..self.clone()
         }
     }
 
@@ -199,16 +224,34 @@ impl ClerkApi {
             }
             attempt().await
         };
-        paced
-            .retry(
-                ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(200))
-                    .with_max_delay(Duration::from_secs(10))
-                    .with_max_times(6),
-            )
-            .when(ClerkApiError::is_transient)
-            .adjust(|err, delay| err.retry_after().map(|d| d.min(MAX_RETRY_AFTER)).or(delay))
-            .await
+        match self.budget {
+            RetryBudget::Background => {
+                paced
+                    .retry(
+                        ExponentialBuilder::default()
+                            .with_min_delay(Duration::from_millis(200))
+                            .with_max_delay(Duration::from_secs(10))
+                            .with_max_times(6),
+                    )
+                    .when(ClerkApiError::is_transient)
+                    .adjust(|err, delay| err.retry_after().map(|d| d.min(MAX_RETRY_AFTER)).or(delay))
+                    .await
+            }
+            RetryBudget::Interactive => {
+                let retried = paced
+                    .retry(
+                        ExponentialBuilder::default()
+                            .with_min_delay(Duration::from_millis(200))
+                            .with_max_delay(Duration::from_secs(1))
+                            .with_max_times(1),
+                    )
+                    // A long Retry-After is not worth a caller's wait.
+                    .when(|err| err.is_transient() && err.retry_after().is_none_or(|d| d <= Duration::from_secs(1)));
+                tokio::time::timeout(INTERACTIVE_DEADLINE, retried)
+                    .await
+                    .unwrap_or(Err(ClerkApiError::Deadline(INTERACTIVE_DEADLINE)))
+            }
+        }
     }
 
     /// Reads an error response into the error it means.

@@ -3,6 +3,8 @@
 //! replica invalidates at once; on other replicas the entry lives at most
 //! `IDENTITY_USER_CACHE_SECONDS`. Concurrent misses of one key share one
 //! query, so an expiry under load does not send every caller to the database.
+//! While the database is unavailable, a user this replica had cached is
+//! served for up to `STALE_IF_UNAVAILABLE` past its expiry.
 
 use std::{
     borrow::Borrow,
@@ -15,6 +17,10 @@ use super::{ClerkUserId, DomainError, UserId};
 use crate::storage::{Storage, UserKey, UserRecord};
 
 const CAPACITY: u64 = 200_000;
+
+/// How long past its expiry a cached user is still served while the
+/// database is unavailable.
+pub const STALE_IF_UNAVAILABLE: Duration = Duration::from_secs(300);
 
 /// A look-up result and how long it may be served.
 #[derive(Clone)]
@@ -57,12 +63,13 @@ where
         K: Borrow<Q>,
     {
         let now = Instant::now();
-        if let Some(entry) = self.fresh.get(key)
+        let known = self.fresh.get(key);
+        if let Some(entry) = &known
             && entry.until > now
         {
-            return Ok(entry.user);
+            return Ok(entry.user.clone());
         }
-        let entry = self
+        let loaded = self
             .loader
             .try_get_with_by_ref(key, async {
                 Ok(Entry {
@@ -71,9 +78,22 @@ where
                 })
             })
             .await
-            .map_err(shared_error)?;
-        self.fresh.insert(key.to_owned(), entry.clone());
-        Ok(entry.user)
+            .map_err(shared_error);
+        match loaded {
+            Ok(entry) => {
+                self.fresh.insert(key.to_owned(), entry.clone());
+                Ok(entry.user)
+            }
+            // The database is unreachable: a user this replica knew keeps
+            // verifying for a while (changes made here were invalidated).
+            Err(DomainError::Unavailable { .. })
+                if let Some(entry) = known
+                    && now < entry.until + STALE_IF_UNAVAILABLE =>
+            {
+                Ok(entry.user)
+            }
+            Err(err) => Err(err),
+        }
     }
 
     async fn put(&self, key: K, user: Arc<UserRecord>) {

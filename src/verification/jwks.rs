@@ -94,7 +94,11 @@ pub(crate) struct RemoteJwks {
     bearer: Option<SecretString>,
     http: reqwest::Client,
     current: RwLock<Arc<KeySet>>,
+    /// Held while fetching.
     fetch_lock: tokio::sync::Mutex<()>,
+    /// Fetches that ended: a caller that waited on one uses its result
+    /// instead of fetching again, however slow the fetch was.
+    fetches_ended: AtomicU64,
     last_attempt: Mutex<Option<Instant>>,
     unknown_kids: moka::sync::Cache<String, ()>,
     cooldown: Duration,
@@ -175,6 +179,7 @@ impl RemoteJwks {
             http,
             current: RwLock::new(Arc::new(KeySet::default())),
             fetch_lock: tokio::sync::Mutex::new(()),
+            fetches_ended: AtomicU64::new(0),
             last_attempt: Mutex::new(None),
             unknown_kids: moka::sync::Cache::builder()
                 .max_capacity(10_000)
@@ -229,7 +234,12 @@ impl RemoteJwks {
     /// Fetches unless another fetch just ran: one in flight at a time, and no
     /// more than one per cooldown window however many callers ask.
     async fn refetch_once(&self) {
+        let seen = self.fetches_ended.load(Ordering::Acquire);
         let _guard = self.fetch_lock.lock().await;
+        if self.fetches_ended.load(Ordering::Acquire) != seen {
+            // A fetch ended while this caller waited: its keys are current.
+            return;
+        }
         {
             let mut last = self.last_attempt.lock().unwrap_or_else(|p| p.into_inner());
             if last.is_some_and(|at| at.elapsed() < self.cooldown) {
@@ -248,6 +258,12 @@ impl RemoteJwks {
     }
 
     async fn fetch_and_store(&self) -> bool {
+        let stored = self.fetch_and_store_once().await;
+        self.fetches_ended.fetch_add(1, Ordering::Release);
+        stored
+    }
+
+    async fn fetch_and_store_once(&self) -> bool {
         let attempt = || self.fetch();
         let result = attempt
             .retry(

@@ -241,7 +241,8 @@ impl Verifier {
         let clerk_api = config.clerk.as_ref().and_then(|c| {
             c.secret_key
                 .as_ref()
-                .map(|secret| ClerkApi::new(http.clone(), c.api_url.clone(), secret.clone()))
+                // A caller waits on these calls: a short retry budget.
+                .map(|secret| ClerkApi::new(http.clone(), c.api_url.clone(), secret.clone()).interactive())
         });
         let policy = config
             .clerk

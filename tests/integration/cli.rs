@@ -1,58 +1,16 @@
 //! The binary as an operator runs it: serve with graceful shutdown,
 //! configuration errors, migrate, import-users and gen-api-key.
 
-use std::{
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::process::{Command, Stdio};
 
+use crate::common::{
+    Backend, TestDb,
+    binary::{BIN, command, free_port, wait_serving},
+};
 use identity::{
     domain::{Email, UserId},
     storage::UserKey,
 };
-use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
-
-use crate::common::{Backend, TestDb};
-
-const BIN: &str = env!("CARGO_BIN_EXE_identity");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn command(db_url: &str) -> Command {
-    let mut command = Command::new(BIN);
-    // Parallel tests must not race for the default metrics port.
-    command
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("IDENTITY_DATABASE_URL", db_url)
-        .env("IDENTITY_METRICS_ADDR", "off");
-    command
-}
-
-async fn wait_serving(addr: &str) -> bool {
-    for _ in 0..100 {
-        if let Ok(channel) = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-        {
-            let status = HealthClient::new(channel)
-                .check(HealthCheckRequest { service: String::new() })
-                .await;
-            if status.is_ok_and(|s| s.into_inner().status() == ServingStatus::Serving) {
-                return true;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
-}
 
 #[tokio::test]
 async fn serve_starts_on_sqlite_and_exits_cleanly_on_sigterm() {
@@ -336,6 +294,26 @@ async fn legacy_token_command_mints_a_verifiable_token() {
     )
     .unwrap();
     assert_eq!(data.claims["sub"], user.as_str());
+    // LeafLock's shape: the user id in the configured claim, HS512.
+    let output = command(&db.url)
+        .args(["legacy-token", "--user", &user])
+        .env("JWT_SECRET", "s3cret-for-test")
+        .env("IDENTITY_LEGACY_JWT_USER_CLAIM", "user_id")
+        .env("IDENTITY_LEGACY_JWT_ALGORITHM", "HS512")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let token = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS512);
+    validation.set_required_spec_claims(&["exp"]);
+    let data = jsonwebtoken::decode::<serde_json::Value>(
+        &token,
+        &jsonwebtoken::DecodingKey::from_secret(b"s3cret-for-test"),
+        &validation,
+    )
+    .unwrap();
+    assert_eq!(data.claims["user_id"], user.as_str());
+    assert!(data.claims.get("sub").is_none(), "{:?}", data.claims);
     let refused = command(&db.url)
         .args(["legacy-token", "--user", &user])
         .output()

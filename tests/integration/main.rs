@@ -9,6 +9,7 @@ mod auth_mode_api;
 mod bulk;
 mod caller_access;
 mod cli;
+mod faults;
 mod health_and_reflection;
 mod invitations;
 mod leaflock;

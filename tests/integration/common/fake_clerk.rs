@@ -38,6 +38,32 @@ pub struct FakeState {
     /// Request numbers answered with 429 (Retry-After: 1) and with 500.
     pub throttle_at: Mutex<Vec<usize>>,
     pub error_at: Mutex<Vec<usize>>,
+    /// Fault injection: a delay before every JWKS and user answer, and a
+    /// raw answer (status, content type, body) in place of the real one.
+    pub delay: Mutex<std::time::Duration>,
+    pub jwks_answer: Mutex<Option<Raw>>,
+    pub user_answer: Mutex<Option<Raw>>,
+}
+
+/// An answer as a misbehaving server sends it.
+#[derive(Clone)]
+pub struct Raw {
+    pub status: StatusCode,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
+}
+
+impl Raw {
+    fn respond(self) -> Response {
+        (self.status, [("content-type", self.content_type)], self.body).into_response()
+    }
+}
+
+async fn injected_delay(state: &FakeState) {
+    let delay = *state.delay.lock().unwrap();
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
 }
 
 pub struct FakeClerk {
@@ -62,6 +88,10 @@ async fn jwks(State(state): State<Arc<FakeState>>) -> Response {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
     state.jwks_fetches.fetch_add(1, Ordering::SeqCst);
+    injected_delay(&state).await;
+    if let Some(raw) = state.jwks_answer.lock().unwrap().clone() {
+        return raw.respond();
+    }
     let keys = state.jwks.lock().unwrap().clone();
     Json(json!({ "keys": keys })).into_response()
 }
@@ -85,6 +115,10 @@ async fn user(State(state): State<Arc<FakeState>>, headers: HeaderMap, Path(id):
         return StatusCode::UNAUTHORIZED.into_response();
     }
     state.user_fetches.fetch_add(1, Ordering::SeqCst);
+    injected_delay(&state).await;
+    if let Some(raw) = state.user_answer.lock().unwrap().clone() {
+        return raw.respond();
+    }
     match state.users.lock().unwrap().get(&id) {
         Some(user) => Json(user.clone()).into_response(),
         None => (
@@ -224,6 +258,21 @@ impl FakeClerk {
 
     pub fn publish(&self, keys: &[&str]) {
         *self.state.jwks.lock().unwrap() = keys.iter().map(|k| jwk(k)).collect();
+    }
+
+    /// Delays every JWKS and user answer by `delay`.
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        *self.state.delay.lock().unwrap() = delay;
+    }
+
+    /// Answers JWKS requests with `raw` (None: the published keys again).
+    pub fn set_jwks_answer(&self, raw: Option<Raw>) {
+        *self.state.jwks_answer.lock().unwrap() = raw;
+    }
+
+    /// Answers user look-ups with `raw` (None: the real users again).
+    pub fn set_user_answer(&self, raw: Option<Raw>) {
+        *self.state.user_answer.lock().unwrap() = raw;
     }
 
     pub fn set_down(&self, down: bool) {

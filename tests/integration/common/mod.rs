@@ -2,8 +2,10 @@
 //! database), the real server on 127.0.0.1:0, tonic clients, a fake Clerk
 //! and token minting.
 
+pub mod binary;
 pub mod fake_clerk;
 pub mod fake_smtp;
+pub mod tcp_proxy;
 pub mod tokens;
 
 use std::{sync::Arc, time::Duration};
@@ -44,11 +46,20 @@ async fn postgres_ready() -> bool {
             let attempt = tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(&url)).await;
             match attempt {
                 Ok(Ok(mut conn)) => {
-                    let stale: Vec<String> =
+                    let names: Vec<String> =
                         sqlx::query_scalar("SELECT datname::text FROM pg_database WHERE datname LIKE 'identity_t_%'")
                             .fetch_all(&mut conn)
                             .await
                             .unwrap_or_default();
+                    // Only databases of runs over an hour old: another
+                    // suite may be running on the same server right now.
+                    let now = chrono::Utc::now().timestamp();
+                    let stale = names.into_iter().filter(|name| {
+                        name.strip_prefix("identity_t_")
+                            .and_then(|rest| rest.split('_').next())
+                            .and_then(|secs| secs.parse::<i64>().ok())
+                            .is_some_and(|created| now - created > 3600)
+                    });
                     for name in stale {
                         let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
                             "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
@@ -200,7 +211,11 @@ impl TestDb {
                     return None;
                 }
                 let admin = postgres_admin_url();
-                let name = format!("identity_t_{}", uuid::Uuid::new_v4().simple());
+                let name = format!(
+                    "identity_t_{}_{}",
+                    chrono::Utc::now().timestamp(),
+                    uuid::Uuid::new_v4().simple()
+                );
                 let mut conn = sqlx::PgConnection::connect(&admin)
                     .await
                     .expect("connect to PostgreSQL");
@@ -342,8 +357,19 @@ impl TestApp {
         Self::spawn_with(db, config, keys).await
     }
 
-    pub async fn spawn_with(db: TestDb, config: Config, [admin_key, verify_key, migrate_key]: [String; 3]) -> Self {
-        let storage = storage::connect(&db.url, &config.database, true)
+    pub async fn spawn_with(db: TestDb, config: Config, keys: [String; 3]) -> Self {
+        let url = db.url.clone();
+        Self::spawn_connecting(db, config, keys, &url).await
+    }
+
+    /// A server that reaches its database through `url` (a proxy, say).
+    pub async fn spawn_connecting(
+        db: TestDb,
+        config: Config,
+        [admin_key, verify_key, migrate_key]: [String; 3],
+        url: &str,
+    ) -> Self {
+        let storage = storage::connect(url, &config.database, true)
             .await
             .expect("open test database");
         let server = server::start_with_storage(config, storage.clone())
