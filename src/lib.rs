@@ -10,6 +10,8 @@ pub mod clerk;
 pub mod cli;
 pub mod config;
 pub mod domain;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grpc;
 mod health;
 pub mod mail;

@@ -32,11 +32,7 @@ impl Interceptor for ApiKeyInterceptor {
             let value = header
                 .to_str()
                 .map_err(|_| Status::unauthenticated("malformed authorization metadata"))?;
-            let key = value
-                .strip_prefix("Bearer ")
-                .or_else(|| value.strip_prefix("bearer "))
-                .map(str::trim)
-                .filter(|k| !k.is_empty())
+            let key = bearer_key(value)
                 .ok_or_else(|| Status::unauthenticated("authorization metadata must be `Bearer <key>`"))?;
             self.keys
                 .authenticate(key)
@@ -45,6 +41,15 @@ impl Interceptor for ApiKeyInterceptor {
         request.extensions_mut().insert(caller);
         Ok(request)
     }
+}
+
+/// The key of an `authorization: Bearer <key>` value, if it has that form.
+pub fn bearer_key(value: &str) -> Option<&str> {
+    value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
 }
 
 /// The caller the interceptor admitted.

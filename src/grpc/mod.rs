@@ -1,7 +1,7 @@
 //! The gRPC transport: thin adapters that convert requests into domain
 //! types, call the domain services and map the result back.
 
-mod auth;
+pub(crate) mod auth;
 mod convert;
 mod identity;
 mod migration;

@@ -134,6 +134,11 @@ impl FetchError {
     }
 }
 
+/// Whether a document yields usable keys (for the fuzz target).
+pub(crate) fn parses(body: &[u8]) -> bool {
+    parse_jwks(body).is_ok()
+}
+
 fn parse_jwks(body: &[u8]) -> Result<HashMap<String, Arc<Key>>, FetchError> {
     let set: JwkSet = serde_json::from_slice(body).map_err(|e| FetchError::Parse(e.to_string()))?;
     let mut keys = HashMap::new();

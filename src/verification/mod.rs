@@ -8,7 +8,7 @@
 //! every call.
 
 mod clerk;
-mod jwks;
+pub(crate) mod jwks;
 mod legacy;
 mod principal;
 mod reason;

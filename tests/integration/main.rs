@@ -10,6 +10,7 @@ mod bulk;
 mod caller_access;
 mod cli;
 mod faults;
+mod fuzz_corpus;
 mod health_and_reflection;
 mod invitations;
 mod leaflock;
