@@ -181,8 +181,7 @@ impl MigrationStats {
         window: Window,
         readiness_days: u32,
     ) -> Result<StatsSnapshot, DomainError> {
-        caller.require_any(&Scope::ALL)?;
-        let days = Self::check_readiness_days(readiness_days)?;
+        let days = Self::admit(caller, readiness_days)?;
         self.shared
             .try_get_with((window, days), self.compute(window, days))
             .await
@@ -245,9 +244,14 @@ impl MigrationStats {
         window: Window,
         readiness_days: u32,
     ) -> Result<StatsSnapshot, DomainError> {
-        caller.require_any(&Scope::ALL)?;
-        let readiness_days = Self::check_readiness_days(readiness_days)?;
+        let readiness_days = Self::admit(caller, readiness_days)?;
         self.compute(window, readiness_days).await
+    }
+
+    /// Any scope may read stats; the look-back it gets.
+    fn admit(caller: &Caller, readiness_days: u32) -> Result<u32, DomainError> {
+        caller.require_any(&Scope::ALL)?;
+        Self::check_readiness_days(readiness_days)
     }
 
     async fn compute(&self, window: Window, readiness_days: u32) -> Result<StatsSnapshot, DomainError> {

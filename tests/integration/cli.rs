@@ -5,7 +5,7 @@ use std::process::{Command, Stdio};
 
 use crate::common::{
     Backend, TestDb,
-    binary::{BIN, command, free_port, wait_serving},
+    binary::{BIN, Served, command, free_port, wait_serving},
 };
 use identity::{
     domain::{Email, UserId},
@@ -15,30 +15,18 @@ use identity::{
 #[tokio::test]
 async fn serve_starts_on_sqlite_and_exits_cleanly_on_sigterm() {
     let db = TestDb::new(Backend::Sqlite).await.unwrap();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut child = command(&db.url)
-        .arg("serve")
-        .env("IDENTITY_LISTEN_ADDR", &addr)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+    let mut served = Served::start(command(&db.url));
+    let serving = wait_serving(&served.addr).await;
+    served.terminate();
+    let mut child = served.child.take().unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
         .unwrap();
-    let serving = wait_serving(&addr).await;
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    let output = tokio::task::spawn_blocking(move || {
-        let status = child.wait().unwrap();
-        // Logs go to standard output (12-factor); errors to standard error.
-        let mut text = String::new();
-        use std::io::Read;
-        child.stdout.take().unwrap().read_to_string(&mut text).unwrap();
-        child.stderr.take().unwrap().read_to_string(&mut text).unwrap();
-        (status, text)
-    })
-    .await
-    .unwrap();
-    assert!(serving, "never SERVING: {}", output.1);
-    assert_eq!(output.0.code(), Some(0), "{}", output.1);
-    assert!(output.1.contains("draining"), "{}", output.1);
+    // Logs go to standard output (12-factor); errors to standard error.
+    let logs = served.logs_once("draining").await;
+    assert!(serving, "never SERVING: {logs}");
+    assert_eq!(status.code(), Some(0), "{logs}");
+    assert!(logs.contains("draining"), "{logs}");
 }
 
 #[test]

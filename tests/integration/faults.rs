@@ -3,10 +3,8 @@
 //! an operator runs it wherever its logs or exit code matter.
 
 use std::{
-    io::Read,
-    process::{Child, Stdio},
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
@@ -21,85 +19,13 @@ use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus,
 
 use crate::common::{
     Backend, TestApp, TestDb, WithKey, accepted,
-    binary::{command, free_port, wait_serving},
+    binary::{Served, command, wait_serving},
     fake_clerk::{FakeClerk, Raw},
     legacy_config, rejected,
     tcp_proxy::TcpProxy,
     test_config,
     tokens::{clerk, clerk_claims, legacy, legacy_claims},
 };
-
-/// A running binary whose standard output and error are collected.
-struct Served {
-    child: Option<Child>,
-    addr: String,
-    logs: Arc<Mutex<String>>,
-}
-
-impl Served {
-    fn start(mut command: std::process::Command) -> Self {
-        let addr = format!("127.0.0.1:{}", free_port());
-        let mut child = command
-            .arg("serve")
-            .env("IDENTITY_LISTEN_ADDR", &addr)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let logs = Arc::new(Mutex::new(String::new()));
-        for mut pipe in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let logs = logs.clone();
-            std::thread::spawn(move || {
-                let mut buffer = [0u8; 4096];
-                while let Ok(n) = pipe.read(&mut buffer) {
-                    if n == 0 {
-                        break;
-                    }
-                    logs.lock().unwrap().push_str(&String::from_utf8_lossy(&buffer[..n]));
-                }
-            });
-        }
-        Self {
-            child: Some(child),
-            addr,
-            logs,
-        }
-    }
-
-    fn logs(&self) -> String {
-        self.logs.lock().unwrap().clone()
-    }
-
-    async fn client(
-        &self,
-        key: &str,
-    ) -> IdentityServiceClient<tonic::service::interceptor::InterceptedService<Channel, WithKey>> {
-        let channel = Channel::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        IdentityServiceClient::with_interceptor(channel, WithKey(Some(key.to_owned())))
-    }
-
-    fn terminate(&self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.child.as_ref().unwrap().id().to_string()])
-            .status();
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 /// The binary verifying Clerk tokens of `fake`, with one verify-scoped key.
 fn clerk_command(db: &TestDb, fake: &FakeClerk, key_line: &str) -> std::process::Command {
@@ -291,14 +217,7 @@ async fn a_misbehaving_clerk_jwks_gives_a_clear_error_within_the_timeouts() {
                 .unwrap_or_else(|_| panic!("{}: VerifyToken hung beyond the Clerk timeouts", fault.name));
             let status = answer.expect_err(fault.name);
             assert_eq!(status.code(), Code::Unavailable, "{}: {status:?}", fault.name);
-            let mut logs = served.logs();
-            for _ in 0..50 {
-                if logs.contains(fault.logged) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                logs = served.logs();
-            }
+            let logs = served.logs_once(fault.logged).await;
             assert!(
                 logs.contains(fault.logged),
                 "{}: the log does not say {:?} after {:?}:\n{logs}",
