@@ -104,9 +104,12 @@ pub struct BulkMigrations {
     users: UserCache,
     clerk: Option<ClerkApi>,
     config: BulkConfig,
+    /// This process; each runner's lease owner starts with it.
     owner: String,
     stop: watch::Receiver<bool>,
-    cancels: Arc<Mutex<HashMap<Uuid, Arc<AtomicBool>>>>,
+    /// Jobs with a runner in this process (and their cancel flags): one
+    /// runner per job here, the lease keeps it one across replicas.
+    running: Arc<Mutex<HashMap<Uuid, Arc<AtomicBool>>>>,
 }
 
 impl std::fmt::Debug for BulkMigrations {
@@ -175,7 +178,7 @@ impl BulkMigrations {
             config,
             owner: format!("bulk-{}", Uuid::new_v4().simple()),
             stop,
-            cancels: Arc::new(Mutex::new(HashMap::new())),
+            running: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -195,15 +198,21 @@ impl BulkMigrations {
                 "bulk migration needs Clerk's Backend API (IDENTITY_CLERK_SECRET_KEY)".into(),
             )
         })?;
-        let (id, params, cursor, counters, total) = match request.resume_job_id {
-            Some(id) => self.resume(caller, id).await?,
-            None => self.create(caller, &request).await?,
-        };
+        // A lease owner per runner, so that a stale runner of this process
+        // can never write with the credentials of a newer one.
+        let owner = format!("{}-{}", self.owner, Uuid::new_v4().simple());
         let cancel = Arc::new(AtomicBool::new(false));
-        self.cancels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, cancel.clone());
+        let (registration, (id, params, cursor, counters, total)) = match request.resume_job_id {
+            Some(id) => {
+                // Registered before the claim, so two resumes racing here cannot both pass.
+                let registration = self.register(id, &cancel)?;
+                (registration, self.resume(caller, id, &owner).await?)
+            }
+            None => {
+                let created = self.create(caller, &request, &owner).await?;
+                (self.register(created.0, &cancel)?, created)
+            }
+        };
         let initial = BulkProgress {
             job_id: id,
             state: BulkJobState::Running,
@@ -225,6 +234,8 @@ impl BulkMigrations {
         ));
         let runner = Runner {
             jobs: self.clone(),
+            owner,
+            _registration: registration,
             clerk: clerk.paced(limiter),
             caller: caller.clone(),
             params,
@@ -247,10 +258,27 @@ impl BulkMigrations {
         Ok(rx)
     }
 
+    /// Registers a runner of job `id` in this process until the returned
+    /// registration drops; FAILED_PRECONDITION when one is already running it here.
+    fn register(&self, id: Uuid, cancel: &Arc<AtomicBool>) -> Result<Registration, DomainError> {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if running.contains_key(&id) {
+            return Err(DomainError::FailedPrecondition(format!(
+                "bulk job {id} is already running on this replica"
+            )));
+        }
+        running.insert(id, cancel.clone());
+        Ok(Registration {
+            running: self.running.clone(),
+            id,
+        })
+    }
+
     async fn create(
         &self,
         caller: &Caller,
         request: &BulkRequest,
+        owner: &str,
     ) -> Result<(Uuid, JobParams, Option<super::UserId>, BulkCounters, i64), DomainError> {
         let batch_size = match request.batch_size {
             0 => DEFAULT_BATCH,
@@ -305,7 +333,7 @@ impl BulkMigrations {
             counters: BulkCounters::default(),
             started_by: caller.name.clone(),
             cancel_requested: false,
-            lease_owner: Some(self.owner.clone()),
+            lease_owner: Some(owner.to_owned()),
             lease_until: None,
             started_at: Utc::now(),
         };
@@ -339,6 +367,7 @@ impl BulkMigrations {
         &self,
         caller: &Caller,
         id: Uuid,
+        owner: &str,
     ) -> Result<(Uuid, JobParams, Option<super::UserId>, BulkCounters, i64), DomainError> {
         let job = self
             .storage
@@ -353,7 +382,7 @@ impl BulkMigrations {
         }
         let claimed = match self
             .storage
-            .claim_bulk_job(id, &self.owner, Utc::now(), self.lease_until())
+            .claim_bulk_job(id, owner, Utc::now(), self.lease_until())
             .await
         {
             Ok(claimed) => claimed,
@@ -382,7 +411,7 @@ impl BulkMigrations {
     /// Asks a job to stop after the user in progress.
     pub async fn cancel(&self, caller: &Caller, id: Uuid) -> Result<BulkJobRecord, DomainError> {
         caller.require(Scope::Admin)?;
-        let local = self.cancels.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned();
+        let local = self.running.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned();
         if let Some(flag) = &local {
             flag.store(true, Ordering::SeqCst);
         }
@@ -415,8 +444,24 @@ impl BulkMigrations {
     }
 }
 
+/// A job's entry in [`BulkMigrations::running`], removed when dropped
+/// (the runner ended, was stopped by a shutdown, or never started).
+struct Registration {
+    running: Arc<Mutex<HashMap<Uuid, Arc<AtomicBool>>>>,
+    id: Uuid,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+    }
+}
+
 struct Runner {
     jobs: BulkMigrations,
+    /// This runner's lease owner.
+    owner: String,
+    _registration: Registration,
     clerk: ClerkApi,
     caller: Caller,
     params: JobParams,
@@ -436,11 +481,6 @@ impl Runner {
             Err(Abort(reason)) => (BulkJobState::Failed, reason),
         };
         self.finish(state, message).await;
-        self.jobs
-            .cancels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.progress.job_id);
     }
 
     async fn work(&mut self) -> Result<BulkJobState, Abort> {
@@ -478,7 +518,7 @@ impl Runner {
                     let lease = storage
                         .save_bulk_progress(
                             self.progress.job_id,
-                            &self.jobs.owner,
+                            &self.owner,
                             self.cursor,
                             &self.progress.counters,
                             self.jobs.lease_until(),

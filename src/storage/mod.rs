@@ -437,8 +437,8 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// The unfinished job, if any.
     async fn running_bulk_job(&self) -> StorageResult<Option<BulkJobRecord>>;
 
-    /// Takes over a running or failed job whose lease has expired (or is
-    /// already `owner`'s); false when another runner holds it.
+    /// Takes over a running or failed job whose lease has expired; false
+    /// while any runner holds it, `owner` included (one runner per job).
     async fn claim_bulk_job(
         &self,
         id: uuid::Uuid,

@@ -1129,7 +1129,7 @@ impl Storage for PostgresStorage {
             "UPDATE identity_bulk_jobs SET state = 'running', lease_owner = $1, lease_until = $2, updated_at = now(),
                  cancel_requested = false, finished_at = NULL
              WHERE id = $3 AND state IN ('running', 'failed')
-               AND (lease_until IS NULL OR lease_until < $4 OR lease_owner = $1)",
+               AND (lease_until IS NULL OR lease_until < $4)",
         )
         .bind(owner)
         .bind(lease_until)

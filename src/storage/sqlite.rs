@@ -1010,14 +1010,13 @@ impl Storage for SqliteStorage {
             "UPDATE identity_bulk_jobs SET state = 'running', lease_owner = ?, lease_until = ?, updated_at = ?,
                  cancel_requested = 0, finished_at = NULL
              WHERE id = ? AND state IN ('running', 'failed')
-               AND (lease_until IS NULL OR lease_until < ? OR lease_owner = ?)",
+               AND (lease_until IS NULL OR lease_until < ?)",
         )
         .bind(owner)
         .bind(micros(lease_until))
         .bind(micros(now))
         .bind(id.to_string())
         .bind(micros(now))
-        .bind(owner)
         .execute(&self.pool)
         .await
         .map_err(|e| classify(e, Some(Conflict::BulkJobRunning)))?;

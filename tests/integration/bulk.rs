@@ -340,6 +340,41 @@ async fn jobs_can_be_cancelled_and_bad_requests_refused(db: TestDb) {
     app.shutdown().await;
 }
 
+/// One runner per job: resuming the job on the replica that runs it is refused.
+async fn resuming_a_job_running_here_is_refused(db: TestDb) {
+    let fake = FakeClerk::start(&["clerk_a"]).await;
+    let app = spawn(db, &fake).await;
+    seed(&app, 30, "here").await;
+    let mut admin = app.admin();
+    let mut stream = admin
+        .start_bulk_migration(StartBulkMigrationRequest {
+            max_requests_per_second: 5.0,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.next().await.unwrap().unwrap();
+    let again = admin
+        .start_bulk_migration(StartBulkMigrationRequest {
+            resume_job_id: first.job_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::FailedPrecondition, "{again:?}");
+    admin
+        .cancel_bulk_migration(pb::CancelBulkMigrationRequest {
+            job_id: first.job_id.clone(),
+        })
+        .await
+        .unwrap();
+    let last = run_to_end(&mut stream).await;
+    assert_eq!(last.state(), BulkJobState::Cancelled, "{last:?}");
+    assert!(last.processed <= last.total, "{last:?}");
+    app.shutdown().await;
+}
+
 async fn bulk_needs_the_backend_api(db: TestDb) {
     let app = TestApp::spawn(db).await;
     let status = app
@@ -356,4 +391,5 @@ crate::backend_tests!(
     dry_run_reports_and_writes_nothing,
     jobs_can_be_cancelled_and_bad_requests_refused,
     bulk_needs_the_backend_api,
+    resuming_a_job_running_here_is_refused,
 );

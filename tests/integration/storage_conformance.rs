@@ -6,7 +6,10 @@ use std::sync::Arc;
 use chrono::{Duration as ChronoDuration, Utc};
 use identity::{
     domain::{AuditOutcome, ClerkUserId, Email, UserId},
-    storage::{AuditQuery, Conflict, MappingKey, NewAuditEvent, NewLegacyUser, Storage, StorageError, UserKey},
+    storage::{
+        AuditQuery, BulkCounters, BulkJobRecord, BulkJobState, Conflict, MappingKey, NewAuditEvent, NewLegacyUser,
+        Storage, StorageError, UserKey,
+    },
 };
 
 use crate::common::TestDb;
@@ -605,7 +608,54 @@ async fn auth_figures_add_up_across_flushes(db: TestDb) {
     assert_eq!(storage.readiness(day + 1).await.unwrap().active_users, 0);
 }
 
+/// A running bulk job leased to `owner` until `lease_until`.
+async fn bulk_job(storage: &dyn Storage, owner: &str, lease_until: chrono::DateTime<Utc>) -> uuid::Uuid {
+    let job = BulkJobRecord {
+        id: uuid::Uuid::new_v4(),
+        state: BulkJobState::Running,
+        params: "{}".into(),
+        cursor: None,
+        total: 10,
+        counters: BulkCounters::default(),
+        started_by: "suite".into(),
+        cancel_requested: false,
+        lease_owner: Some(owner.into()),
+        lease_until: None,
+        started_at: Utc::now(),
+    };
+    storage
+        .create_bulk_job(&job, lease_until, &audit("bulk.start", None))
+        .await
+        .unwrap();
+    job.id
+}
+
+async fn a_bulk_job_is_claimed_by_one_runner_at_a_time(db: TestDb) {
+    let storage = db.storage().await;
+    let now = Utc::now();
+    let lease = now + ChronoDuration::seconds(30);
+    let id = bulk_job(storage.as_ref(), "runner-a", lease).await;
+    // While the lease holds, nobody claims the job: not even its own owner again.
+    assert!(!storage.claim_bulk_job(id, "runner-a", now, lease).await.unwrap());
+    assert!(!storage.claim_bulk_job(id, "runner-b", now, lease).await.unwrap());
+    // Once it lapses, one claim wins.
+    let later = now + ChronoDuration::seconds(31);
+    let relet = later + ChronoDuration::seconds(30);
+    assert!(storage.claim_bulk_job(id, "runner-b", later, relet).await.unwrap());
+    assert!(!storage.claim_bulk_job(id, "runner-c", later, relet).await.unwrap());
+    let job = storage.get_bulk_job(id).await.unwrap().unwrap();
+    assert_eq!(job.lease_owner.as_deref(), Some("runner-b"));
+    assert_eq!(job.state, BulkJobState::Running);
+    // The old owner's progress no longer lands.
+    let lost = storage
+        .save_bulk_progress(id, "runner-a", None, &BulkCounters::default(), relet)
+        .await
+        .unwrap();
+    assert!(!lost.held);
+}
+
 crate::backend_tests!(
+    a_bulk_job_is_claimed_by_one_runner_at_a_time,
     user_counts_stay_exact_through_every_change,
     auth_figures_add_up_across_flushes,
     provisioning_creates_one_clerk_native_user,
