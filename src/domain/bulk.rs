@@ -380,6 +380,19 @@ impl BulkMigrations {
                 job.state.as_db()
             )));
         }
+        if job.cancel_requested {
+            // Its runner stopped before it saw the cancellation: the job ends
+            // now (once no runner holds it) rather than running again.
+            let event = audit::event(
+                caller,
+                "bulk.cancel",
+                None,
+                AuditOutcome::Success,
+                format!("job {id} cancelled instead of resumed: its cancellation was requested"),
+            );
+            self.storage.request_bulk_cancel(id, Utc::now(), &event).await?;
+            return Err(DomainError::FailedPrecondition(format!("bulk job {id} was cancelled")));
+        }
         let claimed = match self
             .storage
             .claim_bulk_job(id, owner, Utc::now(), self.lease_until())
@@ -408,7 +421,8 @@ impl BulkMigrations {
         Ok((id, params, job.cursor, job.counters, job.total))
     }
 
-    /// Asks a job to stop after the user in progress.
+    /// Asks a job to stop after the user in progress; a job whose runner is
+    /// gone (its lease expired) is cancelled at once, so a new one can start.
     pub async fn cancel(&self, caller: &Caller, id: Uuid) -> Result<BulkJobRecord, DomainError> {
         caller.require(Scope::Admin)?;
         let local = self.running.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned();
@@ -422,7 +436,7 @@ impl BulkMigrations {
             AuditOutcome::Success,
             format!("job {id} cancellation requested"),
         );
-        match self.storage.request_bulk_cancel(id, &event).await {
+        match self.storage.request_bulk_cancel(id, Utc::now(), &event).await {
             Ok(job) => Ok(job),
             // A dry run lives only here.
             Err(StorageError::NotFound(_)) if local.is_some() => Ok(BulkJobRecord {

@@ -439,6 +439,7 @@ pub trait Storage: Send + Sync + fmt::Debug {
 
     /// Takes over a running or failed job whose lease has expired; false
     /// while any runner holds it, `owner` included (one runner per job).
+    /// A requested cancellation is kept.
     async fn claim_bulk_job(
         &self,
         id: uuid::Uuid,
@@ -472,8 +473,15 @@ pub trait Storage: Send + Sync + fmt::Debug {
         audit: &NewAuditEvent,
     ) -> StorageResult<()>;
 
-    /// Asks the runner of a running job to stop.
-    async fn request_bulk_cancel(&self, id: uuid::Uuid, audit: &NewAuditEvent) -> StorageResult<BulkJobRecord>;
+    /// Asks the runner of a running job to stop; a job with no live runner
+    /// (its lease expired at `now`, or a failed job) is cancelled at once.
+    /// [`StorageError::NotFound`] unless the job is running or failed.
+    async fn request_bulk_cancel(
+        &self,
+        id: uuid::Uuid,
+        now: DateTime<Utc>,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<BulkJobRecord>;
 
     /// Users by migration state (the application's table is counted).
     async fn user_counts(&self) -> StorageResult<UserCounts>;

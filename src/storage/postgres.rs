@@ -1127,7 +1127,7 @@ impl Storage for PostgresStorage {
     ) -> StorageResult<bool> {
         let done = sqlx::query(
             "UPDATE identity_bulk_jobs SET state = 'running', lease_owner = $1, lease_until = $2, updated_at = now(),
-                 cancel_requested = false, finished_at = NULL
+                 finished_at = NULL
              WHERE id = $3 AND state IN ('running', 'failed')
                AND (lease_until IS NULL OR lease_until < $4)",
         )
@@ -1230,12 +1230,26 @@ impl Storage for PostgresStorage {
         tx.commit().await.map_err(db_err)
     }
 
-    async fn request_bulk_cancel(&self, id: Uuid, audit: &NewAuditEvent) -> StorageResult<BulkJobRecord> {
+    async fn request_bulk_cancel(
+        &self,
+        id: Uuid,
+        now: chrono::DateTime<chrono::Utc>,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<BulkJobRecord> {
         let mut tx = self.pool.begin().await.map_err(db_err)?;
+        // Every expression reads the row as it was, so `ended` is evaluated once per column alike.
+        let ended = "(lease_until IS NULL OR lease_until < $2)";
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE identity_bulk_jobs SET cancel_requested = true WHERE id = $1 AND state = 'running' RETURNING {JOB_COLUMNS}"
+            "UPDATE identity_bulk_jobs SET cancel_requested = true,
+                 state = CASE WHEN {ended} THEN 'cancelled' ELSE state END,
+                 finished_at = CASE WHEN {ended} THEN now() ELSE finished_at END,
+                 lease_owner = CASE WHEN {ended} THEN NULL ELSE lease_owner END,
+                 lease_until = CASE WHEN {ended} THEN NULL ELSE lease_until END,
+                 updated_at = now()
+             WHERE id = $1 AND state IN ('running', 'failed') RETURNING {JOB_COLUMNS}"
         )))
         .bind(id)
+        .bind(now)
         .fetch_optional(&mut *tx)
         .await
         .map_err(db_err)?

@@ -1008,7 +1008,7 @@ impl Storage for SqliteStorage {
     ) -> StorageResult<bool> {
         let done = sqlx::query(
             "UPDATE identity_bulk_jobs SET state = 'running', lease_owner = ?, lease_until = ?, updated_at = ?,
-                 cancel_requested = 0, finished_at = NULL
+                 finished_at = NULL
              WHERE id = ? AND state IN ('running', 'failed')
                AND (lease_until IS NULL OR lease_until < ?)",
         )
@@ -1115,11 +1115,25 @@ impl Storage for SqliteStorage {
         tx.commit().await.map_err(db_err)
     }
 
-    async fn request_bulk_cancel(&self, id: Uuid, audit: &NewAuditEvent) -> StorageResult<BulkJobRecord> {
+    async fn request_bulk_cancel(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<BulkJobRecord> {
         let mut tx = self.begin_write().await?;
+        // Every expression reads the row as it was, so `ended` is evaluated once per column alike.
+        let ended = "(lease_until IS NULL OR lease_until < ?1)";
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE identity_bulk_jobs SET cancel_requested = 1 WHERE id = ? AND state = 'running' RETURNING {JOB_COLUMNS}"
+            "UPDATE identity_bulk_jobs SET cancel_requested = 1,
+                 state = CASE WHEN {ended} THEN 'cancelled' ELSE state END,
+                 finished_at = CASE WHEN {ended} THEN ?1 ELSE finished_at END,
+                 lease_owner = CASE WHEN {ended} THEN NULL ELSE lease_owner END,
+                 lease_until = CASE WHEN {ended} THEN NULL ELSE lease_until END,
+                 updated_at = ?1
+             WHERE id = ?2 AND state IN ('running', 'failed') RETURNING {JOB_COLUMNS}"
         )))
+        .bind(micros(now))
         .bind(id.to_string())
         .fetch_optional(&mut *tx)
         .await

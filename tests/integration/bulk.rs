@@ -375,6 +375,86 @@ async fn resuming_a_job_running_here_is_refused(db: TestDb) {
     app.shutdown().await;
 }
 
+/// Starts a slow job and stops the server under it (a crash); returns the
+/// job id and the database once the runner's lease has lapsed.
+async fn job_whose_runner_died(app: TestApp) -> (String, TestDb) {
+    let mut stream = app
+        .admin()
+        .start_bulk_migration(StartBulkMigrationRequest {
+            max_requests_per_second: 5.0,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let job_id = stream.next().await.unwrap().unwrap().job_id;
+    let db = app.shutdown().await;
+    // The lease (2 s here) lapses.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    (job_id, db)
+}
+
+/// A job whose runner died can be cancelled, and a resume keeps a requested cancellation.
+async fn a_job_whose_runner_died_can_be_cancelled(db: TestDb) {
+    let fake = FakeClerk::start(&["clerk_a"]).await;
+    let app = spawn(db, &fake).await;
+    seed(&app, 30, "dead").await;
+
+    let (job_id, db) = job_whose_runner_died(app).await;
+    let app = spawn(db, &fake).await;
+    let cancelled = app
+        .admin()
+        .cancel_bulk_migration(pb::CancelBulkMigrationRequest { job_id: job_id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.state(), BulkJobState::Cancelled, "{cancelled:?}");
+    let resumed = app
+        .admin()
+        .start_bulk_migration(StartBulkMigrationRequest {
+            resume_job_id: job_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(resumed.code(), Code::FailedPrecondition, "{resumed:?}");
+
+    // Cancelled while its runner lived, which died before it noticed: resuming does not run it.
+    let (job_id, db) = job_whose_runner_died(app).await;
+    crate::common::exec(
+        &db,
+        &format!("UPDATE identity_bulk_jobs SET cancel_requested = true WHERE id = '{job_id}'"),
+    )
+    .await;
+    let app = spawn(db, &fake).await;
+    let resumed = app
+        .admin()
+        .start_bulk_migration(StartBulkMigrationRequest {
+            resume_job_id: job_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(resumed.code(), Code::FailedPrecondition, "{resumed:?}");
+    let job = app
+        .storage
+        .get_bulk_job(job_id.parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.state, identity::storage::BulkJobState::Cancelled);
+
+    // A new job can start and finish.
+    let mut again = app
+        .admin()
+        .start_bulk_migration(StartBulkMigrationRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(run_to_end(&mut again).await.state(), BulkJobState::Completed);
+    app.shutdown().await;
+}
+
 async fn bulk_needs_the_backend_api(db: TestDb) {
     let app = TestApp::spawn(db).await;
     let status = app
@@ -392,4 +472,5 @@ crate::backend_tests!(
     jobs_can_be_cancelled_and_bad_requests_refused,
     bulk_needs_the_backend_api,
     resuming_a_job_running_here_is_refused,
+    a_job_whose_runner_died_can_be_cancelled,
 );

@@ -654,8 +654,49 @@ async fn a_bulk_job_is_claimed_by_one_runner_at_a_time(db: TestDb) {
     assert!(!lost.held);
 }
 
+async fn cancelling_a_bulk_job_without_a_live_runner_ends_it(db: TestDb) {
+    let storage = db.storage().await;
+    let now = Utc::now();
+    let lease = now + ChronoDuration::seconds(30);
+    let id = bulk_job(storage.as_ref(), "runner-a", lease).await;
+    // A live runner is asked to stop; the job runs until it does.
+    let asked = storage
+        .request_bulk_cancel(id, now, &audit("bulk.cancel", None))
+        .await
+        .unwrap();
+    assert_eq!((asked.state, asked.cancel_requested), (BulkJobState::Running, true));
+    // The runner died before it saw the request: whoever takes the job over still sees it.
+    let later = now + ChronoDuration::seconds(31);
+    assert!(
+        storage
+            .claim_bulk_job(id, "runner-b", later, later + ChronoDuration::seconds(30))
+            .await
+            .unwrap()
+    );
+    assert!(storage.get_bulk_job(id).await.unwrap().unwrap().cancel_requested);
+
+    // With no live runner, cancelling ends the job, and another one can start.
+    let expired = later + ChronoDuration::seconds(31);
+    let ended = storage
+        .request_bulk_cancel(id, expired, &audit("bulk.cancel", None))
+        .await
+        .unwrap();
+    assert_eq!(ended.state, BulkJobState::Cancelled);
+    assert_eq!(ended.lease_owner, None);
+    assert!(storage.running_bulk_job().await.unwrap().is_none());
+    assert!(matches!(
+        storage
+            .request_bulk_cancel(id, expired, &audit("bulk.cancel", None))
+            .await,
+        Err(StorageError::NotFound(_))
+    ));
+    let next = bulk_job(storage.as_ref(), "runner-c", Utc::now() + ChronoDuration::seconds(30)).await;
+    assert_eq!(storage.running_bulk_job().await.unwrap().unwrap().id, next);
+}
+
 crate::backend_tests!(
     a_bulk_job_is_claimed_by_one_runner_at_a_time,
+    cancelling_a_bulk_job_without_a_live_runner_ends_it,
     user_counts_stay_exact_through_every_change,
     auth_figures_add_up_across_flushes,
     provisioning_creates_one_clerk_native_user,
