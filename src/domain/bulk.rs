@@ -122,6 +122,8 @@ impl std::fmt::Debug for BulkMigrations {
 }
 
 const DEFAULT_BATCH: u32 = 50;
+/// Why a runner stopped when its lease was lost.
+const LEASE_LOST: &str = "this runner lost the job's lease (taken over, ended elsewhere, or not renewed in time)";
 const MAX_BATCH: u32 = 500;
 const MAX_FILTER_IDS: usize = 10_000;
 
@@ -202,6 +204,8 @@ impl BulkMigrations {
         // can never write with the credentials of a newer one.
         let owner = format!("{}-{}", self.owner, Uuid::new_v4().simple());
         let cancel = Arc::new(AtomicBool::new(false));
+        // The lease runs from before the claim, never from after it.
+        let leased_at = Instant::now();
         let (registration, (id, params, cursor, counters, total)) = match request.resume_job_id {
             Some(id) => {
                 // Registered before the claim, so two resumes racing here cannot both pass.
@@ -242,6 +246,7 @@ impl BulkMigrations {
             cursor,
             progress: initial,
             started: Instant::now(),
+            leased_at,
             processed_at_start: counters.processed,
             cancel,
             tx,
@@ -482,6 +487,8 @@ struct Runner {
     cursor: Option<super::UserId>,
     progress: BulkProgress,
     started: Instant,
+    /// When the lease this runner starts with was taken (or last renewed before it).
+    leased_at: Instant,
     processed_at_start: i64,
     cancel: Arc<AtomicBool>,
     tx: watch::Sender<BulkProgress>,
@@ -489,12 +496,65 @@ struct Runner {
 
 impl Runner {
     async fn run(mut self) {
-        let end = self.work().await;
+        let end = if self.progress.dry_run {
+            self.work().await
+        } else {
+            // The lease is renewed on its own timer: one Clerk call may wait
+            // minutes (Retry-After) without the lease lapsing. Once it is
+            // lost, the work stops where it is, mid-call included.
+            let keeper = self.keep_lease();
+            tokio::select! {
+                end = self.work() => end,
+                () = keeper => Err(Abort(LEASE_LOST.into())),
+            }
+        };
         let (state, message) = match end {
             Ok(state) => (state, state.as_db().to_owned()),
             Err(Abort(reason)) => (BulkJobState::Failed, reason),
         };
         self.finish(state, message).await;
+    }
+
+    /// Renews the lease every third of its length; returns once it is lost:
+    /// another runner holds the job, the job ended (cancelled with no runner
+    /// seen), or no renewal succeeded before it expired.
+    fn keep_lease(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let jobs = self.jobs.clone();
+        let job_id = self.progress.job_id;
+        let owner = self.owner.clone();
+        let cancel = self.cancel.clone();
+        let lease = jobs.config.lease;
+        let mut held_until = self.leased_at + lease;
+        async move {
+            loop {
+                tokio::time::sleep(lease / 3).await;
+                let asked = Instant::now();
+                let renewal = tokio::time::timeout_at(
+                    held_until.into(),
+                    jobs.storage.renew_bulk_lease(job_id, &owner, jobs.lease_until()),
+                )
+                .await;
+                match renewal {
+                    Ok(Ok(lease_now)) if lease_now.held => {
+                        held_until = asked + lease;
+                        if lease_now.cancel_requested {
+                            cancel.store(true, Ordering::SeqCst);
+                        }
+                    }
+                    Ok(Ok(_)) => {
+                        tracing::warn!(%job_id, "bulk job taken over or ended elsewhere; this runner stops");
+                        return;
+                    }
+                    Ok(Err(err)) if Instant::now() < held_until => {
+                        tracing::warn!(%job_id, error = %err, "cannot renew the bulk job's lease; retrying");
+                    }
+                    Ok(Err(_)) | Err(_) => {
+                        tracing::warn!(%job_id, "the bulk job's lease expired before it could be renewed; this runner stops");
+                        return;
+                    }
+                }
+            }
+        }
     }
 
     async fn work(&mut self) -> Result<BulkJobState, Abort> {
@@ -524,7 +584,7 @@ impl Runner {
                 if !self.progress.dry_run {
                     if let Outcome::Failed(reason) = &outcome
                         && let Err(err) = storage
-                            .record_bulk_failure(self.progress.job_id, candidate.id, reason)
+                            .record_bulk_failure(self.progress.job_id, &self.owner, candidate.id, reason)
                             .await
                     {
                         tracing::warn!(error = %err, "cannot record a bulk failure");
@@ -540,7 +600,7 @@ impl Runner {
                         .await
                         .map_err(|e| Abort(format!("database unavailable: {e}")))?;
                     if !lease.held {
-                        return Err(Abort("another runner took the job over".into()));
+                        return Err(Abort(LEASE_LOST.into()));
                     }
                     if lease.cancel_requested {
                         return Ok(BulkJobState::Cancelled);
@@ -581,7 +641,8 @@ impl Runner {
 
     async fn finish(&mut self, state: BulkJobState, message: String) {
         let job_id = self.progress.job_id;
-        if !self.progress.dry_run && !message.contains("took the job over") {
+        // A runner that lost its lease writes nothing: the job is someone else's (or resumable).
+        if !self.progress.dry_run && message != LEASE_LOST {
             let c = &self.progress.counters;
             let event = audit::event(
                 &self.caller,
@@ -602,8 +663,19 @@ impl Runner {
                     c.failed
                 ),
             );
-            if let Err(err) = self.jobs.storage.finish_bulk_job(job_id, state, c, &event).await {
-                tracing::error!(%job_id, error = %err, "cannot record the end of a bulk job; it stays resumable");
+            match self
+                .jobs
+                .storage
+                .finish_bulk_job(job_id, &self.owner, state, c, &event)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(%job_id, "bulk job taken over or ended elsewhere; its end is not recorded here")
+                }
+                Err(err) => {
+                    tracing::error!(%job_id, error = %err, "cannot record the end of a bulk job; it stays resumable");
+                }
             }
         }
         tracing::info!(%job_id, state = state.as_db(), processed = self.progress.counters.processed, "bulk job ended");

@@ -458,20 +458,38 @@ pub trait Storage: Send + Sync + fmt::Debug {
         lease_until: DateTime<Utc>,
     ) -> StorageResult<BulkLease>;
 
-    /// Records why one user failed (the latest reason wins).
-    async fn record_bulk_failure(&self, id: uuid::Uuid, user_id: UserId, reason: &str) -> StorageResult<()>;
+    /// Renews `owner`'s lease on a running job, whatever its progress.
+    async fn renew_bulk_lease(
+        &self,
+        id: uuid::Uuid,
+        owner: &str,
+        lease_until: DateTime<Utc>,
+    ) -> StorageResult<BulkLease>;
+
+    /// Records why one user failed (the latest reason wins), while `owner`
+    /// holds the running job; false (nothing written) otherwise.
+    async fn record_bulk_failure(
+        &self,
+        id: uuid::Uuid,
+        owner: &str,
+        user_id: UserId,
+        reason: &str,
+    ) -> StorageResult<bool>;
 
     /// The recorded failures of a job.
     async fn bulk_failures(&self, id: uuid::Uuid) -> StorageResult<Vec<(UserId, String)>>;
 
-    /// Ends a job (completed, cancelled or failed) and releases its lease.
+    /// Ends a running job `owner` holds (completed, cancelled or failed),
+    /// releases its lease and appends the audit event; false (nothing
+    /// written) when the job is not running or another runner holds it.
     async fn finish_bulk_job(
         &self,
         id: uuid::Uuid,
+        owner: &str,
         state: BulkJobState,
         counters: &BulkCounters,
         audit: &NewAuditEvent,
-    ) -> StorageResult<()>;
+    ) -> StorageResult<bool>;
 
     /// Asks the runner of a running job to stop; a job with no live runner
     /// (its lease expired at `now`, or a failed job) is cancelled at once.

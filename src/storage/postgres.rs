@@ -1173,18 +1173,43 @@ impl Storage for PostgresStorage {
         })
     }
 
-    async fn record_bulk_failure(&self, id: Uuid, user_id: UserId, reason: &str) -> StorageResult<()> {
-        sqlx::query(
-            "INSERT INTO identity_bulk_failures (job_id, user_id, reason) VALUES ($1, $2, $3)
+    async fn renew_bulk_lease(
+        &self,
+        id: Uuid,
+        owner: &str,
+        lease_until: chrono::DateTime<chrono::Utc>,
+    ) -> StorageResult<BulkLease> {
+        let cancel: Option<bool> = sqlx::query_scalar(
+            "UPDATE identity_bulk_jobs SET lease_until = $1, updated_at = now()
+             WHERE id = $2 AND lease_owner = $3 AND state = 'running'
+             RETURNING cancel_requested",
+        )
+        .bind(lease_until)
+        .bind(id)
+        .bind(owner)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(BulkLease {
+            held: cancel.is_some(),
+            cancel_requested: cancel.unwrap_or(false),
+        })
+    }
+
+    async fn record_bulk_failure(&self, id: Uuid, owner: &str, user_id: UserId, reason: &str) -> StorageResult<bool> {
+        let done = sqlx::query(
+            "INSERT INTO identity_bulk_failures (job_id, user_id, reason)
+             SELECT id, $2, $3 FROM identity_bulk_jobs WHERE id = $1 AND lease_owner = $4 AND state = 'running'
              ON CONFLICT (job_id, user_id) DO UPDATE SET reason = excluded.reason, occurred_at = now()",
         )
         .bind(id)
         .bind(*user_id.as_uuid())
         .bind(reason)
+        .bind(owner)
         .execute(&self.pool)
         .await
         .map_err(db_err)?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
     async fn bulk_failures(&self, id: Uuid) -> StorageResult<Vec<(UserId, String)>> {
@@ -1206,15 +1231,16 @@ impl Storage for PostgresStorage {
     async fn finish_bulk_job(
         &self,
         id: Uuid,
+        owner: &str,
         state: BulkJobState,
         counters: &BulkCounters,
         audit: &NewAuditEvent,
-    ) -> StorageResult<()> {
+    ) -> StorageResult<bool> {
         let mut tx = self.pool.begin().await.map_err(db_err)?;
-        sqlx::query(
+        let done = sqlx::query(
             "UPDATE identity_bulk_jobs SET state = $1, processed = $2, created = $3, linked_existing = $4, skipped = $5,
                  failed = $6, lease_owner = NULL, lease_until = NULL, updated_at = now(), finished_at = now()
-             WHERE id = $7",
+             WHERE id = $7 AND lease_owner = $8 AND state = 'running'",
         )
         .bind(state.as_db())
         .bind(counters.processed)
@@ -1223,11 +1249,16 @@ impl Storage for PostgresStorage {
         .bind(counters.skipped)
         .bind(counters.failed)
         .bind(id)
+        .bind(owner)
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
+        if done.rows_affected() != 1 {
+            return Ok(false);
+        }
         insert_audit(&mut tx, audit).await?;
-        tx.commit().await.map_err(db_err)
+        tx.commit().await.map_err(db_err)?;
+        Ok(true)
     }
 
     async fn request_bulk_cancel(

@@ -1056,19 +1056,40 @@ impl Storage for SqliteStorage {
         })
     }
 
-    async fn record_bulk_failure(&self, id: Uuid, user_id: UserId, reason: &str) -> StorageResult<()> {
-        sqlx::query(
-            "INSERT INTO identity_bulk_failures (job_id, user_id, reason, occurred_at) VALUES (?, ?, ?, ?)
+    async fn renew_bulk_lease(&self, id: Uuid, owner: &str, lease_until: DateTime<Utc>) -> StorageResult<BulkLease> {
+        let cancel: Option<bool> = sqlx::query_scalar(
+            "UPDATE identity_bulk_jobs SET lease_until = ?, updated_at = ?
+             WHERE id = ? AND lease_owner = ? AND state = 'running'
+             RETURNING cancel_requested",
+        )
+        .bind(micros(lease_until))
+        .bind(micros(Utc::now()))
+        .bind(id.to_string())
+        .bind(owner)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(BulkLease {
+            held: cancel.is_some(),
+            cancel_requested: cancel.unwrap_or(false),
+        })
+    }
+
+    async fn record_bulk_failure(&self, id: Uuid, owner: &str, user_id: UserId, reason: &str) -> StorageResult<bool> {
+        let done = sqlx::query(
+            "INSERT INTO identity_bulk_failures (job_id, user_id, reason, occurred_at)
+             SELECT id, ?, ?, ? FROM identity_bulk_jobs WHERE id = ? AND lease_owner = ? AND state = 'running'
              ON CONFLICT (job_id, user_id) DO UPDATE SET reason = excluded.reason, occurred_at = excluded.occurred_at",
         )
-        .bind(id.to_string())
         .bind(user_id.to_string())
         .bind(reason)
         .bind(micros(Utc::now()))
+        .bind(id.to_string())
+        .bind(owner)
         .execute(&self.pool)
         .await
         .map_err(db_err)?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
     async fn bulk_failures(&self, id: Uuid) -> StorageResult<Vec<(UserId, String)>> {
@@ -1088,16 +1109,17 @@ impl Storage for SqliteStorage {
     async fn finish_bulk_job(
         &self,
         id: Uuid,
+        owner: &str,
         state: BulkJobState,
         counters: &BulkCounters,
         audit: &NewAuditEvent,
-    ) -> StorageResult<()> {
+    ) -> StorageResult<bool> {
         let now = micros(Utc::now());
         let mut tx = self.begin_write().await?;
-        sqlx::query(
+        let done = sqlx::query(
             "UPDATE identity_bulk_jobs SET state = ?, processed = ?, created = ?, linked_existing = ?, skipped = ?,
                  failed = ?, lease_owner = NULL, lease_until = NULL, updated_at = ?, finished_at = ?
-             WHERE id = ?",
+             WHERE id = ? AND lease_owner = ? AND state = 'running'",
         )
         .bind(state.as_db())
         .bind(counters.processed)
@@ -1108,11 +1130,16 @@ impl Storage for SqliteStorage {
         .bind(now)
         .bind(now)
         .bind(id.to_string())
+        .bind(owner)
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
+        if done.rows_affected() != 1 {
+            return Ok(false);
+        }
         insert_audit(&mut tx, audit).await?;
-        tx.commit().await.map_err(db_err)
+        tx.commit().await.map_err(db_err)?;
+        Ok(true)
     }
 
     async fn request_bulk_cancel(

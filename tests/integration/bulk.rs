@@ -455,6 +455,72 @@ async fn a_job_whose_runner_died_can_be_cancelled(db: TestDb) {
     app.shutdown().await;
 }
 
+/// The lease holds while Clerk makes the runner wait (Retry-After longer
+/// than the lease), and a runner that loses it stops at once and writes nothing.
+async fn a_runner_keeps_its_lease_while_clerk_makes_it_wait(db: TestDb) {
+    let fake = FakeClerk::start(&["clerk_a"]).await;
+    let other_db = db.share();
+    let app = spawn(db, &fake).await;
+    seed(&app, 5, "wait").await;
+    // The third Backend API request waits a minute (the client's cap) before its retry.
+    *fake.state.throttle_at.lock().unwrap() = vec![3];
+    fake.state.retry_after.store(60, Ordering::SeqCst);
+    let mut stream = app
+        .admin()
+        .start_bulk_migration(StartBulkMigrationRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let job_id = stream.next().await.unwrap().unwrap().job_id;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while fake.state.api_requests.load(Ordering::SeqCst) < 3 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the runner reaches the throttled request");
+    // Longer than the lease (2 s): without renewal it would have lapsed.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let replica = spawn(other_db, &fake).await;
+    let taken = replica
+        .admin()
+        .start_bulk_migration(StartBulkMigrationRequest {
+            resume_job_id: job_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(taken.code(), Code::FailedPrecondition, "{taken:?}");
+
+    // Another replica takes the job over: the waiting runner stops long before Clerk's minute is up.
+    crate::common::exec(
+        &app.db,
+        &format!("UPDATE identity_bulk_jobs SET lease_owner = 'another-replica' WHERE id = '{job_id}'"),
+    )
+    .await;
+    let mut last = None;
+    while let Some(progress) = tokio::time::timeout(Duration::from_secs(30), stream.next())
+        .await
+        .expect("the runner stops once its lease is lost")
+    {
+        last = Some(progress.unwrap());
+    }
+    let last = last.expect("a final snapshot");
+    assert_eq!(last.state(), BulkJobState::Failed, "{last:?}");
+    assert!(last.message.contains("lease"), "{last:?}");
+    // Nothing of the stale runner overwrote the new owner's job.
+    let job = app
+        .storage
+        .get_bulk_job(job_id.parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.state, identity::storage::BulkJobState::Running);
+    assert_eq!(job.lease_owner.as_deref(), Some("another-replica"));
+    replica.shutdown().await;
+    app.shutdown().await;
+}
+
 async fn bulk_needs_the_backend_api(db: TestDb) {
     let app = TestApp::spawn(db).await;
     let status = app
@@ -473,4 +539,5 @@ crate::backend_tests!(
     bulk_needs_the_backend_api,
     resuming_a_job_running_here_is_refused,
     a_job_whose_runner_died_can_be_cancelled,
+    a_runner_keeps_its_lease_while_clerk_makes_it_wait,
 );

@@ -694,8 +694,107 @@ async fn cancelling_a_bulk_job_without_a_live_runner_ends_it(db: TestDb) {
     assert_eq!(storage.running_bulk_job().await.unwrap().unwrap().id, next);
 }
 
+async fn only_the_lease_owner_writes_to_a_bulk_job(db: TestDb) {
+    let storage = db.storage().await;
+    let now = Utc::now();
+    let id = bulk_job(storage.as_ref(), "runner-a", now + ChronoDuration::seconds(30)).await;
+    let user = insert(storage.as_ref(), "failing@example.com", None).await;
+    let done = BulkCounters {
+        processed: 10,
+        created: 10,
+        ..BulkCounters::default()
+    };
+    // The lease is renewed whatever the progress, and tells of a cancellation.
+    let renewed = storage
+        .renew_bulk_lease(id, "runner-a", now + ChronoDuration::seconds(60))
+        .await
+        .unwrap();
+    assert!(renewed.held && !renewed.cancel_requested);
+    let job = storage.get_bulk_job(id).await.unwrap().unwrap();
+    assert!(job.lease_until.unwrap() > now + ChronoDuration::seconds(59));
+
+    // Another runner took the job over (runner-a's lease lapsed meanwhile).
+    let later = now + ChronoDuration::seconds(61);
+    assert!(
+        storage
+            .claim_bulk_job(id, "runner-b", later, later + ChronoDuration::seconds(30))
+            .await
+            .unwrap()
+    );
+    // The stale runner's writes all miss.
+    assert!(
+        !storage
+            .renew_bulk_lease(id, "runner-a", later + ChronoDuration::seconds(90))
+            .await
+            .unwrap()
+            .held
+    );
+    assert!(
+        !storage
+            .record_bulk_failure(id, "runner-a", user, "stale")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !storage
+            .finish_bulk_job(
+                id,
+                "runner-a",
+                BulkJobState::Completed,
+                &done,
+                &audit("bulk.finish", None)
+            )
+            .await
+            .unwrap()
+    );
+    let job = storage.get_bulk_job(id).await.unwrap().unwrap();
+    assert_eq!(job.state, BulkJobState::Running);
+    assert_eq!(job.lease_owner.as_deref(), Some("runner-b"));
+    assert_eq!(job.counters, BulkCounters::default());
+    assert!(storage.bulk_failures(id).await.unwrap().is_empty());
+    assert_eq!(audit_count(storage.as_ref(), "bulk.finish").await, 0);
+
+    // The live runner's land.
+    assert!(
+        storage
+            .record_bulk_failure(id, "runner-b", user, "no email")
+            .await
+            .unwrap()
+    );
+    assert!(
+        storage
+            .finish_bulk_job(
+                id,
+                "runner-b",
+                BulkJobState::Completed,
+                &done,
+                &audit("bulk.finish", None)
+            )
+            .await
+            .unwrap()
+    );
+    let job = storage.get_bulk_job(id).await.unwrap().unwrap();
+    assert_eq!(
+        (job.state, job.counters, job.lease_owner),
+        (BulkJobState::Completed, done, None)
+    );
+    assert_eq!(
+        storage.bulk_failures(id).await.unwrap(),
+        vec![(user, "no email".to_owned())]
+    );
+    assert_eq!(audit_count(storage.as_ref(), "bulk.finish").await, 1);
+    // A finished job takes no more writes, not even from its last owner.
+    assert!(
+        !storage
+            .finish_bulk_job(id, "runner-b", BulkJobState::Failed, &done, &audit("bulk.finish", None))
+            .await
+            .unwrap()
+    );
+}
+
 crate::backend_tests!(
     a_bulk_job_is_claimed_by_one_runner_at_a_time,
+    only_the_lease_owner_writes_to_a_bulk_job,
     cancelling_a_bulk_job_without_a_live_runner_ends_it,
     user_counts_stay_exact_through_every_change,
     auth_figures_add_up_across_flushes,
