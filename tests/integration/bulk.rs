@@ -521,6 +521,65 @@ async fn a_runner_keeps_its_lease_while_clerk_makes_it_wait(db: TestDb) {
     app.shutdown().await;
 }
 
+/// The rule of `link_by_email`: a Clerk account that holds a legacy user's
+/// email is linked only when that address is its verified primary one.
+async fn bulk_links_by_email_only_a_verified_primary_address(db: TestDb) {
+    let fake = FakeClerk::start(&["clerk_a"]).await;
+    let app = spawn(db, &fake).await;
+    let ids = seed(&app, 3, "claim").await;
+    {
+        let mut directory = fake.state.directory.lock().unwrap();
+        let mut unverified = fake_user("user_unverified", None, "claim0@example.com");
+        unverified["email_addresses"][0]["verification"]["status"] = "unverified".into();
+        directory.push(unverified);
+        let mut secondary = fake_user("user_secondary", None, "claim1@example.com");
+        secondary["primary_email_address_id"] = "idn_2".into();
+        secondary["email_addresses"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"id": "idn_2", "email_address": "owner@example.com", "verification": {"status": "verified"}}));
+        directory.push(secondary);
+        directory.push(fake_user("user_verified", None, "claim2@example.com"));
+    }
+    let mut stream = app
+        .admin()
+        .start_bulk_migration(StartBulkMigrationRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let last = run_to_end(&mut stream).await;
+    assert_eq!(last.state(), BulkJobState::Completed, "{last:?}");
+    assert_eq!(
+        (last.processed, last.linked_existing, last.failed, last.created),
+        (3, 1, 2, 0),
+        "{last:?}"
+    );
+
+    let mappings = strings(&app.db, "SELECT clerk_user_id FROM identity_user_mappings").await;
+    assert_eq!(mappings, vec![Some("user_verified".to_owned())]);
+    let job = app
+        .storage
+        .get_bulk_job(last.job_id.parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let failures = app.storage.bulk_failures(job.id).await.unwrap();
+    let failed: HashSet<_> = failures.iter().map(|(user, _)| *user).collect();
+    assert_eq!(failed, HashSet::from([ids[0], ids[1]]));
+    assert!(
+        failures.iter().all(|(_, reason)| reason.contains("verified")),
+        "{failures:?}"
+    );
+    // Nobody else's Clerk account was claimed for these users.
+    let directory = fake.state.directory.lock().unwrap().clone();
+    assert_eq!(directory.len(), 3);
+    for id in ["user_unverified", "user_secondary"] {
+        let user = directory.iter().find(|u| u["id"] == id).unwrap();
+        assert!(user["external_id"].is_null(), "{user}");
+    }
+    app.shutdown().await;
+}
+
 async fn bulk_needs_the_backend_api(db: TestDb) {
     let app = TestApp::spawn(db).await;
     let status = app
@@ -540,4 +599,5 @@ crate::backend_tests!(
     resuming_a_job_running_here_is_refused,
     a_job_whose_runner_died_can_be_cancelled,
     a_runner_keeps_its_lease_while_clerk_makes_it_wait,
+    bulk_links_by_email_only_a_verified_primary_address,
 );
