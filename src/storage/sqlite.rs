@@ -915,12 +915,12 @@ impl Storage for SqliteStorage {
     }
 
     async fn outbox_counts(&self) -> StorageResult<OutboxCounts> {
+        // Pending messages through the partial due index; totals kept by triggers.
         let row = sqlx::query(
             "SELECT
-                 COALESCE(SUM(CASE WHEN sent_at IS NULL AND failed_at IS NULL THEN 1 ELSE 0 END), 0) AS pending,
-                 COALESCE(SUM(CASE WHEN sent_at IS NOT NULL THEN 1 ELSE 0 END), 0) AS sent,
-                 COALESCE(SUM(CASE WHEN failed_at IS NOT NULL THEN 1 ELSE 0 END), 0) AS failed
-             FROM identity_outbox",
+                 (SELECT count(*) FROM identity_outbox WHERE sent_at IS NULL AND failed_at IS NULL) AS pending,
+                 COALESCE((SELECT value FROM identity_stat_counters WHERE name = 'outbox_sent'), 0) AS sent,
+                 COALESCE((SELECT value FROM identity_stat_counters WHERE name = 'outbox_failed'), 0) AS failed",
         )
         .fetch_one(&self.pool)
         .await
@@ -1260,23 +1260,27 @@ impl Storage for SqliteStorage {
     }
 
     async fn invitation_counts(&self, now: DateTime<Utc>) -> StorageResult<InvitationCounts> {
+        // Totals kept by triggers; the unexpired open ones through the partial
+        // index on expiry (a day's worth, not the table); expired = open - pending.
         let row = sqlx::query(
             "SELECT
-                 (SELECT count(*) FROM identity_outbox WHERE kind = 'migration_invite' AND sent_at IS NOT NULL) AS sent,
-                 COALESCE(SUM(used_at IS NULL AND superseded_at IS NULL AND expires_at > ?1), 0) AS pending,
-                 COALESCE(SUM(used_at IS NOT NULL), 0) AS redeemed,
-                 COALESCE(SUM(used_at IS NULL AND superseded_at IS NULL AND expires_at <= ?1), 0) AS expired
-             FROM identity_migration_tokens",
+                 COALESCE((SELECT value FROM identity_stat_counters WHERE name = 'invitations_sent'), 0) AS sent,
+                 (SELECT count(*) FROM identity_migration_tokens
+                  WHERE used_at IS NULL AND superseded_at IS NULL AND expires_at > ?1) AS pending,
+                 COALESCE((SELECT value FROM identity_stat_counters WHERE name = 'invitations_redeemed'), 0) AS redeemed,
+                 COALESCE((SELECT value FROM identity_stat_counters WHERE name = 'invitations_open'), 0) AS open",
         )
         .bind(micros(now))
         .fetch_one(&self.pool)
         .await
         .map_err(db_err)?;
+        let pending: i64 = row.try_get("pending").map_err(db_err)?;
+        let open: i64 = row.try_get("open").map_err(db_err)?;
         Ok(InvitationCounts {
             sent: row.try_get("sent").map_err(db_err)?,
-            pending: row.try_get("pending").map_err(db_err)?,
+            pending,
             redeemed: row.try_get("redeemed").map_err(db_err)?,
-            expired: row.try_get("expired").map_err(db_err)?,
+            expired: (open - pending).max(0),
         })
     }
 

@@ -7,8 +7,8 @@ use chrono::{Duration as ChronoDuration, Utc};
 use identity::{
     domain::{AuditOutcome, ClerkUserId, Email, UserId},
     storage::{
-        AuditQuery, BulkCounters, BulkJobRecord, BulkJobState, Conflict, MappingKey, NewAuditEvent, NewLegacyUser,
-        Storage, StorageError, UserKey,
+        AuditQuery, BulkCounters, BulkJobRecord, BulkJobState, Conflict, InvitationCounts, MappingKey, NewAuditEvent,
+        NewInvitation, NewLegacyUser, NewOutboxMessage, OutboxCounts, Storage, StorageError, UserKey,
     },
 };
 
@@ -792,7 +792,106 @@ async fn only_the_lease_owner_writes_to_a_bulk_job(db: TestDb) {
     );
 }
 
+async fn invite(storage: &dyn Storage, user: UserId, hash: &str, expires_at: chrono::DateTime<Utc>) {
+    storage
+        .create_invitation(
+            &NewInvitation {
+                user_id: user,
+                token_hash: hash.into(),
+                expires_at,
+                email: NewOutboxMessage {
+                    kind: "migration_invite".into(),
+                    user_id: Some(user),
+                    recipient: "someone@example.com".into(),
+                    subject: "s".into(),
+                    body_text: "t".into(),
+                    body_html: "h".into(),
+                },
+                email_supplied_by: None,
+            },
+            &audit("invitation.create", Some(user)),
+        )
+        .await
+        .unwrap();
+}
+
+/// The outbox and invitation figures (read from running totals and partial
+/// indexes, not full scans) stay exact through every change.
+async fn outbox_and_invitation_counts_stay_exact(db: TestDb) {
+    let storage = db.storage().await;
+    let now = Utc::now();
+    let counts = |pending, sent, failed| OutboxCounts { pending, sent, failed };
+    assert_eq!(storage.outbox_counts().await.unwrap(), OutboxCounts::default());
+    assert_eq!(
+        storage.invitation_counts(now).await.unwrap(),
+        InvitationCounts::default()
+    );
+
+    let ann = insert(storage.as_ref(), "ann@example.com", None).await;
+    let bob = insert(storage.as_ref(), "bob@example.com", None).await;
+    let cat = insert(storage.as_ref(), "cat@example.com", None).await;
+    let day = ChronoDuration::days(1);
+    invite(storage.as_ref(), ann, "hash-ann-1", now + day).await;
+    // Supersedes ann's first invitation.
+    invite(storage.as_ref(), ann, "hash-ann-2", now + day).await;
+    invite(storage.as_ref(), bob, "hash-bob", now + day).await;
+    invite(storage.as_ref(), cat, "hash-cat", now + ChronoDuration::hours(1)).await;
+    assert_eq!(storage.outbox_counts().await.unwrap(), counts(4, 0, 0));
+    assert_eq!(
+        storage.invitation_counts(now).await.unwrap(),
+        InvitationCounts {
+            sent: 0,
+            pending: 3,
+            redeemed: 0,
+            expired: 0,
+        }
+    );
+
+    // Two sent, one given up, one retried later.
+    let due = Utc::now() + ChronoDuration::seconds(1);
+    let claimed = storage
+        .claim_outbox("worker", due, due + ChronoDuration::minutes(1), 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 4);
+    storage.outbox_sent(claimed[0].id, "worker").await.unwrap();
+    storage.outbox_sent(claimed[1].id, "worker").await.unwrap();
+    // Marking it sent again changes nothing.
+    storage.outbox_sent(claimed[1].id, "worker").await.unwrap();
+    storage
+        .outbox_failed(claimed[2].id, "worker", "bounced", None)
+        .await
+        .unwrap();
+    storage
+        .outbox_failed(claimed[3].id, "worker", "busy", Some(now + day))
+        .await
+        .unwrap();
+    assert_eq!(storage.outbox_counts().await.unwrap(), counts(1, 2, 1));
+
+    // Bob redeems; cat's invitation expires.
+    storage
+        .redeem_invitation(
+            "hash-bob",
+            &clerk("user_bob"),
+            now,
+            &audit("invitation.redeem", Some(bob)),
+        )
+        .await
+        .unwrap();
+    let later = now + ChronoDuration::hours(2);
+    assert_eq!(
+        storage.invitation_counts(later).await.unwrap(),
+        InvitationCounts {
+            sent: 2,
+            pending: 1,
+            redeemed: 1,
+            expired: 1,
+        }
+    );
+}
+
 crate::backend_tests!(
+    outbox_and_invitation_counts_stay_exact,
     a_bulk_job_is_claimed_by_one_runner_at_a_time,
     only_the_lease_owner_writes_to_a_bulk_job,
     cancelling_a_bulk_job_without_a_live_runner_ends_it,
