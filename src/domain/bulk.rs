@@ -122,10 +122,10 @@ impl std::fmt::Debug for BulkMigrations {
 }
 
 const DEFAULT_BATCH: u32 = 50;
-/// Why a runner stopped when its lease was lost.
-const LEASE_LOST: &str = "this runner lost the job's lease (taken over, ended elsewhere, or not renewed in time)";
 const MAX_BATCH: u32 = 500;
 const MAX_FILTER_IDS: usize = 10_000;
+/// Why a runner stopped when its lease was lost.
+const LEASE_LOST: &str = "this runner lost the job's lease (taken over, ended elsewhere, or not renewed in time)";
 
 /// Clerk's `password_hasher` for a stored digest; `Ok(None)` for no password.
 pub fn password_hasher(digest: Option<&str>) -> Result<Option<&'static str>, String> {
@@ -396,7 +396,9 @@ impl BulkMigrations {
                 format!("job {id} cancelled instead of resumed: its cancellation was requested"),
             );
             self.storage.request_bulk_cancel(id, Utc::now(), &event).await?;
-            return Err(DomainError::FailedPrecondition(format!("bulk job {id} was cancelled")));
+            return Err(DomainError::FailedPrecondition(format!(
+                "bulk job {id} is cancelled: its cancellation was requested"
+            )));
         }
         let claimed = match self
             .storage
