@@ -57,6 +57,7 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "IDENTITY_OUTBOX_POLL_SECONDS",
     "IDENTITY_OUTBOX_MAX_ATTEMPTS",
     "IDENTITY_OUTBOX_RETRY_BASE_SECONDS",
+    "IDENTITY_OUTBOX_SEND_TIMEOUT_SECONDS",
     "IDENTITY_CLERK_API_RATE",
     "IDENTITY_BULK_LEASE_SECONDS",
     "IDENTITY_METRICS_ADDR",
@@ -651,6 +652,8 @@ pub struct MailConfig {
     pub max_attempts: u32,
     /// First retry delay; doubles per attempt up to an hour.
     pub retry_base: Duration,
+    /// Longest one delivery may take; a message's lease outlives it.
+    pub send_timeout: Duration,
 }
 
 impl Default for MailConfig {
@@ -661,6 +664,7 @@ impl Default for MailConfig {
             poll_interval: Duration::from_secs(2),
             max_attempts: 10,
             retry_base: Duration::from_secs(5),
+            send_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -760,6 +764,7 @@ impl MailConfig {
             poll_interval: vars.seconds("IDENTITY_OUTBOX_POLL_SECONDS", 2, 1..=300)?,
             max_attempts,
             retry_base: vars.seconds("IDENTITY_OUTBOX_RETRY_BASE_SECONDS", 5, 1..=3600)?,
+            send_timeout: vars.seconds("IDENTITY_OUTBOX_SEND_TIMEOUT_SECONDS", 20, 1..=300)?,
         })
     }
 }

@@ -137,7 +137,8 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
         recorder.clone(),
     )?;
     let invitations = Invitations::new(user_cache.clone(), verifier.clone(), config.invitations.clone());
-    let mailer = Mailer::new(&config.mail.transport, &config.mail.from).map_err(StartError::Mail)?;
+    let mailer =
+        Mailer::new(&config.mail.transport, &config.mail.from, config.mail.send_timeout).map_err(StartError::Mail)?;
     if let Err(err) = verifier.load_revocations().await {
         tracing::warn!(error = %err, "cannot load revocations yet; retrying in the background");
     }

@@ -104,9 +104,12 @@ pub struct BulkMigrations {
     users: UserCache,
     clerk: Option<ClerkApi>,
     config: BulkConfig,
+    /// This process; each runner's lease owner starts with it.
     owner: String,
     stop: watch::Receiver<bool>,
-    cancels: Arc<Mutex<HashMap<Uuid, Arc<AtomicBool>>>>,
+    /// Jobs with a runner in this process (and their cancel flags): one
+    /// runner per job here, the lease keeps it one across replicas.
+    running: Arc<Mutex<HashMap<Uuid, Arc<AtomicBool>>>>,
 }
 
 impl std::fmt::Debug for BulkMigrations {
@@ -121,6 +124,8 @@ impl std::fmt::Debug for BulkMigrations {
 const DEFAULT_BATCH: u32 = 50;
 const MAX_BATCH: u32 = 500;
 const MAX_FILTER_IDS: usize = 10_000;
+/// Why a runner stopped when its lease was lost.
+const LEASE_LOST: &str = "this runner lost the job's lease (taken over, ended elsewhere, or not renewed in time)";
 
 /// Clerk's `password_hasher` for a stored digest; `Ok(None)` for no password.
 pub fn password_hasher(digest: Option<&str>) -> Result<Option<&'static str>, String> {
@@ -175,7 +180,7 @@ impl BulkMigrations {
             config,
             owner: format!("bulk-{}", Uuid::new_v4().simple()),
             stop,
-            cancels: Arc::new(Mutex::new(HashMap::new())),
+            running: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -195,15 +200,23 @@ impl BulkMigrations {
                 "bulk migration needs Clerk's Backend API (IDENTITY_CLERK_SECRET_KEY)".into(),
             )
         })?;
-        let (id, params, cursor, counters, total) = match request.resume_job_id {
-            Some(id) => self.resume(caller, id).await?,
-            None => self.create(caller, &request).await?,
-        };
+        // A lease owner per runner, so that a stale runner of this process
+        // can never write with the credentials of a newer one.
+        let owner = format!("{}-{}", self.owner, Uuid::new_v4().simple());
         let cancel = Arc::new(AtomicBool::new(false));
-        self.cancels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, cancel.clone());
+        // The lease runs from before the claim, never from after it.
+        let leased_at = Instant::now();
+        let (registration, (id, params, cursor, counters, total)) = match request.resume_job_id {
+            Some(id) => {
+                // Registered before the claim, so two resumes racing here cannot both pass.
+                let registration = self.register(id, &cancel)?;
+                (registration, self.resume(caller, id, &owner).await?)
+            }
+            None => {
+                let created = self.create(caller, &request, &owner).await?;
+                (self.register(created.0, &cancel)?, created)
+            }
+        };
         let initial = BulkProgress {
             job_id: id,
             state: BulkJobState::Running,
@@ -225,12 +238,15 @@ impl BulkMigrations {
         ));
         let runner = Runner {
             jobs: self.clone(),
+            owner,
+            _registration: registration,
             clerk: clerk.paced(limiter),
             caller: caller.clone(),
             params,
             cursor,
             progress: initial,
             started: Instant::now(),
+            leased_at,
             processed_at_start: counters.processed,
             cancel,
             tx,
@@ -247,10 +263,27 @@ impl BulkMigrations {
         Ok(rx)
     }
 
+    /// Registers a runner of job `id` in this process until the returned
+    /// registration drops; FAILED_PRECONDITION when one is already running it here.
+    fn register(&self, id: Uuid, cancel: &Arc<AtomicBool>) -> Result<Registration, DomainError> {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if running.contains_key(&id) {
+            return Err(DomainError::FailedPrecondition(format!(
+                "bulk job {id} is already running on this replica"
+            )));
+        }
+        running.insert(id, cancel.clone());
+        Ok(Registration {
+            running: self.running.clone(),
+            id,
+        })
+    }
+
     async fn create(
         &self,
         caller: &Caller,
         request: &BulkRequest,
+        owner: &str,
     ) -> Result<(Uuid, JobParams, Option<super::UserId>, BulkCounters, i64), DomainError> {
         let batch_size = match request.batch_size {
             0 => DEFAULT_BATCH,
@@ -305,7 +338,7 @@ impl BulkMigrations {
             counters: BulkCounters::default(),
             started_by: caller.name.clone(),
             cancel_requested: false,
-            lease_owner: Some(self.owner.clone()),
+            lease_owner: Some(owner.to_owned()),
             lease_until: None,
             started_at: Utc::now(),
         };
@@ -339,6 +372,7 @@ impl BulkMigrations {
         &self,
         caller: &Caller,
         id: Uuid,
+        owner: &str,
     ) -> Result<(Uuid, JobParams, Option<super::UserId>, BulkCounters, i64), DomainError> {
         let job = self
             .storage
@@ -351,9 +385,24 @@ impl BulkMigrations {
                 job.state.as_db()
             )));
         }
+        if job.cancel_requested {
+            // Its runner stopped before it saw the cancellation: the job ends
+            // now (once no runner holds it) rather than running again.
+            let event = audit::event(
+                caller,
+                "bulk.cancel",
+                None,
+                AuditOutcome::Success,
+                format!("job {id} cancelled instead of resumed: its cancellation was requested"),
+            );
+            self.storage.request_bulk_cancel(id, Utc::now(), &event).await?;
+            return Err(DomainError::FailedPrecondition(format!(
+                "bulk job {id} is cancelled: its cancellation was requested"
+            )));
+        }
         let claimed = match self
             .storage
-            .claim_bulk_job(id, &self.owner, Utc::now(), self.lease_until())
+            .claim_bulk_job(id, owner, Utc::now(), self.lease_until())
             .await
         {
             Ok(claimed) => claimed,
@@ -379,10 +428,11 @@ impl BulkMigrations {
         Ok((id, params, job.cursor, job.counters, job.total))
     }
 
-    /// Asks a job to stop after the user in progress.
+    /// Asks a job to stop after the user in progress; a job whose runner is
+    /// gone (its lease expired) is cancelled at once, so a new one can start.
     pub async fn cancel(&self, caller: &Caller, id: Uuid) -> Result<BulkJobRecord, DomainError> {
         caller.require(Scope::Admin)?;
-        let local = self.cancels.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned();
+        let local = self.running.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned();
         if let Some(flag) = &local {
             flag.store(true, Ordering::SeqCst);
         }
@@ -393,7 +443,7 @@ impl BulkMigrations {
             AuditOutcome::Success,
             format!("job {id} cancellation requested"),
         );
-        match self.storage.request_bulk_cancel(id, &event).await {
+        match self.storage.request_bulk_cancel(id, Utc::now(), &event).await {
             Ok(job) => Ok(job),
             // A dry run lives only here.
             Err(StorageError::NotFound(_)) if local.is_some() => Ok(BulkJobRecord {
@@ -415,14 +465,32 @@ impl BulkMigrations {
     }
 }
 
+/// A job's entry in [`BulkMigrations::running`], removed when dropped
+/// (the runner ended, was stopped by a shutdown, or never started).
+struct Registration {
+    running: Arc<Mutex<HashMap<Uuid, Arc<AtomicBool>>>>,
+    id: Uuid,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+    }
+}
+
 struct Runner {
     jobs: BulkMigrations,
+    /// This runner's lease owner.
+    owner: String,
+    _registration: Registration,
     clerk: ClerkApi,
     caller: Caller,
     params: JobParams,
     cursor: Option<super::UserId>,
     progress: BulkProgress,
     started: Instant,
+    /// When the lease this runner starts with was taken (or last renewed before it).
+    leased_at: Instant,
     processed_at_start: i64,
     cancel: Arc<AtomicBool>,
     tx: watch::Sender<BulkProgress>,
@@ -430,17 +498,65 @@ struct Runner {
 
 impl Runner {
     async fn run(mut self) {
-        let end = self.work().await;
+        let end = if self.progress.dry_run {
+            self.work().await
+        } else {
+            // The lease is renewed on its own timer: one Clerk call may wait
+            // minutes (Retry-After) without the lease lapsing. Once it is
+            // lost, the work stops where it is, mid-call included.
+            let keeper = self.keep_lease();
+            tokio::select! {
+                end = self.work() => end,
+                () = keeper => Err(Abort(LEASE_LOST.into())),
+            }
+        };
         let (state, message) = match end {
             Ok(state) => (state, state.as_db().to_owned()),
             Err(Abort(reason)) => (BulkJobState::Failed, reason),
         };
         self.finish(state, message).await;
-        self.jobs
-            .cancels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.progress.job_id);
+    }
+
+    /// Renews the lease every third of its length; returns once it is lost:
+    /// another runner holds the job, the job ended (cancelled with no runner
+    /// seen), or no renewal succeeded before it expired.
+    fn keep_lease(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let jobs = self.jobs.clone();
+        let job_id = self.progress.job_id;
+        let owner = self.owner.clone();
+        let cancel = self.cancel.clone();
+        let lease = jobs.config.lease;
+        let mut held_until = self.leased_at + lease;
+        async move {
+            loop {
+                tokio::time::sleep(lease / 3).await;
+                let asked = Instant::now();
+                let renewal = tokio::time::timeout_at(
+                    held_until.into(),
+                    jobs.storage.renew_bulk_lease(job_id, &owner, jobs.lease_until()),
+                )
+                .await;
+                match renewal {
+                    Ok(Ok(lease_now)) if lease_now.held => {
+                        held_until = asked + lease;
+                        if lease_now.cancel_requested {
+                            cancel.store(true, Ordering::SeqCst);
+                        }
+                    }
+                    Ok(Ok(_)) => {
+                        tracing::warn!(%job_id, "bulk job taken over or ended elsewhere; this runner stops");
+                        return;
+                    }
+                    Ok(Err(err)) if Instant::now() < held_until => {
+                        tracing::warn!(%job_id, error = %err, "cannot renew the bulk job's lease; retrying");
+                    }
+                    Ok(Err(_)) | Err(_) => {
+                        tracing::warn!(%job_id, "the bulk job's lease expired before it could be renewed; this runner stops");
+                        return;
+                    }
+                }
+            }
+        }
     }
 
     async fn work(&mut self) -> Result<BulkJobState, Abort> {
@@ -470,7 +586,7 @@ impl Runner {
                 if !self.progress.dry_run {
                     if let Outcome::Failed(reason) = &outcome
                         && let Err(err) = storage
-                            .record_bulk_failure(self.progress.job_id, candidate.id, reason)
+                            .record_bulk_failure(self.progress.job_id, &self.owner, candidate.id, reason)
                             .await
                     {
                         tracing::warn!(error = %err, "cannot record a bulk failure");
@@ -478,7 +594,7 @@ impl Runner {
                     let lease = storage
                         .save_bulk_progress(
                             self.progress.job_id,
-                            &self.jobs.owner,
+                            &self.owner,
                             self.cursor,
                             &self.progress.counters,
                             self.jobs.lease_until(),
@@ -486,7 +602,7 @@ impl Runner {
                         .await
                         .map_err(|e| Abort(format!("database unavailable: {e}")))?;
                     if !lease.held {
-                        return Err(Abort("another runner took the job over".into()));
+                        return Err(Abort(LEASE_LOST.into()));
                     }
                     if lease.cancel_requested {
                         return Ok(BulkJobState::Cancelled);
@@ -527,7 +643,8 @@ impl Runner {
 
     async fn finish(&mut self, state: BulkJobState, message: String) {
         let job_id = self.progress.job_id;
-        if !self.progress.dry_run && !message.contains("took the job over") {
+        // A runner that lost its lease writes nothing: the job is someone else's (or resumable).
+        if !self.progress.dry_run && message != LEASE_LOST {
             let c = &self.progress.counters;
             let event = audit::event(
                 &self.caller,
@@ -548,8 +665,19 @@ impl Runner {
                     c.failed
                 ),
             );
-            if let Err(err) = self.jobs.storage.finish_bulk_job(job_id, state, c, &event).await {
-                tracing::error!(%job_id, error = %err, "cannot record the end of a bulk job; it stays resumable");
+            match self
+                .jobs
+                .storage
+                .finish_bulk_job(job_id, &self.owner, state, c, &event)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(%job_id, "bulk job taken over or ended elsewhere; its end is not recorded here")
+                }
+                Err(err) => {
+                    tracing::error!(%job_id, error = %err, "cannot record the end of a bulk job; it stays resumable");
+                }
             }
         }
         tracing::info!(%job_id, state = state.as_db(), processed = self.progress.counters.processed, "bulk job ended");

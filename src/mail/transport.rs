@@ -44,13 +44,14 @@ impl std::fmt::Debug for Mailer {
 }
 
 impl Mailer {
-    pub fn new(config: &MailTransportConfig, from: &str) -> Result<Self, String> {
+    /// `timeout` bounds each SMTP command (the outbox worker bounds the whole send too).
+    pub fn new(config: &MailTransportConfig, from: &str, timeout: std::time::Duration) -> Result<Self, String> {
         let from: Mailbox = from.parse().map_err(|e| format!("IDENTITY_MAIL_FROM: {e}"))?;
         let transport = match config {
             MailTransportConfig::Smtp(url) => Transport::Smtp(
                 AsyncSmtpTransport::<Tokio1Executor>::from_url(url.expose_secret())
                     .map_err(|_| "IDENTITY_SMTP_URL: not a usable SMTP URL (the value is not shown)".to_owned())?
-                    .timeout(Some(std::time::Duration::from_secs(20)))
+                    .timeout(Some(timeout))
                     .build(),
             ),
             MailTransportConfig::File(dir) => {

@@ -437,8 +437,9 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// The unfinished job, if any.
     async fn running_bulk_job(&self) -> StorageResult<Option<BulkJobRecord>>;
 
-    /// Takes over a running or failed job whose lease has expired (or is
-    /// already `owner`'s); false when another runner holds it.
+    /// Takes over a running or failed job whose lease has expired; false
+    /// while any runner holds it, `owner` included (one runner per job).
+    /// A requested cancellation is kept.
     async fn claim_bulk_job(
         &self,
         id: uuid::Uuid,
@@ -457,23 +458,48 @@ pub trait Storage: Send + Sync + fmt::Debug {
         lease_until: DateTime<Utc>,
     ) -> StorageResult<BulkLease>;
 
-    /// Records why one user failed (the latest reason wins).
-    async fn record_bulk_failure(&self, id: uuid::Uuid, user_id: UserId, reason: &str) -> StorageResult<()>;
+    /// Renews `owner`'s lease on a running job, whatever its progress.
+    async fn renew_bulk_lease(
+        &self,
+        id: uuid::Uuid,
+        owner: &str,
+        lease_until: DateTime<Utc>,
+    ) -> StorageResult<BulkLease>;
+
+    /// Records why one user failed (the latest reason wins), while `owner`
+    /// holds the running job; false (nothing written) otherwise.
+    async fn record_bulk_failure(
+        &self,
+        id: uuid::Uuid,
+        owner: &str,
+        user_id: UserId,
+        reason: &str,
+    ) -> StorageResult<bool>;
 
     /// The recorded failures of a job.
     async fn bulk_failures(&self, id: uuid::Uuid) -> StorageResult<Vec<(UserId, String)>>;
 
-    /// Ends a job (completed, cancelled or failed) and releases its lease.
+    /// Ends a running job `owner` holds (completed, cancelled or failed),
+    /// releases its lease and appends the audit event; false (nothing
+    /// written) when the job is not running or another runner holds it.
     async fn finish_bulk_job(
         &self,
         id: uuid::Uuid,
+        owner: &str,
         state: BulkJobState,
         counters: &BulkCounters,
         audit: &NewAuditEvent,
-    ) -> StorageResult<()>;
+    ) -> StorageResult<bool>;
 
-    /// Asks the runner of a running job to stop.
-    async fn request_bulk_cancel(&self, id: uuid::Uuid, audit: &NewAuditEvent) -> StorageResult<BulkJobRecord>;
+    /// Asks the runner of a running job to stop; a job with no live runner
+    /// (its lease expired at `now`, or a failed job) is cancelled at once.
+    /// [`StorageError::NotFound`] unless the job is running or failed.
+    async fn request_bulk_cancel(
+        &self,
+        id: uuid::Uuid,
+        now: DateTime<Utc>,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<BulkJobRecord>;
 
     /// Users by migration state (the application's table is counted).
     async fn user_counts(&self) -> StorageResult<UserCounts>;

@@ -1037,12 +1037,12 @@ impl Storage for PostgresStorage {
     }
 
     async fn outbox_counts(&self) -> StorageResult<OutboxCounts> {
+        // Pending messages through the partial due index; totals kept by triggers.
         let row = sqlx::query(
             "SELECT
-                 count(*) FILTER (WHERE sent_at IS NULL AND failed_at IS NULL) AS pending,
-                 count(*) FILTER (WHERE sent_at IS NOT NULL) AS sent,
-                 count(*) FILTER (WHERE failed_at IS NOT NULL) AS failed
-             FROM identity_outbox",
+                 (SELECT count(*) FROM identity_outbox WHERE sent_at IS NULL AND failed_at IS NULL) AS pending,
+                 COALESCE((SELECT value FROM identity_stat_counters WHERE name = 'outbox_sent'), 0) AS sent,
+                 COALESCE((SELECT value FROM identity_stat_counters WHERE name = 'outbox_failed'), 0) AS failed",
         )
         .fetch_one(&self.pool)
         .await
@@ -1127,9 +1127,9 @@ impl Storage for PostgresStorage {
     ) -> StorageResult<bool> {
         let done = sqlx::query(
             "UPDATE identity_bulk_jobs SET state = 'running', lease_owner = $1, lease_until = $2, updated_at = now(),
-                 cancel_requested = false, finished_at = NULL
+                 finished_at = NULL
              WHERE id = $3 AND state IN ('running', 'failed')
-               AND (lease_until IS NULL OR lease_until < $4 OR lease_owner = $1)",
+               AND (lease_until IS NULL OR lease_until < $4)",
         )
         .bind(owner)
         .bind(lease_until)
@@ -1173,18 +1173,43 @@ impl Storage for PostgresStorage {
         })
     }
 
-    async fn record_bulk_failure(&self, id: Uuid, user_id: UserId, reason: &str) -> StorageResult<()> {
-        sqlx::query(
-            "INSERT INTO identity_bulk_failures (job_id, user_id, reason) VALUES ($1, $2, $3)
+    async fn renew_bulk_lease(
+        &self,
+        id: Uuid,
+        owner: &str,
+        lease_until: chrono::DateTime<chrono::Utc>,
+    ) -> StorageResult<BulkLease> {
+        let cancel: Option<bool> = sqlx::query_scalar(
+            "UPDATE identity_bulk_jobs SET lease_until = $1, updated_at = now()
+             WHERE id = $2 AND lease_owner = $3 AND state = 'running'
+             RETURNING cancel_requested",
+        )
+        .bind(lease_until)
+        .bind(id)
+        .bind(owner)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(BulkLease {
+            held: cancel.is_some(),
+            cancel_requested: cancel.unwrap_or(false),
+        })
+    }
+
+    async fn record_bulk_failure(&self, id: Uuid, owner: &str, user_id: UserId, reason: &str) -> StorageResult<bool> {
+        let done = sqlx::query(
+            "INSERT INTO identity_bulk_failures (job_id, user_id, reason)
+             SELECT id, $2, $3 FROM identity_bulk_jobs WHERE id = $1 AND lease_owner = $4 AND state = 'running'
              ON CONFLICT (job_id, user_id) DO UPDATE SET reason = excluded.reason, occurred_at = now()",
         )
         .bind(id)
         .bind(*user_id.as_uuid())
         .bind(reason)
+        .bind(owner)
         .execute(&self.pool)
         .await
         .map_err(db_err)?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
     async fn bulk_failures(&self, id: Uuid) -> StorageResult<Vec<(UserId, String)>> {
@@ -1206,15 +1231,16 @@ impl Storage for PostgresStorage {
     async fn finish_bulk_job(
         &self,
         id: Uuid,
+        owner: &str,
         state: BulkJobState,
         counters: &BulkCounters,
         audit: &NewAuditEvent,
-    ) -> StorageResult<()> {
+    ) -> StorageResult<bool> {
         let mut tx = self.pool.begin().await.map_err(db_err)?;
-        sqlx::query(
+        let done = sqlx::query(
             "UPDATE identity_bulk_jobs SET state = $1, processed = $2, created = $3, linked_existing = $4, skipped = $5,
                  failed = $6, lease_owner = NULL, lease_until = NULL, updated_at = now(), finished_at = now()
-             WHERE id = $7",
+             WHERE id = $7 AND lease_owner = $8 AND state = 'running'",
         )
         .bind(state.as_db())
         .bind(counters.processed)
@@ -1223,19 +1249,38 @@ impl Storage for PostgresStorage {
         .bind(counters.skipped)
         .bind(counters.failed)
         .bind(id)
+        .bind(owner)
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
+        if done.rows_affected() != 1 {
+            return Ok(false);
+        }
         insert_audit(&mut tx, audit).await?;
-        tx.commit().await.map_err(db_err)
+        tx.commit().await.map_err(db_err)?;
+        Ok(true)
     }
 
-    async fn request_bulk_cancel(&self, id: Uuid, audit: &NewAuditEvent) -> StorageResult<BulkJobRecord> {
+    async fn request_bulk_cancel(
+        &self,
+        id: Uuid,
+        now: chrono::DateTime<chrono::Utc>,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<BulkJobRecord> {
         let mut tx = self.pool.begin().await.map_err(db_err)?;
+        // Every expression reads the row as it was, so `ended` is evaluated once per column alike.
+        let ended = "(lease_until IS NULL OR lease_until < $2)";
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE identity_bulk_jobs SET cancel_requested = true WHERE id = $1 AND state = 'running' RETURNING {JOB_COLUMNS}"
+            "UPDATE identity_bulk_jobs SET cancel_requested = true,
+                 state = CASE WHEN {ended} THEN 'cancelled' ELSE state END,
+                 finished_at = CASE WHEN {ended} THEN now() ELSE finished_at END,
+                 lease_owner = CASE WHEN {ended} THEN NULL ELSE lease_owner END,
+                 lease_until = CASE WHEN {ended} THEN NULL ELSE lease_until END,
+                 updated_at = now()
+             WHERE id = $1 AND state IN ('running', 'failed') RETURNING {JOB_COLUMNS}"
         )))
         .bind(id)
+        .bind(now)
         .fetch_optional(&mut *tx)
         .await
         .map_err(db_err)?
@@ -1353,23 +1398,27 @@ impl Storage for PostgresStorage {
     }
 
     async fn invitation_counts(&self, now: chrono::DateTime<chrono::Utc>) -> StorageResult<InvitationCounts> {
+        // Totals kept by triggers; the unexpired open ones through the partial
+        // index on expiry (a day's worth, not the table); expired = open - pending.
         let row = sqlx::query(
             "SELECT
-                 (SELECT count(*) FROM identity_outbox WHERE kind = 'migration_invite' AND sent_at IS NOT NULL) AS sent,
-                 count(*) FILTER (WHERE used_at IS NULL AND superseded_at IS NULL AND expires_at > $1) AS pending,
-                 count(*) FILTER (WHERE used_at IS NOT NULL) AS redeemed,
-                 count(*) FILTER (WHERE used_at IS NULL AND superseded_at IS NULL AND expires_at <= $1) AS expired
-             FROM identity_migration_tokens",
+                 COALESCE((SELECT value FROM identity_stat_counters WHERE name = 'invitations_sent'), 0) AS sent,
+                 (SELECT count(*) FROM identity_migration_tokens
+                  WHERE used_at IS NULL AND superseded_at IS NULL AND expires_at > $1) AS pending,
+                 COALESCE((SELECT value FROM identity_stat_counters WHERE name = 'invitations_redeemed'), 0) AS redeemed,
+                 COALESCE((SELECT value FROM identity_stat_counters WHERE name = 'invitations_open'), 0) AS open",
         )
         .bind(now)
         .fetch_one(&self.pool)
         .await
         .map_err(db_err)?;
+        let pending: i64 = row.try_get("pending").map_err(db_err)?;
+        let open: i64 = row.try_get("open").map_err(db_err)?;
         Ok(InvitationCounts {
             sent: row.try_get("sent").map_err(db_err)?,
-            pending: row.try_get("pending").map_err(db_err)?,
+            pending,
             redeemed: row.try_get("redeemed").map_err(db_err)?,
-            expired: row.try_get("expired").map_err(db_err)?,
+            expired: (open - pending).max(0),
         })
     }
 

@@ -915,12 +915,12 @@ impl Storage for SqliteStorage {
     }
 
     async fn outbox_counts(&self) -> StorageResult<OutboxCounts> {
+        // Pending messages through the partial due index; totals kept by triggers.
         let row = sqlx::query(
             "SELECT
-                 COALESCE(SUM(CASE WHEN sent_at IS NULL AND failed_at IS NULL THEN 1 ELSE 0 END), 0) AS pending,
-                 COALESCE(SUM(CASE WHEN sent_at IS NOT NULL THEN 1 ELSE 0 END), 0) AS sent,
-                 COALESCE(SUM(CASE WHEN failed_at IS NOT NULL THEN 1 ELSE 0 END), 0) AS failed
-             FROM identity_outbox",
+                 (SELECT count(*) FROM identity_outbox WHERE sent_at IS NULL AND failed_at IS NULL) AS pending,
+                 COALESCE((SELECT value FROM identity_stat_counters WHERE name = 'outbox_sent'), 0) AS sent,
+                 COALESCE((SELECT value FROM identity_stat_counters WHERE name = 'outbox_failed'), 0) AS failed",
         )
         .fetch_one(&self.pool)
         .await
@@ -1008,16 +1008,15 @@ impl Storage for SqliteStorage {
     ) -> StorageResult<bool> {
         let done = sqlx::query(
             "UPDATE identity_bulk_jobs SET state = 'running', lease_owner = ?, lease_until = ?, updated_at = ?,
-                 cancel_requested = 0, finished_at = NULL
+                 finished_at = NULL
              WHERE id = ? AND state IN ('running', 'failed')
-               AND (lease_until IS NULL OR lease_until < ? OR lease_owner = ?)",
+               AND (lease_until IS NULL OR lease_until < ?)",
         )
         .bind(owner)
         .bind(micros(lease_until))
         .bind(micros(now))
         .bind(id.to_string())
         .bind(micros(now))
-        .bind(owner)
         .execute(&self.pool)
         .await
         .map_err(|e| classify(e, Some(Conflict::BulkJobRunning)))?;
@@ -1057,19 +1056,40 @@ impl Storage for SqliteStorage {
         })
     }
 
-    async fn record_bulk_failure(&self, id: Uuid, user_id: UserId, reason: &str) -> StorageResult<()> {
-        sqlx::query(
-            "INSERT INTO identity_bulk_failures (job_id, user_id, reason, occurred_at) VALUES (?, ?, ?, ?)
+    async fn renew_bulk_lease(&self, id: Uuid, owner: &str, lease_until: DateTime<Utc>) -> StorageResult<BulkLease> {
+        let cancel: Option<bool> = sqlx::query_scalar(
+            "UPDATE identity_bulk_jobs SET lease_until = ?, updated_at = ?
+             WHERE id = ? AND lease_owner = ? AND state = 'running'
+             RETURNING cancel_requested",
+        )
+        .bind(micros(lease_until))
+        .bind(micros(Utc::now()))
+        .bind(id.to_string())
+        .bind(owner)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(BulkLease {
+            held: cancel.is_some(),
+            cancel_requested: cancel.unwrap_or(false),
+        })
+    }
+
+    async fn record_bulk_failure(&self, id: Uuid, owner: &str, user_id: UserId, reason: &str) -> StorageResult<bool> {
+        let done = sqlx::query(
+            "INSERT INTO identity_bulk_failures (job_id, user_id, reason, occurred_at)
+             SELECT id, ?, ?, ? FROM identity_bulk_jobs WHERE id = ? AND lease_owner = ? AND state = 'running'
              ON CONFLICT (job_id, user_id) DO UPDATE SET reason = excluded.reason, occurred_at = excluded.occurred_at",
         )
-        .bind(id.to_string())
         .bind(user_id.to_string())
         .bind(reason)
         .bind(micros(Utc::now()))
+        .bind(id.to_string())
+        .bind(owner)
         .execute(&self.pool)
         .await
         .map_err(db_err)?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
     async fn bulk_failures(&self, id: Uuid) -> StorageResult<Vec<(UserId, String)>> {
@@ -1089,16 +1109,17 @@ impl Storage for SqliteStorage {
     async fn finish_bulk_job(
         &self,
         id: Uuid,
+        owner: &str,
         state: BulkJobState,
         counters: &BulkCounters,
         audit: &NewAuditEvent,
-    ) -> StorageResult<()> {
+    ) -> StorageResult<bool> {
         let now = micros(Utc::now());
         let mut tx = self.begin_write().await?;
-        sqlx::query(
+        let done = sqlx::query(
             "UPDATE identity_bulk_jobs SET state = ?, processed = ?, created = ?, linked_existing = ?, skipped = ?,
                  failed = ?, lease_owner = NULL, lease_until = NULL, updated_at = ?, finished_at = ?
-             WHERE id = ?",
+             WHERE id = ? AND lease_owner = ? AND state = 'running'",
         )
         .bind(state.as_db())
         .bind(counters.processed)
@@ -1109,18 +1130,37 @@ impl Storage for SqliteStorage {
         .bind(now)
         .bind(now)
         .bind(id.to_string())
+        .bind(owner)
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
+        if done.rows_affected() != 1 {
+            return Ok(false);
+        }
         insert_audit(&mut tx, audit).await?;
-        tx.commit().await.map_err(db_err)
+        tx.commit().await.map_err(db_err)?;
+        Ok(true)
     }
 
-    async fn request_bulk_cancel(&self, id: Uuid, audit: &NewAuditEvent) -> StorageResult<BulkJobRecord> {
+    async fn request_bulk_cancel(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<BulkJobRecord> {
         let mut tx = self.begin_write().await?;
+        // Every expression reads the row as it was, so `ended` is evaluated once per column alike.
+        let ended = "(lease_until IS NULL OR lease_until < ?1)";
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE identity_bulk_jobs SET cancel_requested = 1 WHERE id = ? AND state = 'running' RETURNING {JOB_COLUMNS}"
+            "UPDATE identity_bulk_jobs SET cancel_requested = 1,
+                 state = CASE WHEN {ended} THEN 'cancelled' ELSE state END,
+                 finished_at = CASE WHEN {ended} THEN ?1 ELSE finished_at END,
+                 lease_owner = CASE WHEN {ended} THEN NULL ELSE lease_owner END,
+                 lease_until = CASE WHEN {ended} THEN NULL ELSE lease_until END,
+                 updated_at = ?1
+             WHERE id = ?2 AND state IN ('running', 'failed') RETURNING {JOB_COLUMNS}"
         )))
+        .bind(micros(now))
         .bind(id.to_string())
         .fetch_optional(&mut *tx)
         .await
@@ -1220,23 +1260,27 @@ impl Storage for SqliteStorage {
     }
 
     async fn invitation_counts(&self, now: DateTime<Utc>) -> StorageResult<InvitationCounts> {
+        // Totals kept by triggers; the unexpired open ones through the partial
+        // index on expiry (a day's worth, not the table); expired = open - pending.
         let row = sqlx::query(
             "SELECT
-                 (SELECT count(*) FROM identity_outbox WHERE kind = 'migration_invite' AND sent_at IS NOT NULL) AS sent,
-                 COALESCE(SUM(used_at IS NULL AND superseded_at IS NULL AND expires_at > ?1), 0) AS pending,
-                 COALESCE(SUM(used_at IS NOT NULL), 0) AS redeemed,
-                 COALESCE(SUM(used_at IS NULL AND superseded_at IS NULL AND expires_at <= ?1), 0) AS expired
-             FROM identity_migration_tokens",
+                 COALESCE((SELECT value FROM identity_stat_counters WHERE name = 'invitations_sent'), 0) AS sent,
+                 (SELECT count(*) FROM identity_migration_tokens
+                  WHERE used_at IS NULL AND superseded_at IS NULL AND expires_at > ?1) AS pending,
+                 COALESCE((SELECT value FROM identity_stat_counters WHERE name = 'invitations_redeemed'), 0) AS redeemed,
+                 COALESCE((SELECT value FROM identity_stat_counters WHERE name = 'invitations_open'), 0) AS open",
         )
         .bind(micros(now))
         .fetch_one(&self.pool)
         .await
         .map_err(db_err)?;
+        let pending: i64 = row.try_get("pending").map_err(db_err)?;
+        let open: i64 = row.try_get("open").map_err(db_err)?;
         Ok(InvitationCounts {
             sent: row.try_get("sent").map_err(db_err)?,
-            pending: row.try_get("pending").map_err(db_err)?,
+            pending,
             redeemed: row.try_get("redeemed").map_err(db_err)?,
-            expired: row.try_get("expired").map_err(db_err)?,
+            expired: (open - pending).max(0),
         })
     }
 

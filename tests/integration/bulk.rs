@@ -340,6 +340,246 @@ async fn jobs_can_be_cancelled_and_bad_requests_refused(db: TestDb) {
     app.shutdown().await;
 }
 
+/// One runner per job: resuming the job on the replica that runs it is refused.
+async fn resuming_a_job_running_here_is_refused(db: TestDb) {
+    let fake = FakeClerk::start(&["clerk_a"]).await;
+    let app = spawn(db, &fake).await;
+    seed(&app, 30, "here").await;
+    let mut admin = app.admin();
+    let mut stream = admin
+        .start_bulk_migration(StartBulkMigrationRequest {
+            max_requests_per_second: 5.0,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.next().await.unwrap().unwrap();
+    let again = admin
+        .start_bulk_migration(StartBulkMigrationRequest {
+            resume_job_id: first.job_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::FailedPrecondition, "{again:?}");
+    admin
+        .cancel_bulk_migration(pb::CancelBulkMigrationRequest {
+            job_id: first.job_id.clone(),
+        })
+        .await
+        .unwrap();
+    let last = run_to_end(&mut stream).await;
+    assert_eq!(last.state(), BulkJobState::Cancelled, "{last:?}");
+    assert!(last.processed <= last.total, "{last:?}");
+    app.shutdown().await;
+}
+
+/// Starts a slow job and stops the server under it (a crash); returns the
+/// job id and the database once the runner's lease has lapsed.
+async fn job_whose_runner_died(app: TestApp) -> (String, TestDb) {
+    let mut stream = app
+        .admin()
+        .start_bulk_migration(StartBulkMigrationRequest {
+            max_requests_per_second: 5.0,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let job_id = stream.next().await.unwrap().unwrap().job_id;
+    let db = app.shutdown().await;
+    // The lease (2 s here) lapses.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    (job_id, db)
+}
+
+/// A job whose runner died can be cancelled, and a resume keeps a requested cancellation.
+async fn a_job_whose_runner_died_can_be_cancelled(db: TestDb) {
+    let fake = FakeClerk::start(&["clerk_a"]).await;
+    let app = spawn(db, &fake).await;
+    seed(&app, 30, "dead").await;
+
+    let (job_id, db) = job_whose_runner_died(app).await;
+    let app = spawn(db, &fake).await;
+    let cancelled = app
+        .admin()
+        .cancel_bulk_migration(pb::CancelBulkMigrationRequest { job_id: job_id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.state(), BulkJobState::Cancelled, "{cancelled:?}");
+    let resumed = app
+        .admin()
+        .start_bulk_migration(StartBulkMigrationRequest {
+            resume_job_id: job_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(resumed.code(), Code::FailedPrecondition, "{resumed:?}");
+
+    // Cancelled while its runner lived, which died before it noticed: resuming does not run it.
+    let (job_id, db) = job_whose_runner_died(app).await;
+    crate::common::exec(
+        &db,
+        &format!("UPDATE identity_bulk_jobs SET cancel_requested = true WHERE id = '{job_id}'"),
+    )
+    .await;
+    let app = spawn(db, &fake).await;
+    let resumed = app
+        .admin()
+        .start_bulk_migration(StartBulkMigrationRequest {
+            resume_job_id: job_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(resumed.code(), Code::FailedPrecondition, "{resumed:?}");
+    let job = app
+        .storage
+        .get_bulk_job(job_id.parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.state, identity::storage::BulkJobState::Cancelled);
+
+    // A new job can start and finish.
+    let mut again = app
+        .admin()
+        .start_bulk_migration(StartBulkMigrationRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(run_to_end(&mut again).await.state(), BulkJobState::Completed);
+    app.shutdown().await;
+}
+
+/// The lease holds while Clerk makes the runner wait (Retry-After longer
+/// than the lease), and a runner that loses it stops at once and writes nothing.
+async fn a_runner_keeps_its_lease_while_clerk_makes_it_wait(db: TestDb) {
+    let fake = FakeClerk::start(&["clerk_a"]).await;
+    let other_db = db.share();
+    let app = spawn(db, &fake).await;
+    seed(&app, 5, "wait").await;
+    // The third Backend API request waits a minute (the client's cap) before its retry.
+    *fake.state.throttle_at.lock().unwrap() = vec![3];
+    fake.state.retry_after.store(60, Ordering::SeqCst);
+    let mut stream = app
+        .admin()
+        .start_bulk_migration(StartBulkMigrationRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let job_id = stream.next().await.unwrap().unwrap().job_id;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while fake.state.api_requests.load(Ordering::SeqCst) < 3 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the runner reaches the throttled request");
+    // Longer than the lease (2 s): without renewal it would have lapsed.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let replica = spawn(other_db, &fake).await;
+    let taken = replica
+        .admin()
+        .start_bulk_migration(StartBulkMigrationRequest {
+            resume_job_id: job_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(taken.code(), Code::FailedPrecondition, "{taken:?}");
+
+    // Another replica takes the job over: the waiting runner stops long before Clerk's minute is up.
+    crate::common::exec(
+        &app.db,
+        &format!("UPDATE identity_bulk_jobs SET lease_owner = 'another-replica' WHERE id = '{job_id}'"),
+    )
+    .await;
+    let mut last = None;
+    while let Some(progress) = tokio::time::timeout(Duration::from_secs(30), stream.next())
+        .await
+        .expect("the runner stops once its lease is lost")
+    {
+        last = Some(progress.unwrap());
+    }
+    let last = last.expect("a final snapshot");
+    assert_eq!(last.state(), BulkJobState::Failed, "{last:?}");
+    assert!(last.message.contains("lease"), "{last:?}");
+    // Nothing of the stale runner overwrote the new owner's job.
+    let job = app
+        .storage
+        .get_bulk_job(job_id.parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.state, identity::storage::BulkJobState::Running);
+    assert_eq!(job.lease_owner.as_deref(), Some("another-replica"));
+    replica.shutdown().await;
+    app.shutdown().await;
+}
+
+/// The rule of `link_by_email`: a Clerk account that holds a legacy user's
+/// email is linked only when that address is its verified primary one.
+async fn bulk_links_by_email_only_a_verified_primary_address(db: TestDb) {
+    let fake = FakeClerk::start(&["clerk_a"]).await;
+    let app = spawn(db, &fake).await;
+    let ids = seed(&app, 3, "claim").await;
+    {
+        let mut directory = fake.state.directory.lock().unwrap();
+        let mut unverified = fake_user("user_unverified", None, "claim0@example.com");
+        unverified["email_addresses"][0]["verification"]["status"] = "unverified".into();
+        directory.push(unverified);
+        let mut secondary = fake_user("user_secondary", None, "claim1@example.com");
+        secondary["primary_email_address_id"] = "idn_2".into();
+        secondary["email_addresses"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"id": "idn_2", "email_address": "owner@example.com", "verification": {"status": "verified"}}));
+        directory.push(secondary);
+        directory.push(fake_user("user_verified", None, "claim2@example.com"));
+    }
+    let mut stream = app
+        .admin()
+        .start_bulk_migration(StartBulkMigrationRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let last = run_to_end(&mut stream).await;
+    assert_eq!(last.state(), BulkJobState::Completed, "{last:?}");
+    assert_eq!(
+        (last.processed, last.linked_existing, last.failed, last.created),
+        (3, 1, 2, 0),
+        "{last:?}"
+    );
+
+    let mappings = strings(&app.db, "SELECT clerk_user_id FROM identity_user_mappings").await;
+    assert_eq!(mappings, vec![Some("user_verified".to_owned())]);
+    let job = app
+        .storage
+        .get_bulk_job(last.job_id.parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let failures = app.storage.bulk_failures(job.id).await.unwrap();
+    let failed: HashSet<_> = failures.iter().map(|(user, _)| *user).collect();
+    assert_eq!(failed, HashSet::from([ids[0], ids[1]]));
+    assert!(
+        failures.iter().all(|(_, reason)| reason.contains("verified")),
+        "{failures:?}"
+    );
+    // Nobody else's Clerk account was claimed for these users.
+    let directory = fake.state.directory.lock().unwrap().clone();
+    assert_eq!(directory.len(), 3);
+    for id in ["user_unverified", "user_secondary"] {
+        let user = directory.iter().find(|u| u["id"] == id).unwrap();
+        assert!(user["external_id"].is_null(), "{user}");
+    }
+    app.shutdown().await;
+}
+
 async fn bulk_needs_the_backend_api(db: TestDb) {
     let app = TestApp::spawn(db).await;
     let status = app
@@ -356,4 +596,8 @@ crate::backend_tests!(
     dry_run_reports_and_writes_nothing,
     jobs_can_be_cancelled_and_bad_requests_refused,
     bulk_needs_the_backend_api,
+    resuming_a_job_running_here_is_refused,
+    a_job_whose_runner_died_can_be_cancelled,
+    a_runner_keeps_its_lease_while_clerk_makes_it_wait,
+    bulk_links_by_email_only_a_verified_primary_address,
 );

@@ -40,6 +40,7 @@ fn config_for(db: &TestDb, fake: &FakeClerk, smtp: &FakeSmtp) -> (identity::conf
         poll_interval: Duration::from_millis(1000),
         max_attempts: 10,
         retry_base: Duration::from_secs(1),
+        ..MailConfig::default()
     };
     (config, keys)
 }
@@ -434,6 +435,48 @@ async fn replicas_never_send_a_message_twice(db: TestDb) {
     first.shutdown().await;
 }
 
+/// A slow mail server and two replicas: every message is delivered exactly
+/// once, though sending them all takes longer than one message's lease.
+async fn a_slow_mail_server_gets_each_message_once_from_two_replicas(db: TestDb) {
+    let fake = FakeClerk::start(&["clerk_a"]).await;
+    let smtp = FakeSmtp::start().await;
+    // Each delivery takes most of the send timeout; twenty of them in turn
+    // take longer than a message's lease (three timeouts and a margin).
+    *smtp.state.data_delay.lock().unwrap() = Duration::from_millis(900);
+    let spawn_replica = |db: TestDb| {
+        let (mut config, keys) = config_for(&db, &fake, &smtp);
+        config.mail.send_timeout = Duration::from_secs(2);
+        TestApp::spawn_with(db, config, keys)
+    };
+    let other_db = db.share();
+    let first = spawn_replica(db).await;
+    let second = spawn_replica(other_db).await;
+    let users = 20;
+    for n in 0..users {
+        let user = first.legacy_user(&format!("slow{n}@example.com")).await;
+        first.admin().initiate_migration(by_id(user)).await.unwrap();
+    }
+    // Until the outbox is empty, then a little longer for a late duplicate.
+    tokio::time::timeout(Duration::from_secs(90), async {
+        loop {
+            let pending = first.storage.outbox_counts().await.unwrap().pending;
+            if pending == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the outbox drains");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let messages = smtp.messages();
+    let tokens: std::collections::HashSet<_> = messages.iter().map(|m| token_in(m)).collect();
+    assert_eq!(tokens.len(), users, "every message delivered");
+    assert_eq!(messages.len(), users, "no message delivered twice");
+    second.shutdown().await;
+    first.shutdown().await;
+}
+
 /// Outside development mode with no mail transport chosen, an invitation
 /// is refused rather than "sent" to the log and lost.
 async fn invitations_without_a_mail_transport_are_refused(db: TestDb) {
@@ -459,4 +502,5 @@ crate::backend_tests!(
     bad_requests_and_rate_limits_are_clear,
     mail_outages_and_restarts_lose_nothing,
     replicas_never_send_a_message_twice,
+    a_slow_mail_server_gets_each_message_once_from_two_replicas,
 );

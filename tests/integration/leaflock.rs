@@ -121,6 +121,7 @@ fn config(db: &TestDb, fake: &FakeClerk, smtp: &FakeSmtp) -> (identity::config::
         poll_interval: Duration::from_millis(300),
         max_attempts: 10,
         retry_base: Duration::from_secs(1),
+        ..MailConfig::default()
     };
     config.bulk.default_rate = 1000.0;
     (config, keys)

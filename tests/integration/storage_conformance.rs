@@ -6,7 +6,10 @@ use std::sync::Arc;
 use chrono::{Duration as ChronoDuration, Utc};
 use identity::{
     domain::{AuditOutcome, ClerkUserId, Email, UserId},
-    storage::{AuditQuery, Conflict, MappingKey, NewAuditEvent, NewLegacyUser, Storage, StorageError, UserKey},
+    storage::{
+        AuditQuery, BulkCounters, BulkJobRecord, BulkJobState, Conflict, InvitationCounts, MappingKey, NewAuditEvent,
+        NewInvitation, NewLegacyUser, NewOutboxMessage, OutboxCounts, Storage, StorageError, UserKey,
+    },
 };
 
 use crate::common::TestDb;
@@ -605,7 +608,293 @@ async fn auth_figures_add_up_across_flushes(db: TestDb) {
     assert_eq!(storage.readiness(day + 1).await.unwrap().active_users, 0);
 }
 
+/// A running bulk job leased to `owner` until `lease_until`.
+async fn bulk_job(storage: &dyn Storage, owner: &str, lease_until: chrono::DateTime<Utc>) -> uuid::Uuid {
+    let job = BulkJobRecord {
+        id: uuid::Uuid::new_v4(),
+        state: BulkJobState::Running,
+        params: "{}".into(),
+        cursor: None,
+        total: 10,
+        counters: BulkCounters::default(),
+        started_by: "suite".into(),
+        cancel_requested: false,
+        lease_owner: Some(owner.into()),
+        lease_until: None,
+        started_at: Utc::now(),
+    };
+    storage
+        .create_bulk_job(&job, lease_until, &audit("bulk.start", None))
+        .await
+        .unwrap();
+    job.id
+}
+
+async fn a_bulk_job_is_claimed_by_one_runner_at_a_time(db: TestDb) {
+    let storage = db.storage().await;
+    let now = Utc::now();
+    let lease = now + ChronoDuration::seconds(30);
+    let id = bulk_job(storage.as_ref(), "runner-a", lease).await;
+    // While the lease holds, nobody claims the job: not even its own owner again.
+    assert!(!storage.claim_bulk_job(id, "runner-a", now, lease).await.unwrap());
+    assert!(!storage.claim_bulk_job(id, "runner-b", now, lease).await.unwrap());
+    // Once it lapses, one claim wins.
+    let later = now + ChronoDuration::seconds(31);
+    let relet = later + ChronoDuration::seconds(30);
+    assert!(storage.claim_bulk_job(id, "runner-b", later, relet).await.unwrap());
+    assert!(!storage.claim_bulk_job(id, "runner-c", later, relet).await.unwrap());
+    let job = storage.get_bulk_job(id).await.unwrap().unwrap();
+    assert_eq!(job.lease_owner.as_deref(), Some("runner-b"));
+    assert_eq!(job.state, BulkJobState::Running);
+    // The old owner's progress no longer lands.
+    let lost = storage
+        .save_bulk_progress(id, "runner-a", None, &BulkCounters::default(), relet)
+        .await
+        .unwrap();
+    assert!(!lost.held);
+}
+
+async fn cancelling_a_bulk_job_without_a_live_runner_ends_it(db: TestDb) {
+    let storage = db.storage().await;
+    let now = Utc::now();
+    let lease = now + ChronoDuration::seconds(30);
+    let id = bulk_job(storage.as_ref(), "runner-a", lease).await;
+    // A live runner is asked to stop; the job runs until it does.
+    let asked = storage
+        .request_bulk_cancel(id, now, &audit("bulk.cancel", None))
+        .await
+        .unwrap();
+    assert_eq!((asked.state, asked.cancel_requested), (BulkJobState::Running, true));
+    // The runner died before it saw the request: whoever takes the job over still sees it.
+    let later = now + ChronoDuration::seconds(31);
+    assert!(
+        storage
+            .claim_bulk_job(id, "runner-b", later, later + ChronoDuration::seconds(30))
+            .await
+            .unwrap()
+    );
+    assert!(storage.get_bulk_job(id).await.unwrap().unwrap().cancel_requested);
+
+    // With no live runner, cancelling ends the job, and another one can start.
+    let expired = later + ChronoDuration::seconds(31);
+    let ended = storage
+        .request_bulk_cancel(id, expired, &audit("bulk.cancel", None))
+        .await
+        .unwrap();
+    assert_eq!(ended.state, BulkJobState::Cancelled);
+    assert_eq!(ended.lease_owner, None);
+    assert!(storage.running_bulk_job().await.unwrap().is_none());
+    assert!(matches!(
+        storage
+            .request_bulk_cancel(id, expired, &audit("bulk.cancel", None))
+            .await,
+        Err(StorageError::NotFound(_))
+    ));
+    let next = bulk_job(storage.as_ref(), "runner-c", Utc::now() + ChronoDuration::seconds(30)).await;
+    assert_eq!(storage.running_bulk_job().await.unwrap().unwrap().id, next);
+}
+
+async fn only_the_lease_owner_writes_to_a_bulk_job(db: TestDb) {
+    let storage = db.storage().await;
+    let now = Utc::now();
+    let id = bulk_job(storage.as_ref(), "runner-a", now + ChronoDuration::seconds(30)).await;
+    let user = insert(storage.as_ref(), "failing@example.com", None).await;
+    let done = BulkCounters {
+        processed: 10,
+        created: 10,
+        ..BulkCounters::default()
+    };
+    // The lease is renewed whatever the progress, and tells of a cancellation.
+    let renewed = storage
+        .renew_bulk_lease(id, "runner-a", now + ChronoDuration::seconds(60))
+        .await
+        .unwrap();
+    assert!(renewed.held && !renewed.cancel_requested);
+    let job = storage.get_bulk_job(id).await.unwrap().unwrap();
+    assert!(job.lease_until.unwrap() > now + ChronoDuration::seconds(59));
+
+    // Another runner took the job over (runner-a's lease lapsed meanwhile).
+    let later = now + ChronoDuration::seconds(61);
+    assert!(
+        storage
+            .claim_bulk_job(id, "runner-b", later, later + ChronoDuration::seconds(30))
+            .await
+            .unwrap()
+    );
+    // The stale runner's writes all miss.
+    assert!(
+        !storage
+            .renew_bulk_lease(id, "runner-a", later + ChronoDuration::seconds(90))
+            .await
+            .unwrap()
+            .held
+    );
+    assert!(
+        !storage
+            .record_bulk_failure(id, "runner-a", user, "stale")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !storage
+            .finish_bulk_job(
+                id,
+                "runner-a",
+                BulkJobState::Completed,
+                &done,
+                &audit("bulk.finish", None)
+            )
+            .await
+            .unwrap()
+    );
+    let job = storage.get_bulk_job(id).await.unwrap().unwrap();
+    assert_eq!(job.state, BulkJobState::Running);
+    assert_eq!(job.lease_owner.as_deref(), Some("runner-b"));
+    assert_eq!(job.counters, BulkCounters::default());
+    assert!(storage.bulk_failures(id).await.unwrap().is_empty());
+    assert_eq!(audit_count(storage.as_ref(), "bulk.finish").await, 0);
+
+    // The live runner's land.
+    assert!(
+        storage
+            .record_bulk_failure(id, "runner-b", user, "no email")
+            .await
+            .unwrap()
+    );
+    assert!(
+        storage
+            .finish_bulk_job(
+                id,
+                "runner-b",
+                BulkJobState::Completed,
+                &done,
+                &audit("bulk.finish", None)
+            )
+            .await
+            .unwrap()
+    );
+    let job = storage.get_bulk_job(id).await.unwrap().unwrap();
+    assert_eq!(
+        (job.state, job.counters, job.lease_owner),
+        (BulkJobState::Completed, done, None)
+    );
+    assert_eq!(
+        storage.bulk_failures(id).await.unwrap(),
+        vec![(user, "no email".to_owned())]
+    );
+    assert_eq!(audit_count(storage.as_ref(), "bulk.finish").await, 1);
+    // A finished job takes no more writes, not even from its last owner.
+    assert!(
+        !storage
+            .finish_bulk_job(id, "runner-b", BulkJobState::Failed, &done, &audit("bulk.finish", None))
+            .await
+            .unwrap()
+    );
+}
+
+async fn invite(storage: &dyn Storage, user: UserId, hash: &str, expires_at: chrono::DateTime<Utc>) {
+    storage
+        .create_invitation(
+            &NewInvitation {
+                user_id: user,
+                token_hash: hash.into(),
+                expires_at,
+                email: NewOutboxMessage {
+                    kind: "migration_invite".into(),
+                    user_id: Some(user),
+                    recipient: "someone@example.com".into(),
+                    subject: "s".into(),
+                    body_text: "t".into(),
+                    body_html: "h".into(),
+                },
+                email_supplied_by: None,
+            },
+            &audit("invitation.create", Some(user)),
+        )
+        .await
+        .unwrap();
+}
+
+/// The outbox and invitation figures (read from running totals and partial
+/// indexes, not full scans) stay exact through every change.
+async fn outbox_and_invitation_counts_stay_exact(db: TestDb) {
+    let storage = db.storage().await;
+    let now = Utc::now();
+    let counts = |pending, sent, failed| OutboxCounts { pending, sent, failed };
+    assert_eq!(storage.outbox_counts().await.unwrap(), OutboxCounts::default());
+    assert_eq!(
+        storage.invitation_counts(now).await.unwrap(),
+        InvitationCounts::default()
+    );
+
+    let ann = insert(storage.as_ref(), "ann@example.com", None).await;
+    let bob = insert(storage.as_ref(), "bob@example.com", None).await;
+    let cat = insert(storage.as_ref(), "cat@example.com", None).await;
+    let day = ChronoDuration::days(1);
+    invite(storage.as_ref(), ann, "hash-ann-1", now + day).await;
+    // Supersedes ann's first invitation.
+    invite(storage.as_ref(), ann, "hash-ann-2", now + day).await;
+    invite(storage.as_ref(), bob, "hash-bob", now + day).await;
+    invite(storage.as_ref(), cat, "hash-cat", now + ChronoDuration::hours(1)).await;
+    assert_eq!(storage.outbox_counts().await.unwrap(), counts(4, 0, 0));
+    assert_eq!(
+        storage.invitation_counts(now).await.unwrap(),
+        InvitationCounts {
+            sent: 0,
+            pending: 3,
+            redeemed: 0,
+            expired: 0,
+        }
+    );
+
+    // Two sent, one given up, one retried later.
+    let due = Utc::now() + ChronoDuration::seconds(1);
+    let claimed = storage
+        .claim_outbox("worker", due, due + ChronoDuration::minutes(1), 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 4);
+    storage.outbox_sent(claimed[0].id, "worker").await.unwrap();
+    storage.outbox_sent(claimed[1].id, "worker").await.unwrap();
+    // Marking it sent again changes nothing.
+    storage.outbox_sent(claimed[1].id, "worker").await.unwrap();
+    storage
+        .outbox_failed(claimed[2].id, "worker", "bounced", None)
+        .await
+        .unwrap();
+    storage
+        .outbox_failed(claimed[3].id, "worker", "busy", Some(now + day))
+        .await
+        .unwrap();
+    assert_eq!(storage.outbox_counts().await.unwrap(), counts(1, 2, 1));
+
+    // Bob redeems; cat's invitation expires.
+    storage
+        .redeem_invitation(
+            "hash-bob",
+            &clerk("user_bob"),
+            now,
+            &audit("invitation.redeem", Some(bob)),
+        )
+        .await
+        .unwrap();
+    let later = now + ChronoDuration::hours(2);
+    assert_eq!(
+        storage.invitation_counts(later).await.unwrap(),
+        InvitationCounts {
+            sent: 2,
+            pending: 1,
+            redeemed: 1,
+            expired: 1,
+        }
+    );
+}
+
 crate::backend_tests!(
+    outbox_and_invitation_counts_stay_exact,
+    a_bulk_job_is_claimed_by_one_runner_at_a_time,
+    only_the_lease_owner_writes_to_a_bulk_job,
+    cancelling_a_bulk_job_without_a_live_runner_ends_it,
     user_counts_stay_exact_through_every_change,
     auth_figures_add_up_across_flushes,
     provisioning_creates_one_clerk_native_user,

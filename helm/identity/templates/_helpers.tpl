@@ -263,6 +263,7 @@ Non-secret configuration as a YAML map NAME: "value" (the ConfigMap's data).
   "IDENTITY_OUTBOX_POLL_SECONDS" $c.mail.outbox.pollSeconds
   "IDENTITY_OUTBOX_MAX_ATTEMPTS" $c.mail.outbox.maxAttempts
   "IDENTITY_OUTBOX_RETRY_BASE_SECONDS" $c.mail.outbox.retryBaseSeconds
+  "IDENTITY_OUTBOX_SEND_TIMEOUT_SECONDS" $c.mail.outbox.sendTimeoutSeconds
   "IDENTITY_BULK_LEASE_SECONDS" $c.bulk.leaseSeconds
   "IDENTITY_STATS_FLUSH_SECONDS" $c.statsFlushSeconds
 -}}

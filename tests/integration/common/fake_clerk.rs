@@ -35,8 +35,9 @@ pub struct FakeState {
     pub creates: AtomicUsize,
     /// Backend API requests seen (user management), for fault injection.
     pub api_requests: AtomicUsize,
-    /// Request numbers answered with 429 (Retry-After: 1) and with 500.
+    /// Request numbers answered with 429 (Retry-After: `retry_after`, 1 s when 0) and with 500.
     pub throttle_at: Mutex<Vec<usize>>,
+    pub retry_after: AtomicUsize,
     pub error_at: Mutex<Vec<usize>>,
     /// Fault injection: a delay before every JWKS and user answer, and a
     /// raw answer (status, content type, body) in place of the real one.
@@ -133,7 +134,8 @@ async fn user(State(state): State<Arc<FakeState>>, headers: HeaderMap, Path(id):
 fn injected_fault(state: &FakeState) -> Option<Response> {
     let n = state.api_requests.fetch_add(1, Ordering::SeqCst) + 1;
     if state.throttle_at.lock().unwrap().contains(&n) {
-        return Some((StatusCode::TOO_MANY_REQUESTS, [("retry-after", "1")], "slow down").into_response());
+        let seconds = state.retry_after.load(Ordering::SeqCst).max(1).to_string();
+        return Some((StatusCode::TOO_MANY_REQUESTS, [("retry-after", seconds)], "slow down").into_response());
     }
     if state.error_at.lock().unwrap().contains(&n) {
         return Some(StatusCode::INTERNAL_SERVER_ERROR.into_response());

@@ -21,6 +21,8 @@ pub struct SmtpState {
     pub refuse: AtomicUsize,
     /// DATA commands to answer with a temporary failure.
     pub fail_data: AtomicUsize,
+    /// How long the server takes to accept a message (a slow server).
+    pub data_delay: Mutex<std::time::Duration>,
 }
 
 pub struct FakeSmtp {
@@ -73,6 +75,8 @@ async fn session(stream: tokio::net::TcpStream, state: Arc<SmtpState>) -> std::i
                         .unwrap_or(&line),
                 );
             }
+            let delay = *state.data_delay.lock().unwrap();
+            tokio::time::sleep(delay).await;
             if take_one(&state.fail_data) {
                 write.write_all(b"451 try again later\r\n").await?;
             } else {
