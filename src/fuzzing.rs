@@ -43,17 +43,17 @@ impl Drop for TokenHarness {
 }
 
 impl TokenHarness {
-    /// Panics when the harness itself cannot be set up (not an input's fault).
-    pub fn new() -> Self {
+    /// Fails only when the harness itself cannot be set up (never an input's fault).
+    pub fn new() -> Result<Self, String> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .expect("a runtime");
+            .map_err(|e| format!("a runtime: {e}"))?;
         let path = std::env::temp_dir().join(format!("identity-fuzz-{}.db", uuid::Uuid::new_v4().simple()));
         let url = format!("sqlite://{}", path.display());
         let storage = runtime
             .block_on(storage::connect(&url, &DatabaseOptions::default(), true))
-            .expect("the fuzzing database");
+            .map_err(|e| format!("the fuzzing database: {e}"))?;
         let config = Config::from_vars(
             [
                 ("IDENTITY_LEGACY_JWT_SECRET", LEGACY_SECRET),
@@ -63,12 +63,12 @@ impl TokenHarness {
             ]
             .map(|(k, v)| (k.to_owned(), v.to_owned())),
         )
-        .expect("the fuzzing configuration")
+        .map_err(|e| format!("the fuzzing configuration: {e}"))?
         .verification;
         // A known user, so that well-formed tokens reach the accepting path.
         let _ = runtime.block_on(storage.insert_legacy_user(&NewLegacyUser {
-            id: UserId::parse("user", KNOWN_USER).expect("a UUID"),
-            email: Email::parse("email", "fuzz@example.com").expect("an email"),
+            id: UserId::parse("user", KNOWN_USER).map_err(|e| e.to_string())?,
+            email: Email::parse("email", "fuzz@example.com").map_err(|e| e.to_string())?,
             password_hash: None,
         }));
         let users = UserCache::new(storage.clone(), Duration::from_secs(3600));
@@ -79,13 +79,13 @@ impl TokenHarness {
             reqwest::Client::new(),
             Arc::new(AuthRecorder::default()),
         )
-        .expect("the fuzzing verifier");
-        Self {
+        .map_err(|e| format!("the fuzzing verifier: {e}"))?;
+        Ok(Self {
             runtime,
             verifier,
             caller: Caller::new("fuzz", vec![Scope::Verify]),
             database: path,
-        }
+        })
     }
 
     /// `VerifyToken` on `token`; true when it was accepted.
@@ -107,12 +107,6 @@ impl TokenHarness {
             Ok(signature) => format!("{message}.{signature}"),
             Err(_) => message,
         }
-    }
-}
-
-impl Default for TokenHarness {
-    fn default() -> Self {
-        Self::new()
     }
 }
 

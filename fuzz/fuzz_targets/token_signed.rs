@@ -7,7 +7,7 @@ use std::sync::LazyLock;
 use identity::fuzzing::TokenHarness;
 use libfuzzer_sys::fuzz_target;
 
-static HARNESS: LazyLock<TokenHarness> = LazyLock::new(TokenHarness::new);
+static HARNESS: LazyLock<TokenHarness> = LazyLock::new(|| TokenHarness::new().expect("the fuzzing harness"));
 
 fuzz_target!(|data: &[u8]| {
     let (header, claims) = match data.iter().position(|b| *b == b'\n') {

@@ -26,7 +26,7 @@ fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn the_fuzz_corpus_replays_without_a_panic() {
-    let harness = TokenHarness::new();
+    let harness = TokenHarness::new().unwrap();
     for (_, input) in corpus("token") {
         harness.verify(&String::from_utf8_lossy(&input));
     }
@@ -57,7 +57,7 @@ fn the_fuzzing_verifier_accepts_and_refuses_like_the_server() {
     // The harness is a working verifier, so the fuzzer explores real paths:
     // the known user's token is accepted, the same claims for an unknown
     // user or with a bad signature are not.
-    let harness = TokenHarness::new();
+    let harness = TokenHarness::new().unwrap();
     let claims = |sub: &str| format!(r#"{{"sub":"{sub}","exp":4102444800,"iat":1700000000}}"#);
     let header = br#"{"alg":"HS256","typ":"JWT"}"#;
     let known = TokenHarness::signed(header, claims(KNOWN_USER).as_bytes());
