@@ -890,6 +890,70 @@ async fn outbox_and_invitation_counts_stay_exact(db: TestDb) {
     );
 }
 
+async fn revoking_again_keeps_the_later_expiry(db: TestDb) {
+    use identity::storage::NewRevocation;
+    let storage = db.storage().await;
+    let now = Utc::now();
+    let revoke = |jti: Option<&str>, hash: Option<&str>, expires_at| NewRevocation {
+        jti: jti.map(str::to_owned),
+        token_hash: hash.map(str::to_owned),
+        user_id: None,
+        expires_at,
+    };
+    let hash = "cd".repeat(32);
+    let later = now + ChronoDuration::hours(5);
+    // Revoked until an hour from now, then again until later: later holds;
+    // an earlier third revocation neither shortens it nor revives anything.
+    for expires_at in [now + ChronoDuration::hours(1), later, now + ChronoDuration::minutes(10)] {
+        for revocation in [
+            revoke(Some("j-again"), None, expires_at),
+            revoke(None, Some(&hash), expires_at),
+        ] {
+            storage
+                .revoke_token(&revocation, &audit("token.revoke", None))
+                .await
+                .unwrap();
+        }
+    }
+    // Past the first expiry, both are still revoked, until the later one.
+    let then = now + ChronoDuration::hours(2);
+    let active = storage.active_revocations(then).await.unwrap();
+    let by_jti = active
+        .iter()
+        .find(|r| r.jti.as_deref() == Some("j-again"))
+        .expect("jti still revoked");
+    let by_hash = active
+        .iter()
+        .find(|r| r.token_hash.as_deref() == Some(hash.as_str()))
+        .expect("digest still revoked");
+    for record in [by_jti, by_hash] {
+        assert!(
+            (record.expires_at - later).num_seconds().abs() <= 1,
+            "{record:?} should expire at {later}"
+        );
+    }
+    // An expired revocation revoked again comes back to life.
+    storage
+        .revoke_token(
+            &revoke(Some("j-old"), None, now - ChronoDuration::minutes(1)),
+            &audit("token.revoke", None),
+        )
+        .await
+        .unwrap();
+    storage
+        .revoke_token(&revoke(Some("j-old"), None, later), &audit("token.revoke", None))
+        .await
+        .unwrap();
+    assert!(
+        storage
+            .active_revocations(now)
+            .await
+            .unwrap()
+            .iter()
+            .any(|r| r.jti.as_deref() == Some("j-old"))
+    );
+}
+
 crate::backend_tests!(
     outbox_and_invitation_counts_stay_exact,
     a_bulk_job_is_claimed_by_one_runner_at_a_time,
@@ -899,6 +963,7 @@ crate::backend_tests!(
     auth_figures_add_up_across_flushes,
     provisioning_creates_one_clerk_native_user,
     revocations_are_idempotent_listed_and_purged,
+    revoking_again_keeps_the_later_expiry,
     ping_answers,
     users_are_found_by_id_clerk_id_and_email,
     duplicate_users_conflict,
