@@ -219,8 +219,31 @@ async fn reflection_lists_every_service_in_both_versions(db: TestDb) {
     app.shutdown().await;
 }
 
+/// Each HTTP/2 connection may open a bounded number of concurrent calls
+/// (tonic's default is unbounded), announced in the server's SETTINGS.
+async fn the_server_bounds_concurrent_calls_per_connection(db: TestDb) {
+    let app = TestApp::spawn(db).await;
+    let addr = app.server_addr();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(connection);
+    let mut announced = send.current_max_send_streams();
+    for _ in 0..50 {
+        if announced == 256 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        announced = send.current_max_send_streams();
+    }
+    assert_eq!(announced, 256, "SETTINGS_MAX_CONCURRENT_STREAMS");
+    drop(send);
+    driver.abort();
+    app.shutdown().await;
+}
+
 crate::backend_tests!(
     serving_for_the_server_and_each_service,
     an_unknown_auth_mode_fails_closed,
-    reflection_lists_every_service_in_both_versions
+    reflection_lists_every_service_in_both_versions,
+    the_server_bounds_concurrent_calls_per_connection,
 );

@@ -433,6 +433,11 @@ impl TestApp {
         id
     }
 
+    /// Where the server listens.
+    pub fn server_addr(&self) -> std::net::SocketAddr {
+        self.server.as_ref().expect("the server runs").addr
+    }
+
     /// Stops the server; the database lives on in the returned `TestDb`.
     pub async fn shutdown(mut self) -> TestDb {
         if let Some(server) = self.server.take() {
