@@ -4,14 +4,13 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use identity::{
-    config::{Config, LegacyJwtConfig},
+    config::Config,
     domain::{ApiKeyRegistry, Email, Scope, UserId, generate_api_key},
     server::{self, RunningServer},
     storage::{self, NewLegacyUser, Storage},
 };
 use identity_client::IdentityClient;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
-use secrecy::SecretString;
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -19,6 +18,12 @@ use tokio::{
 };
 
 pub const LEGACY_SECRET: &str = "legacy-test-secret-0123456789abcdef";
+pub const CLERK_ISSUER: &str = "https://client-tests.clerk.accounts.dev";
+
+/// A key of the service's test fixtures.
+fn fixture(name: &str) -> String {
+    std::fs::read_to_string(format!("{}/../../tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+}
 
 /// The service's Prometheus figures are process-wide, so tests that count
 /// calls must not overlap with tests that make them: every test holds this.
@@ -48,13 +53,19 @@ impl TestApp {
         config.shutdown_grace = Duration::from_secs(1);
         config.settings_refresh = Duration::from_secs(1);
         config.metrics_addr = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
-        config.verification.legacy = Some(LegacyJwtConfig {
-            secret: SecretString::from(LEGACY_SECRET.to_owned()),
-            algorithm: Algorithm::HS256,
-            issuer: None,
-            audience: None,
-            user_claim: "sub".to_owned(),
-        });
+        // Legacy HS256 tokens, and Clerk session tokens checked against a
+        // fixed PEM key (networkless: no fake Clerk needed for linked users).
+        config.verification = Config::from_vars(
+            [
+                ("IDENTITY_LEGACY_JWT_SECRET", LEGACY_SECRET),
+                ("IDENTITY_CLERK_ISSUER", CLERK_ISSUER),
+                ("IDENTITY_CLERK_JWT_KEY", &fixture("clerk_a.pub.pem")),
+                ("IDENTITY_UNMAPPED_CLERK_USER", "reject"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned())),
+        )
+        .unwrap()
+        .verification;
         let storage = storage::connect(&db_url, &config.database, true).await.unwrap();
         let server = server::start_with_storage(config, storage.clone()).await.unwrap();
         Self {
@@ -121,6 +132,23 @@ pub fn legacy(claims: Value) -> String {
         &Header::new(Algorithm::HS256),
         &claims,
         &EncodingKey::from_secret(LEGACY_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// A Clerk session token for Clerk user `sub`, valid for a minute.
+pub fn clerk_for(sub: &str) -> String {
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some("ins_test".to_owned());
+    let claims = json!({
+        "sub": sub, "sid": "sess_2abc", "iss": CLERK_ISSUER, "azp": "https://app.example.com",
+        "exp": now() + 60, "nbf": now() - 5, "iat": now(),
+        "jti": uuid::Uuid::new_v4().simple().to_string(), "v": 2, "sts": "active",
+    });
+    encode(
+        &header,
+        &claims,
+        &EncodingKey::from_rsa_pem(fixture("clerk_a.key.pem").as_bytes()).unwrap(),
     )
     .unwrap()
 }

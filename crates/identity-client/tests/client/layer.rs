@@ -7,7 +7,7 @@ use identity_client::{AuthLayer, AuthMethod, IdentityClient, Principal};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-use crate::common::{TestApp, legacy_for};
+use crate::common::{TestApp, clerk_for, legacy_for};
 
 /// An axum app behind the layer: `/me` needs a principal, `/public` does
 /// not, `/clerk` only takes Clerk sessions.
@@ -61,6 +61,21 @@ async fn axum_route_behind_the_layer() {
     let token = legacy_for(&ann, 3600);
     let (status, _, body) = get_with(addr, "/me", Some(&token)).await;
     assert_eq!((status, body.as_str()), (200, ann.to_string().as_str()));
+
+    // A Clerk session of a user linked to Clerk reaches the handler too,
+    // and passes where only Clerk sessions are allowed.
+    let bob = app.legacy_user("bob@example.com").await;
+    IdentityClient::connect(app.url.clone(), app.admin_key.clone())
+        .await
+        .unwrap()
+        .link_user(&bob.to_string(), "user_2bobclerk")
+        .await
+        .unwrap();
+    let session = clerk_for("user_2bobclerk");
+    let (status, _, body) = get_with(addr, "/me", Some(&session)).await;
+    assert_eq!((status, body), (200, bob.to_string()));
+    let (status, _, body) = get_with(addr, "/clerk", Some(&session)).await;
+    assert_eq!((status, body), (200, bob.to_string()));
 
     let (status, challenge, _) = get_with(addr, "/me", Some("not-a-jwt")).await;
     assert_eq!(status, 401);

@@ -5,4 +5,5 @@
 mod cache;
 mod common;
 mod layer;
+mod retries;
 mod rpcs;
