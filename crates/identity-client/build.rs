@@ -5,8 +5,9 @@ use std::{env, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
-    // The repository's proto/ folder is the single source of truth.
-    let root = manifest.join("../../proto");
+    // `proto` is a link to the repository's proto/ folder, the single source
+    // of truth; `cargo package` copies the files it points to.
+    let root = manifest.join("proto");
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     let well_known = protoc_bin_vendored::include_path()?;
