@@ -1,7 +1,7 @@
 //! Every RPC of both services through the typed client, and the typed errors.
 
 use identity_client::{
-    AuthMethod, AuthMode, Error, MigrationState, RejectionReason,
+    AuthMethod, AuthMode, Error, IdentityClient, MigrationState, RejectionReason,
     pb::{self, get_mapping_request, get_user_request},
 };
 
@@ -161,4 +161,20 @@ async fn errors_say_who_must_act() {
     app.stop().await;
     let err = client.verify_token(&legacy_for(&ann, 60)).await.unwrap_err();
     assert!(err.is_outage(), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_replicas_with_one_down() {
+    let app = TestApp::spawn().await;
+    let ann = app.legacy_user("ann@example.com").await;
+    // Port 9 (discard) on loopback: nothing listens there.
+    let client = IdentityClient::builder(app.verify_key.clone())
+        .endpoints([app.url.clone(), "http://127.0.0.1:9".to_owned()])
+        .connect()
+        .await
+        .unwrap();
+    for _ in 0..20 {
+        let principal = client.verify_token(&legacy_for(&ann, 3600)).await.unwrap();
+        assert_eq!(principal.user_id, ann.to_string());
+    }
 }
