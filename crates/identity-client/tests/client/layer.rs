@@ -156,3 +156,72 @@ async fn tonic_service_behind_the_layer() {
     let denied = check(Some(legacy_for(&ann, 3600))).await.unwrap_err();
     assert_eq!(denied.code(), tonic::Code::Unavailable);
 }
+
+/// A tonic handler that answers GetUser with the caller's own principal.
+#[derive(Clone)]
+struct WhoAmI;
+
+#[tonic::async_trait]
+impl identity::pb::identity_service_server::IdentityService for WhoAmI {
+    async fn verify_token(
+        &self,
+        _: tonic::Request<identity::pb::VerifyTokenRequest>,
+    ) -> Result<tonic::Response<identity::pb::VerifyTokenResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not here"))
+    }
+
+    async fn revoke_token(
+        &self,
+        _: tonic::Request<identity::pb::RevokeTokenRequest>,
+    ) -> Result<tonic::Response<identity::pb::RevokeTokenResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not here"))
+    }
+
+    async fn get_user(
+        &self,
+        request: tonic::Request<identity::pb::GetUserRequest>,
+    ) -> Result<tonic::Response<identity::pb::GetUserResponse>, tonic::Status> {
+        let principal = request
+            .extensions()
+            .get::<Principal>()
+            .ok_or_else(|| tonic::Status::internal("no principal"))?;
+        Ok(tonic::Response::new(identity::pb::GetUserResponse {
+            user: Some(identity::pb::User {
+                user_id: principal.user_id.clone(),
+                email: principal.email.clone().unwrap_or_default(),
+                ..Default::default()
+            }),
+        }))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tonic_handler_reads_the_principal() {
+    let app = TestApp::spawn().await;
+    let ann = app.legacy_user("ann@example.com").await;
+    let client = app.client(&app.verify_key).await;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .layer(AuthLayer::grpc(client))
+            .add_service(identity::pb::identity_service_server::IdentityServiceServer::new(
+                WhoAmI,
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+
+    // The end user's token travels as `authorization: Bearer`, as the
+    // client sends its key: reuse the client against the protected service.
+    let user = IdentityClient::connect(format!("http://{addr}"), legacy_for(&ann, 3600))
+        .await
+        .unwrap()
+        .get_user(identity_client::pb::get_user_request::Lookup::Email(String::new()))
+        .await
+        .unwrap();
+    assert_eq!(
+        (user.user_id, user.email),
+        (ann.to_string(), "ann@example.com".to_owned())
+    );
+}
