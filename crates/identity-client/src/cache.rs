@@ -201,3 +201,76 @@ impl VerdictCache {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pb;
+
+    fn principal(expires_in: Option<Duration>, past: bool) -> Principal {
+        let expires_at = expires_in.map(|d| {
+            if past {
+                SystemTime::now() - d
+            } else {
+                SystemTime::now() + d
+            }
+        });
+        let mut p = Principal::from(pb::Principal {
+            user_id: "6f1c2b9e-8a43-4f0e-9d57-0c8f3b1a2d44".to_owned(),
+            ..Default::default()
+        });
+        p.expires_at = expires_at;
+        p
+    }
+
+    #[test]
+    fn nothing_without_or_past_its_expiry_is_cached() {
+        let cache = VerdictCache::new(CacheOptions::default());
+        let key = digest("t", "");
+        cache.put_accepted(key, "", &principal(None, false));
+        assert!(cache.get(&key).is_none(), "no exp, no entry");
+        cache.put_accepted(key, "", &principal(Some(Duration::from_secs(1)), true));
+        assert!(cache.get(&key).is_none(), "already expired, no entry");
+        cache.put_accepted(key, "", &principal(Some(Duration::from_secs(3600)), false));
+        assert!(matches!(cache.get(&key), Some(Hit::Accepted(_))));
+    }
+
+    #[test]
+    fn audiences_are_separate_and_forget_drops_them_all() {
+        let cache = VerdictCache::new(CacheOptions::default());
+        let p = principal(Some(Duration::from_secs(3600)), false);
+        cache.put_accepted(digest("t", ""), "", &p);
+        cache.put_rejected(
+            digest("t", "billing"),
+            "billing",
+            RejectionReason::Audience,
+            "wrong audience",
+        );
+        assert!(matches!(cache.get(&digest("t", "")), Some(Hit::Accepted(_))));
+        assert!(matches!(
+            cache.get(&digest("t", "billing")),
+            Some(Hit::Rejected(RejectionReason::Audience, _))
+        ));
+        cache.forget("t");
+        assert!(cache.get(&digest("t", "")).is_none());
+        assert!(cache.get(&digest("t", "billing")).is_none());
+    }
+
+    #[test]
+    fn rejections_cannot_evict_accepted_tokens() {
+        let cache = VerdictCache::new(CacheOptions::default().capacity(4).rejection_capacity(4));
+        let p = principal(Some(Duration::from_secs(3600)), false);
+        cache.put_accepted(digest("good", ""), "", &p);
+        for i in 0..10_000 {
+            cache.put_rejected(digest(&format!("bad-{i}"), ""), "", RejectionReason::Malformed, "m");
+        }
+        assert!(matches!(cache.get(&digest("good", "")), Some(Hit::Accepted(_))));
+    }
+
+    #[test]
+    fn a_zero_rejection_ttl_caches_no_rejection() {
+        let cache = VerdictCache::new(CacheOptions::default().rejection_ttl(Duration::ZERO));
+        cache.put_rejected(digest("t", ""), "", RejectionReason::Malformed, "m");
+        assert!(cache.get(&digest("t", "")).is_none());
+    }
+}
