@@ -1,0 +1,2 @@
+//! Nothing here: the benchmark is `benches/layer.rs`
+//! (`cargo bench -p identity-client-bench`).
