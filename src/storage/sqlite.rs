@@ -20,8 +20,8 @@ use super::{
     AuditQuery, AuditRecord, AuthFlush, AuthTotals, BulkCandidate, BulkCounters, BulkFilter, BulkJobRecord,
     BulkJobState, BulkLease, Conflict, DatabaseOptions, InvitationCounts, Linked, MappingKey, MappingRecord,
     NewAuditEvent, NewInvitation, NewLegacyUser, NewRevocation, OutboxCounts, OutboxMessage, Readiness,
-    RevocationRecord, SettingRecord, Storage, StorageError, StorageResult, UserCounts, UserKey, UserRecord,
-    UsersTableConfig,
+    RevocationChanges, RevocationRecord, SettingRecord, Storage, StorageError, StorageResult, UserCounts, UserKey,
+    UserRecord, UsersTableConfig,
     error::classify,
     log_users_table, migrator,
     users_table::{UserSql, parse_sqlite_time, resolve},
@@ -1276,8 +1276,10 @@ impl Storage for SqliteStorage {
         // Revoking again keeps the later expiry; it never shortens an entry.
         let target = if revocation.jti.is_some() { "jti" } else { "token_hash" };
         sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO identity_revocations (id, jti, token_hash, user_id, expires_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?)
-             ON CONFLICT ({target}) DO UPDATE SET expires_at = max(identity_revocations.expires_at, excluded.expires_at)"
+            "INSERT INTO identity_revocations (id, jti, token_hash, user_id, expires_at, revoked_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+             ON CONFLICT ({target}) DO UPDATE SET expires_at = max(identity_revocations.expires_at, excluded.expires_at),
+                 updated_at = excluded.updated_at"
         )))
         .bind(Uuid::new_v4().to_string())
         .bind(revocation.jti.as_deref())
@@ -1307,6 +1309,42 @@ impl Storage for SqliteStorage {
                 })
             })
             .collect()
+    }
+
+    async fn revocations_changed_since(
+        &self,
+        since: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> StorageResult<RevocationChanges> {
+        // Writers stamp rows with their own clock, the same machine's as this one.
+        let as_of = Utc::now();
+        // Two statements, so that the incremental one always plans on the `updated_at` index.
+        let rows = match since {
+            Some(since) => sqlx::query(
+                "SELECT jti, token_hash, expires_at FROM identity_revocations INDEXED BY idx_identity_revocations_updated_at
+                 WHERE updated_at >= ? AND expires_at > ?",
+            )
+            .bind(micros(since))
+            .bind(micros(now))
+            .fetch_all(&self.pool)
+            .await,
+            None => sqlx::query("SELECT jti, token_hash, expires_at FROM identity_revocations WHERE expires_at > ?")
+                .bind(micros(now))
+                .fetch_all(&self.pool)
+                .await,
+        }
+        .map_err(db_err)?;
+        let records = rows
+            .iter()
+            .map(|row| {
+                Ok(RevocationRecord {
+                    jti: row.try_get("jti").map_err(db_err)?,
+                    token_hash: row.try_get("token_hash").map_err(db_err)?,
+                    expires_at: from_micros(row.try_get("expires_at").map_err(db_err)?)?,
+                })
+            })
+            .collect::<StorageResult<_>>()?;
+        Ok(RevocationChanges { records, as_of })
     }
 
     async fn purge_revocations(&self, now: DateTime<Utc>) -> StorageResult<u64> {

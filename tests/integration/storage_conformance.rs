@@ -502,6 +502,87 @@ async fn revocations_are_idempotent_listed_and_purged(db: TestDb) {
     assert_eq!(audit_count(storage.as_ref(), "token.revoke").await, 4);
 }
 
+async fn revocations_are_read_incrementally_by_change_time(db: TestDb) {
+    use identity::{storage::NewRevocation, verification::RevocationList};
+    let storage = db.storage().await;
+    let revoke = |jti: &str, expires_at| {
+        let storage = storage.clone();
+        let revocation = NewRevocation {
+            jti: Some(jti.into()),
+            token_hash: None,
+            user_id: None,
+            expires_at,
+        };
+        async move {
+            storage
+                .revoke_token(&revocation, &audit("token.revoke", None))
+                .await
+                .unwrap()
+        }
+    };
+    let hour = Utc::now() + ChronoDuration::hours(1);
+    let two_hours = Utc::now() + ChronoDuration::hours(2);
+    for n in 0..20 {
+        revoke(&format!("old{n}"), hour).await;
+    }
+    revoke("gone", Utc::now() - ChronoDuration::minutes(1)).await;
+    let all = storage.revocations_changed_since(None, Utc::now()).await.unwrap();
+    assert_eq!(all.records.len(), 20, "every unexpired revocation");
+    let quiet = storage
+        .revocations_changed_since(Some(all.as_of), Utc::now())
+        .await
+        .unwrap();
+    assert!(quiet.records.is_empty(), "{:?}", quiet.records);
+    assert!(quiet.as_of >= all.as_of);
+
+    // A new revocation and a re-revocation with a later expiry are read;
+    // the 19 untouched ones are not.
+    revoke("new", hour).await;
+    revoke("old0", two_hours).await;
+    revoke("old1", Utc::now() + ChronoDuration::minutes(5)).await;
+    let changed = storage
+        .revocations_changed_since(Some(quiet.as_of), Utc::now())
+        .await
+        .unwrap();
+    let mut seen: Vec<_> = changed
+        .records
+        .iter()
+        .map(|r| (r.jti.clone().unwrap(), r.expires_at.timestamp()))
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            ("new".to_owned(), hour.timestamp()),
+            ("old0".to_owned(), two_hours.timestamp()),
+            ("old1".to_owned(), hour.timestamp()),
+        ],
+        "re-revoking keeps the later expiry"
+    );
+
+    // The in-memory list: a full read at start, then only what changed
+    // (with no overlap, so that rows written a moment ago count as old).
+    let list = RevocationList::with_overlap(storage.clone(), std::time::Duration::ZERO);
+    let start = list.full_reload().await.unwrap();
+    assert_eq!((start.read, start.full, start.held), (21, true, 21));
+    revoke("later", hour).await;
+    let tick = list.reload().await.unwrap();
+    assert!(!tick.full);
+    assert_eq!(tick.read, 1, "a tick reads what changed, not all: {tick:?}");
+    assert_eq!(tick.held, 22);
+    let digest = [0u8; 32];
+    for jti in ["later", "new", "old5"] {
+        assert!(list.is_revoked(Some(jti), &digest), "{jti}");
+    }
+    assert!(!list.is_revoked(Some("gone"), &digest));
+    assert!(!list.is_revoked(Some("never"), &digest));
+    // Pruning by expiry keeps the entry a re-revocation extended.
+    assert_eq!(list.prune(Utc::now() + ChronoDuration::minutes(90)), 21);
+    assert!(list.is_revoked(Some("old0"), &digest));
+    assert!(!list.is_revoked(Some("old5"), &digest));
+    assert_eq!(list.len(), 1);
+}
+
 async fn user_counts_stay_exact_through_every_change(db: TestDb) {
     use identity::storage::UserCounts;
     let storage = db.storage().await;
@@ -610,6 +691,7 @@ crate::backend_tests!(
     auth_figures_add_up_across_flushes,
     provisioning_creates_one_clerk_native_user,
     revocations_are_idempotent_listed_and_purged,
+    revocations_are_read_incrementally_by_change_time,
     ping_answers,
     users_are_found_by_id_clerk_id_and_email,
     duplicate_users_conflict,
