@@ -22,7 +22,7 @@ use super::{
     NewAuditEvent, NewInvitation, NewLegacyUser, NewRevocation, OutboxCounts, OutboxMessage, Readiness,
     RevocationChanges, RevocationRecord, SettingRecord, Storage, StorageError, StorageResult, UserCounts, UserKey,
     UserRecord, UsersTableConfig,
-    error::classify,
+    error::{classify, classify_mapping_insert},
     log_users_table, migrator,
     users_table::{UserSql, resolve},
 };
@@ -227,7 +227,7 @@ async fn link_in_tx(
     .bind(clerk_user_id.as_str())
     .fetch_one(&mut *conn)
     .await
-    .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+    .map_err(classify_mapping_insert)?;
     sqlx::query("DELETE FROM identity_unlinked_clerk_users WHERE clerk_user_id = $1")
         .bind(clerk_user_id.as_str())
         .execute(&mut *conn)
@@ -854,19 +854,38 @@ impl Storage for PostgresStorage {
             None => None,
         };
         let id = UserId::new_random();
-        sqlx::query("INSERT INTO identity_users (id, email, email_key, clerk_native) VALUES ($1, $2, $3, true)")
+        // The email goes with the user only while nobody has it. Writers of
+        // this service hold the email's lock, but the unique key is the
+        // final word: a clash stores the user without the email rather than
+        // failing the transaction (PostgreSQL would abort it).
+        let mut stored = false;
+        if let Some(email) = email {
+            stored = sqlx::query(
+                "INSERT INTO identity_users (id, email, email_key, clerk_native) VALUES ($1, $2, $3, true)
+                 ON CONFLICT (email_key) WHERE merged_into IS NULL DO NOTHING",
+            )
             .bind(*id.as_uuid())
-            .bind(email.map(Email::as_str))
-            .bind(email.map(Email::normalized))
+            .bind(email.as_str())
+            .bind(email.normalized())
             .execute(&mut *tx)
             .await
-            .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+            .map_err(db_err)?
+            .rows_affected()
+                == 1;
+        }
+        if !stored {
+            sqlx::query("INSERT INTO identity_users (id, clerk_native) VALUES ($1, true)")
+                .bind(*id.as_uuid())
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        }
         sqlx::query("INSERT INTO identity_user_mappings (user_id, clerk_user_id) VALUES ($1, $2)")
             .bind(*id.as_uuid())
             .bind(clerk_user_id.as_str())
             .execute(&mut *tx)
             .await
-            .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+            .map_err(classify_mapping_insert)?;
         let audit = NewAuditEvent {
             user_id: Some(id),
             ..audit.clone()

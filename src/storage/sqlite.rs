@@ -22,7 +22,7 @@ use super::{
     NewAuditEvent, NewInvitation, NewLegacyUser, NewRevocation, OutboxCounts, OutboxMessage, Readiness,
     RevocationChanges, RevocationRecord, SettingRecord, Storage, StorageError, StorageResult, UserCounts, UserKey,
     UserRecord, UsersTableConfig,
-    error::classify,
+    error::{classify, classify_mapping_insert},
     log_users_table, migrator,
     users_table::{UserSql, parse_sqlite_time, resolve},
 };
@@ -254,7 +254,7 @@ async fn link_in_tx(
     .bind(now)
     .execute(&mut *conn)
     .await
-    .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+    .map_err(classify_mapping_insert)?;
     sqlx::query("DELETE FROM identity_unlinked_clerk_users WHERE clerk_user_id = ?")
         .bind(clerk_user_id.as_str())
         .execute(&mut *conn)
@@ -712,17 +712,35 @@ impl Storage for SqliteStorage {
         };
         let id = UserId::new_random();
         let now = micros(Utc::now());
-        sqlx::query(
-            "INSERT INTO identity_users (id, email, email_key, clerk_native, created_at, updated_at) VALUES (?, ?, ?, 1, ?, ?)",
-        )
-        .bind(id.to_string())
-        .bind(email.map(Email::as_str))
-        .bind(email.map(Email::normalized))
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+        // The email goes with the user only while nobody has it; the unique
+        // key is the final word, and a clash stores the user without it.
+        let mut stored = false;
+        if let Some(email) = email {
+            stored = sqlx::query(
+                "INSERT INTO identity_users (id, email, email_key, clerk_native, created_at, updated_at)
+                 VALUES (?, ?, ?, 1, ?, ?)
+                 ON CONFLICT (email_key) WHERE merged_into IS NULL DO NOTHING",
+            )
+            .bind(id.to_string())
+            .bind(email.as_str())
+            .bind(email.normalized())
+            .bind(now)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?
+            .rows_affected()
+                == 1;
+        }
+        if !stored {
+            sqlx::query("INSERT INTO identity_users (id, clerk_native, created_at, updated_at) VALUES (?, 1, ?, ?)")
+                .bind(id.to_string())
+                .bind(now)
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        }
         sqlx::query(
             "INSERT INTO identity_user_mappings (user_id, clerk_user_id, created_at, updated_at) VALUES (?, ?, ?, ?)",
         )
@@ -732,7 +750,7 @@ impl Storage for SqliteStorage {
         .bind(now)
         .execute(&mut *tx)
         .await
-        .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+        .map_err(classify_mapping_insert)?;
         let audit = NewAuditEvent {
             user_id: Some(id),
             ..audit.clone()
