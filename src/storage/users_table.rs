@@ -449,7 +449,9 @@ impl UserSql {
             None => "p.email_key = $1".to_owned(),
         });
         let by_email = format!(
-            "SELECT * FROM ({}) u ORDER BY origin, created_at LIMIT 1",
+            // One order on both backends: PostgreSQL sorts NULLs last and SQLite
+            // first, and rows of one creation time need the id to break the tie.
+            "SELECT * FROM ({}) u ORDER BY origin, created_at IS NULL, created_at, id LIMIT 1",
             user_rows(a, "d.email_key = $1", email_where.as_deref(), pg)
         );
         let filter = if pg {

@@ -680,6 +680,47 @@ async fn emails_fold_the_same_on_both_backends(db: TestDb) {
     assert_eq!(provision("user_kim", "KIM@example.com").await, None);
 }
 
+async fn an_email_several_users_share_finds_the_same_user(db: TestDb) {
+    with_app_users(&db).await;
+    let storage = db.storage().await;
+    // The application's unique key is case-sensitive, so it may hold both.
+    // Inserted larger id first, with one creation time: only the tie-break decides.
+    let big = UserId::from_uuid(uuid::Uuid::from_u128(u128::MAX >> 1));
+    let small = UserId::from_uuid(uuid::Uuid::from_u128(1));
+    for (id, email) in [(big, "Dup@example.com"), (small, "dup@example.com")] {
+        crate::common::exec(
+            &db,
+            &format!(
+                "INSERT INTO users (id, email, password_hash, created_at, updated_at)
+                 VALUES ('{id}', '{email}', 'x', '2024-01-02 03:04:05', '2024-01-02 03:04:05')"
+            ),
+        )
+        .await;
+    }
+    let found = storage
+        .find_user(&UserKey::Email(Email::parse("e", "DUP@example.com").unwrap()))
+        .await
+        .unwrap()
+        .map(|u| u.id);
+    assert_eq!(found, Some(small), "the smallest id breaks a tie, on both backends");
+    // An older row wins over the tie-break.
+    let older = UserId::from_uuid(uuid::Uuid::from_u128(u128::MAX >> 2));
+    crate::common::exec(
+        &db,
+        &format!(
+            "INSERT INTO users (id, email, password_hash, created_at, updated_at)
+             VALUES ('{older}', 'DUP@example.com', 'x', '2023-01-02 03:04:05', '2023-01-02 03:04:05')"
+        ),
+    )
+    .await;
+    let found = storage
+        .find_user(&UserKey::Email(Email::parse("e", "dup@EXAMPLE.com").unwrap()))
+        .await
+        .unwrap()
+        .map(|u| u.id);
+    assert_eq!(found, Some(older));
+}
+
 async fn mapping_conflicts_name_the_side_that_is_taken(db: TestDb) {
     use identity::storage::{NewInvitation, NewOutboxMessage};
     let storage = db.storage().await;
@@ -975,6 +1016,7 @@ crate::backend_tests!(
     revocations_are_read_incrementally_by_change_time,
     emails_fold_the_same_on_both_backends,
     mapping_conflicts_name_the_side_that_is_taken,
+    an_email_several_users_share_finds_the_same_user,
     concurrent_first_sightings_sharing_an_email_are_clean,
     ping_answers,
     users_are_found_by_id_clerk_id_and_email,
