@@ -53,14 +53,66 @@ pub struct ReloadStats {
     pub held: usize,
 }
 
+/// Entries by one key (`jti`, or the token's SHA-256 in hex) → the token's
+/// expiry, with their count, so that an empty map is known without a lock
+/// (`DashMap::is_empty` locks every shard).
+#[derive(Default)]
+struct Entries {
+    map: DashMap<String, DateTime<Utc>>,
+    held: AtomicUsize,
+}
+
+impl Entries {
+    fn len(&self) -> usize {
+        self.held.load(Ordering::Acquire)
+    }
+
+    /// Adds an entry, or keeps the later expiry of the two.
+    fn put(&self, key: &str, expires_at: DateTime<Utc>) {
+        // A read first: reloads see mostly entries already held.
+        if let Some(mut held) = self.map.get_mut(key) {
+            if *held < expires_at {
+                *held = expires_at;
+            }
+            return;
+        }
+        match self.map.entry(key.to_owned()) {
+            Entry::Occupied(mut held) => {
+                if *held.get() < expires_at {
+                    held.insert(expires_at);
+                }
+            }
+            Entry::Vacant(slot) => {
+                // Counted while the shard is still locked, so a prune cannot
+                // remove (and uncount) the entry first.
+                let _locked = slot.insert(expires_at);
+                self.held.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    fn contains(&self, key: &str) -> bool {
+        self.len() > 0 && self.map.contains_key(key)
+    }
+
+    fn prune(&self, now: DateTime<Utc>) -> usize {
+        let mut pruned = 0;
+        self.map.retain(|_, expires_at| {
+            let keep = *expires_at > now;
+            if !keep {
+                pruned += 1;
+            }
+            keep
+        });
+        self.held.fetch_sub(pruned, Ordering::AcqRel);
+        pruned
+    }
+}
+
 struct Inner {
     storage: Arc<dyn Storage>,
-    /// `jti` → the token's expiry.
-    jtis: DashMap<String, DateTime<Utc>>,
-    /// SHA-256 (hex) of the token → the token's expiry.
-    hashes: DashMap<String, DateTime<Utc>>,
-    /// Entries in both maps, so the common case (nothing revoked) takes no lock.
-    held: AtomicUsize,
+    jtis: Entries,
+    hashes: Entries,
     watermark: Mutex<Watermark>,
     overlap: chrono::Duration,
     /// One reload at a time: a watermark must not move backwards.
@@ -89,9 +141,8 @@ impl RevocationList {
         Self {
             inner: Arc::new(Inner {
                 storage,
-                jtis: DashMap::new(),
-                hashes: DashMap::new(),
-                held: AtomicUsize::new(0),
+                jtis: Entries::default(),
+                hashes: Entries::default(),
                 watermark: Mutex::new(Watermark::default()),
                 overlap: chrono::Duration::from_std(overlap).unwrap_or(chrono::Duration::zero()),
                 reloading: tokio::sync::Mutex::new(()),
@@ -101,7 +152,7 @@ impl RevocationList {
 
     /// Entries held in memory.
     pub fn len(&self) -> usize {
-        self.inner.held.load(Ordering::Acquire)
+        self.inner.jtis.len() + self.inner.hashes.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -114,41 +165,17 @@ impl RevocationList {
             return false;
         }
         let inner = &self.inner;
-        jti.is_some_and(|j| inner.jtis.contains_key(j))
-            || (!inner.hashes.is_empty() && inner.hashes.contains_key(&hex::encode(digest)))
-    }
-
-    /// Adds an entry, or keeps the later expiry of the two.
-    fn put(&self, map: &DashMap<String, DateTime<Utc>>, key: &str, expires_at: DateTime<Utc>) {
-        // A read first: reloads see mostly entries already held.
-        if let Some(mut held) = map.get_mut(key) {
-            if *held < expires_at {
-                *held = expires_at;
-            }
-            return;
-        }
-        match map.entry(key.to_owned()) {
-            Entry::Occupied(mut held) => {
-                if *held.get() < expires_at {
-                    held.insert(expires_at);
-                }
-            }
-            Entry::Vacant(slot) => {
-                // Counted while the shard is still locked, so a prune cannot
-                // remove (and uncount) the entry first.
-                let _locked = slot.insert(expires_at);
-                self.inner.held.fetch_add(1, Ordering::AcqRel);
-            }
-        }
+        jti.is_some_and(|j| inner.jtis.contains(j))
+            || (inner.hashes.len() > 0 && inner.hashes.contains(&hex::encode(digest)))
     }
 
     /// Applies a revocation made on this replica at once.
     pub fn add_local(&self, jti: Option<&str>, token_hash: Option<&str>, expires_at: DateTime<Utc>) {
         if let Some(jti) = jti {
-            self.put(&self.inner.jtis, jti, expires_at);
+            self.inner.jtis.put(jti, expires_at);
         }
         if let Some(hash) = token_hash {
-            self.put(&self.inner.hashes, hash, expires_at);
+            self.inner.hashes.put(hash, expires_at);
         }
     }
 
@@ -178,10 +205,10 @@ impl RevocationList {
         let changes = self.inner.storage.revocations_changed_since(since, Utc::now()).await?;
         for record in &changes.records {
             if let Some(jti) = &record.jti {
-                self.put(&self.inner.jtis, jti, record.expires_at);
+                self.inner.jtis.put(jti, record.expires_at);
             }
             if let Some(hash) = &record.token_hash {
-                self.put(&self.inner.hashes, hash, record.expires_at);
+                self.inner.hashes.put(hash, record.expires_at);
             }
         }
         let mut mark = self.inner.watermark.lock().unwrap_or_else(|p| p.into_inner());
@@ -199,18 +226,7 @@ impl RevocationList {
     /// Drops from memory the entries whose token has expired at `now` (the
     /// token is refused as expired anyway); returns how many.
     pub fn prune(&self, now: DateTime<Utc>) -> usize {
-        let mut pruned = 0;
-        for map in [&self.inner.jtis, &self.inner.hashes] {
-            map.retain(|_, expires_at| {
-                let keep = *expires_at > now;
-                if !keep {
-                    pruned += 1;
-                }
-                keep
-            });
-        }
-        self.inner.held.fetch_sub(pruned, Ordering::AcqRel);
-        pruned
+        self.inner.jtis.prune(now) + self.inner.hashes.prune(now)
     }
 
     /// Deletes expired entries from the database so the table stays small.
