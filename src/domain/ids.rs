@@ -117,10 +117,25 @@ impl Email {
         &self.0
     }
 
-    /// The form the service stores and compares: lower-cased once, here
-    /// (Unicode), so that SQLite and PostgreSQL find the same users.
+    /// The form the service stores and compares, decided once, here: ASCII
+    /// letters lower-cased, every other character kept as it is.
+    ///
+    /// ASCII only, on purpose. Both databases can compare the application's
+    /// own email column in exactly this form (SQLite's `NOCASE`, PostgreSQL's
+    /// `translate`), whatever their locale, where `lower()` folds ASCII only on
+    /// SQLite and Unicode on PostgreSQL. And full Unicode folding merges
+    /// addresses that are different mailboxes (the Kelvin sign `K` folds to
+    /// `k`), which would let `link_by_email` hand an account to the owner of a
+    /// look-alike address. So `ÅSA@example.com` and `åsa@example.com` are two
+    /// addresses, on both backends.
     pub fn normalized(&self) -> String {
-        self.0.to_lowercase()
+        Self::key_of(&self.0)
+    }
+
+    /// [`Email::normalized`] of an address read from elsewhere (the
+    /// application's table, Clerk), trimmed as `parse` trims.
+    pub fn key_of(raw: &str) -> String {
+        raw.trim().to_ascii_lowercase()
     }
 }
 

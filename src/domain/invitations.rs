@@ -168,7 +168,7 @@ impl Invitations {
         // The address on record wins; a caller supplies one only where the
         // application's table keeps none readable (LeafLock encrypts it).
         let (email, supplied_by) = match (user.email.clone(), supplied) {
-            (Some(on_record), Some(supplied)) if supplied.normalized() != on_record.to_lowercase() => {
+            (Some(on_record), Some(supplied)) if supplied.normalized() != Email::key_of(&on_record) => {
                 return Err(DomainError::invalid(
                     "email",
                     "differs from the user's address on record; leave it empty",

@@ -88,3 +88,24 @@ pub(crate) fn classify(err: sqlx::Error, on_unique: Option<Conflict>) -> Storage
         _ => StorageError::Other(Box::new(err)),
     }
 }
+
+/// Translates an insert into `identity_user_mappings`: a unique violation
+/// names the side that is taken, the same on both backends. Its primary key
+/// (`user_id`) means the user is linked already; its `clerk_user_id` key
+/// means the Clerk user is. PostgreSQL names the constraint, SQLite the
+/// column (`UNIQUE constraint failed: identity_user_mappings.clerk_user_id`).
+pub(crate) fn classify_mapping_insert(err: sqlx::Error) -> StorageError {
+    let conflict = match &err {
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            let clerk_side =
+                db.constraint().is_some_and(|c| c.contains("clerk_user_id")) || db.message().contains("clerk_user_id");
+            if clerk_side {
+                Conflict::ClerkUserTaken
+            } else {
+                Conflict::UserAlreadyLinked
+            }
+        }
+        _ => Conflict::ClerkUserTaken,
+    };
+    classify(err, Some(conflict))
+}

@@ -139,6 +139,16 @@ pub struct RevocationRecord {
     pub expires_at: DateTime<Utc>,
 }
 
+/// Revocations read from the database, and from when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevocationChanges {
+    /// Unexpired revocations written or extended since the time asked for.
+    pub records: Vec<RevocationRecord>,
+    /// The database's clock when the read began: the next read asks for
+    /// changes since then (less an overlap for writes that commit late).
+    pub as_of: DateTime<Utc>,
+}
+
 /// An email to deliver through the outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewOutboxMessage {
@@ -518,11 +528,21 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Cutover readiness from the activity of days `since_day` onwards.
     async fn readiness(&self, since_day: i64) -> StorageResult<Readiness>;
 
-    /// Records a revocation and its audit event; revoking twice is a no-op.
+    /// Records a revocation and its audit event; revoking again keeps the
+    /// later expiry and marks the entry changed.
     async fn revoke_token(&self, revocation: &NewRevocation, audit: &NewAuditEvent) -> StorageResult<()>;
 
     /// Revocations that have not expired at `now`.
     async fn active_revocations(&self, now: DateTime<Utc>) -> StorageResult<Vec<RevocationRecord>>;
+
+    /// Revocations unexpired at `now` that were written or extended at or
+    /// after `since` (all of them when `None`), read through an index, with
+    /// the database's time the read began.
+    async fn revocations_changed_since(
+        &self,
+        since: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> StorageResult<RevocationChanges>;
 
     /// Deletes revocations that expired before `now`; returns how many.
     async fn purge_revocations(&self, now: DateTime<Utc>) -> StorageResult<u64>;

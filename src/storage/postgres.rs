@@ -20,9 +20,9 @@ use super::{
     AuditQuery, AuditRecord, AuthFlush, AuthTotals, BulkCandidate, BulkCounters, BulkFilter, BulkJobRecord,
     BulkJobState, BulkLease, Conflict, DatabaseOptions, InvitationCounts, Linked, MappingKey, MappingRecord,
     NewAuditEvent, NewInvitation, NewLegacyUser, NewRevocation, OutboxCounts, OutboxMessage, Readiness,
-    RevocationRecord, SettingRecord, Storage, StorageError, StorageResult, UserCounts, UserKey, UserRecord,
-    UsersTableConfig,
-    error::classify,
+    RevocationChanges, RevocationRecord, SettingRecord, Storage, StorageError, StorageResult, UserCounts, UserKey,
+    UserRecord, UsersTableConfig,
+    error::{classify, classify_mapping_insert},
     log_users_table, migrator,
     users_table::{UserSql, resolve},
 };
@@ -227,7 +227,7 @@ async fn link_in_tx(
     .bind(clerk_user_id.as_str())
     .fetch_one(&mut *conn)
     .await
-    .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+    .map_err(classify_mapping_insert)?;
     sqlx::query("DELETE FROM identity_unlinked_clerk_users WHERE clerk_user_id = $1")
         .bind(clerk_user_id.as_str())
         .execute(&mut *conn)
@@ -854,19 +854,38 @@ impl Storage for PostgresStorage {
             None => None,
         };
         let id = UserId::new_random();
-        sqlx::query("INSERT INTO identity_users (id, email, email_key, clerk_native) VALUES ($1, $2, $3, true)")
+        // The email goes with the user only while nobody has it. Writers of
+        // this service hold the email's lock, but the unique key is the
+        // final word: a clash stores the user without the email rather than
+        // failing the transaction (PostgreSQL would abort it).
+        let mut stored = false;
+        if let Some(email) = email {
+            stored = sqlx::query(
+                "INSERT INTO identity_users (id, email, email_key, clerk_native) VALUES ($1, $2, $3, true)
+                 ON CONFLICT (email_key) WHERE merged_into IS NULL DO NOTHING",
+            )
             .bind(*id.as_uuid())
-            .bind(email.map(Email::as_str))
-            .bind(email.map(Email::normalized))
+            .bind(email.as_str())
+            .bind(email.normalized())
             .execute(&mut *tx)
             .await
-            .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+            .map_err(db_err)?
+            .rows_affected()
+                == 1;
+        }
+        if !stored {
+            sqlx::query("INSERT INTO identity_users (id, clerk_native) VALUES ($1, true)")
+                .bind(*id.as_uuid())
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        }
         sqlx::query("INSERT INTO identity_user_mappings (user_id, clerk_user_id) VALUES ($1, $2)")
             .bind(*id.as_uuid())
             .bind(clerk_user_id.as_str())
             .execute(&mut *tx)
             .await
-            .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+            .map_err(classify_mapping_insert)?;
         let audit = NewAuditEvent {
             user_id: Some(id),
             ..audit.clone()
@@ -1456,12 +1475,18 @@ impl Storage for PostgresStorage {
     async fn revoke_token(&self, revocation: &NewRevocation, audit: &NewAuditEvent) -> StorageResult<()> {
         let mut tx = self.pool.begin().await.map_err(db_err)?;
         // Revoking again keeps the later expiry; it never shortens an entry.
+        // `updated_at` is the clock at the statement (not the transaction's
+        // start), so it trails the commit as little as it can.
         let sql = if revocation.jti.is_some() {
-            "INSERT INTO identity_revocations (id, jti, token_hash, user_id, expires_at) VALUES ($5, $1, $2, $3, $4)
-             ON CONFLICT (jti) DO UPDATE SET expires_at = GREATEST(identity_revocations.expires_at, excluded.expires_at)"
+            "INSERT INTO identity_revocations (id, jti, token_hash, user_id, expires_at, updated_at)
+             VALUES ($5, $1, $2, $3, $4, clock_timestamp())
+             ON CONFLICT (jti) DO UPDATE SET expires_at = GREATEST(identity_revocations.expires_at, excluded.expires_at),
+                 updated_at = clock_timestamp()"
         } else {
-            "INSERT INTO identity_revocations (id, jti, token_hash, user_id, expires_at) VALUES ($5, $1, $2, $3, $4)
-             ON CONFLICT (token_hash) DO UPDATE SET expires_at = GREATEST(identity_revocations.expires_at, excluded.expires_at)"
+            "INSERT INTO identity_revocations (id, jti, token_hash, user_id, expires_at, updated_at)
+             VALUES ($5, $1, $2, $3, $4, clock_timestamp())
+             ON CONFLICT (token_hash) DO UPDATE SET expires_at = GREATEST(identity_revocations.expires_at, excluded.expires_at),
+                 updated_at = clock_timestamp()"
         };
         sqlx::query(sql)
             .bind(revocation.jti.as_deref())
@@ -1491,6 +1516,45 @@ impl Storage for PostgresStorage {
                 })
             })
             .collect()
+    }
+
+    async fn revocations_changed_since(
+        &self,
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> StorageResult<RevocationChanges> {
+        let mut conn = self.pool.acquire().await.map_err(db_err)?;
+        // Read the clock first: every row committed before it is visible to the next statement.
+        let as_of: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(db_err)?;
+        // Two statements, so that the incremental one always plans on the `updated_at` index.
+        let rows = match since {
+            Some(since) => sqlx::query(
+                "SELECT jti, token_hash, expires_at FROM identity_revocations WHERE updated_at >= $1 AND expires_at > $2",
+            )
+            .bind(since)
+            .bind(now)
+            .fetch_all(&mut *conn)
+            .await,
+            None => sqlx::query("SELECT jti, token_hash, expires_at FROM identity_revocations WHERE expires_at > $1")
+                .bind(now)
+                .fetch_all(&mut *conn)
+                .await,
+        }
+        .map_err(db_err)?;
+        let records = rows
+            .iter()
+            .map(|row| {
+                Ok(RevocationRecord {
+                    jti: row.try_get("jti").map_err(db_err)?,
+                    token_hash: row.try_get("token_hash").map_err(db_err)?,
+                    expires_at: row.try_get("expires_at").map_err(db_err)?,
+                })
+            })
+            .collect::<StorageResult<_>>()?;
+        Ok(RevocationChanges { records, as_of })
     }
 
     async fn purge_revocations(&self, now: chrono::DateTime<chrono::Utc>) -> StorageResult<u64> {

@@ -20,9 +20,9 @@ use super::{
     AuditQuery, AuditRecord, AuthFlush, AuthTotals, BulkCandidate, BulkCounters, BulkFilter, BulkJobRecord,
     BulkJobState, BulkLease, Conflict, DatabaseOptions, InvitationCounts, Linked, MappingKey, MappingRecord,
     NewAuditEvent, NewInvitation, NewLegacyUser, NewRevocation, OutboxCounts, OutboxMessage, Readiness,
-    RevocationRecord, SettingRecord, Storage, StorageError, StorageResult, UserCounts, UserKey, UserRecord,
-    UsersTableConfig,
-    error::classify,
+    RevocationChanges, RevocationRecord, SettingRecord, Storage, StorageError, StorageResult, UserCounts, UserKey,
+    UserRecord, UsersTableConfig,
+    error::{classify, classify_mapping_insert},
     log_users_table, migrator,
     users_table::{UserSql, parse_sqlite_time, resolve},
 };
@@ -254,7 +254,7 @@ async fn link_in_tx(
     .bind(now)
     .execute(&mut *conn)
     .await
-    .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+    .map_err(classify_mapping_insert)?;
     sqlx::query("DELETE FROM identity_unlinked_clerk_users WHERE clerk_user_id = ?")
         .bind(clerk_user_id.as_str())
         .execute(&mut *conn)
@@ -712,17 +712,35 @@ impl Storage for SqliteStorage {
         };
         let id = UserId::new_random();
         let now = micros(Utc::now());
-        sqlx::query(
-            "INSERT INTO identity_users (id, email, email_key, clerk_native, created_at, updated_at) VALUES (?, ?, ?, 1, ?, ?)",
-        )
-        .bind(id.to_string())
-        .bind(email.map(Email::as_str))
-        .bind(email.map(Email::normalized))
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+        // The email goes with the user only while nobody has it; the unique
+        // key is the final word, and a clash stores the user without it.
+        let mut stored = false;
+        if let Some(email) = email {
+            stored = sqlx::query(
+                "INSERT INTO identity_users (id, email, email_key, clerk_native, created_at, updated_at)
+                 VALUES (?, ?, ?, 1, ?, ?)
+                 ON CONFLICT (email_key) WHERE merged_into IS NULL DO NOTHING",
+            )
+            .bind(id.to_string())
+            .bind(email.as_str())
+            .bind(email.normalized())
+            .bind(now)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?
+            .rows_affected()
+                == 1;
+        }
+        if !stored {
+            sqlx::query("INSERT INTO identity_users (id, clerk_native, created_at, updated_at) VALUES (?, 1, ?, ?)")
+                .bind(id.to_string())
+                .bind(now)
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        }
         sqlx::query(
             "INSERT INTO identity_user_mappings (user_id, clerk_user_id, created_at, updated_at) VALUES (?, ?, ?, ?)",
         )
@@ -732,7 +750,7 @@ impl Storage for SqliteStorage {
         .bind(now)
         .execute(&mut *tx)
         .await
-        .map_err(|e| classify(e, Some(Conflict::ClerkUserTaken)))?;
+        .map_err(classify_mapping_insert)?;
         let audit = NewAuditEvent {
             user_id: Some(id),
             ..audit.clone()
@@ -1320,8 +1338,10 @@ impl Storage for SqliteStorage {
         // Revoking again keeps the later expiry; it never shortens an entry.
         let target = if revocation.jti.is_some() { "jti" } else { "token_hash" };
         sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO identity_revocations (id, jti, token_hash, user_id, expires_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?)
-             ON CONFLICT ({target}) DO UPDATE SET expires_at = max(identity_revocations.expires_at, excluded.expires_at)"
+            "INSERT INTO identity_revocations (id, jti, token_hash, user_id, expires_at, revoked_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+             ON CONFLICT ({target}) DO UPDATE SET expires_at = max(identity_revocations.expires_at, excluded.expires_at),
+                 updated_at = excluded.updated_at"
         )))
         .bind(Uuid::new_v4().to_string())
         .bind(revocation.jti.as_deref())
@@ -1351,6 +1371,42 @@ impl Storage for SqliteStorage {
                 })
             })
             .collect()
+    }
+
+    async fn revocations_changed_since(
+        &self,
+        since: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> StorageResult<RevocationChanges> {
+        // Writers stamp rows with their own clock, the same machine's as this one.
+        let as_of = Utc::now();
+        // Two statements, so that the incremental one always plans on the `updated_at` index.
+        let rows = match since {
+            Some(since) => sqlx::query(
+                "SELECT jti, token_hash, expires_at FROM identity_revocations INDEXED BY idx_identity_revocations_updated_at
+                 WHERE updated_at >= ? AND expires_at > ?",
+            )
+            .bind(micros(since))
+            .bind(micros(now))
+            .fetch_all(&self.pool)
+            .await,
+            None => sqlx::query("SELECT jti, token_hash, expires_at FROM identity_revocations WHERE expires_at > ?")
+                .bind(micros(now))
+                .fetch_all(&self.pool)
+                .await,
+        }
+        .map_err(db_err)?;
+        let records = rows
+            .iter()
+            .map(|row| {
+                Ok(RevocationRecord {
+                    jti: row.try_get("jti").map_err(db_err)?,
+                    token_hash: row.try_get("token_hash").map_err(db_err)?,
+                    expires_at: from_micros(row.try_get("expires_at").map_err(db_err)?)?,
+                })
+            })
+            .collect::<StorageResult<_>>()?;
+        Ok(RevocationChanges { records, as_of })
     }
 
     async fn purge_revocations(&self, now: DateTime<Utc>) -> StorageResult<u64> {

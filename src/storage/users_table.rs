@@ -362,6 +362,9 @@ impl AppUsers {
     }
 }
 
+const ASCII_UPPER: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZ";
+const ASCII_LOWER: &str = "abcdefghijklmnopqrstuvwxyz";
+
 /// Every statement that reads users, built once per mapping (at start-up,
 /// and again if the application's table changes under the service).
 /// PostgreSQL statements take `$n` parameters, SQLite ones `?n`.
@@ -433,12 +436,22 @@ impl UserSql {
             "SELECT * FROM ({}) u LIMIT 1",
             user_rows(a, "d.id = $1", a.map(|app| app.id_eq("$1", pg)).as_deref(), pg)
         );
+        // `$1` is `Email::normalized()`: ASCII letters folded, nothing else.
+        // The application's column is compared in that same form on both
+        // backends (`lower()` would fold Unicode on PostgreSQL only); on
+        // PostgreSQL `lower()` first, so an index on `lower(email)` serves.
         let email_where = a.map(|app| match &app.email {
-            Some(email) => format!("lower(a.{email}) = $1 OR p.email_key = $1"),
+            Some(email) if pg => format!(
+                "(lower(a.{email}::text) = lower($1) AND translate(a.{email}::text, '{ASCII_UPPER}', '{ASCII_LOWER}') = $1)
+                 OR p.email_key = $1"
+            ),
+            Some(email) => format!("CAST(a.{email} AS TEXT) = $1 COLLATE NOCASE OR p.email_key = $1"),
             None => "p.email_key = $1".to_owned(),
         });
         let by_email = format!(
-            "SELECT * FROM ({}) u ORDER BY origin, created_at LIMIT 1",
+            // One order on both backends: PostgreSQL sorts NULLs last and SQLite
+            // first, and rows of one creation time need the id to break the tie.
+            "SELECT * FROM ({}) u ORDER BY origin, created_at IS NULL, created_at, id LIMIT 1",
             user_rows(a, "d.email_key = $1", email_where.as_deref(), pg)
         );
         let filter = if pg {

@@ -110,6 +110,25 @@ pub(crate) struct RemoteJwks {
 /// Largest JWKS document accepted.
 const MAX_JWKS_BYTES: usize = 1024 * 1024;
 
+/// Longest `kid` looked up. Clerk's are about 30 bytes; a longer one in a
+/// token is answered "unknown key" at once: never fetched for, never cached.
+/// Keys in the JWKS with a longer `kid` are skipped, so none is lost.
+const MAX_KID_LEN: usize = 256;
+
+/// Bytes the negative cache of unknown kids may hold, counting each entry's
+/// kid and a fixed overhead: kids come from callers before any signature
+/// check, so the bound is in bytes, not entries.
+const UNKNOWN_KIDS_MAX_BYTES: u64 = 1024 * 1024;
+
+/// What one cached kid costs beyond its bytes (the `String`, moka's entry).
+const UNKNOWN_KID_OVERHEAD: u32 = 64;
+
+fn unknown_kid_weight(kid: &str) -> u32 {
+    u32::try_from(kid.len())
+        .unwrap_or(u32::MAX)
+        .saturating_add(UNKNOWN_KID_OVERHEAD)
+}
+
 #[derive(Debug, thiserror::Error)]
 enum FetchError {
     #[error("request failed: {0}")]
@@ -149,7 +168,9 @@ fn parse_jwks(body: &[u8]) -> Result<HashMap<String, Arc<Key>>, FetchError> {
         if matches!(jwk.common.public_key_use, Some(ref u) if *u != PublicKeyUse::Signature) {
             continue;
         }
-        let Some(kid) = jwk.common.key_id.clone() else { continue };
+        let Some(kid) = jwk.common.key_id.clone().filter(|kid| kid.len() <= MAX_KID_LEN) else {
+            continue;
+        };
         let algorithm = match jwk.common.key_algorithm {
             None => None,
             Some(KeyAlgorithm::RS256) => Some(Algorithm::RS256),
@@ -187,7 +208,8 @@ impl RemoteJwks {
             fetches_ended: AtomicU64::new(0),
             last_attempt: Mutex::new(None),
             unknown_kids: moka::sync::Cache::builder()
-                .max_capacity(10_000)
+                .weigher(|kid: &String, _: &()| unknown_kid_weight(kid))
+                .max_capacity(UNKNOWN_KIDS_MAX_BYTES)
                 .time_to_live(cooldown.max(Duration::from_secs(1)))
                 .build(),
             cooldown,
@@ -213,6 +235,14 @@ impl RemoteJwks {
     }
 
     pub async fn key(&self, kid: &str) -> KeyLookup {
+        if kid.len() > MAX_KID_LEN {
+            // No key of ours has such a kid; answering costs no fetch and no memory.
+            return if self.has_usable_keys() {
+                KeyLookup::Unknown
+            } else {
+                KeyLookup::Unavailable
+            };
+        }
         let set = self.snapshot();
         if self.usable(&set) {
             if let Some(key) = set.keys.get(kid) {
@@ -361,6 +391,67 @@ mod tests {
         assert_eq!(keys.keys().collect::<Vec<_>>(), vec!["ins_clerk_a"]);
         assert!(matches!(parse_jwks(br#"{"keys":[]}"#), Err(FetchError::Empty)));
         assert!(matches!(parse_jwks(b"<html>"), Err(FetchError::Parse(_))));
+    }
+
+    /// A JWKS client holding one good key, fetched just now, that will not
+    /// fetch again within the test (the cooldown is an hour).
+    fn jwks_with_fresh_keys() -> RemoteJwks {
+        let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_str(&fixture("clerk_a.jwk.json")).unwrap();
+        let key = Key::new(&DecodingKey::from_jwk(&jwk).unwrap(), None).unwrap();
+        let remote = RemoteJwks::new(
+            url::Url::parse("http://127.0.0.1:9/jwks.json").unwrap(),
+            None,
+            reqwest::Client::new(),
+            Duration::from_secs(3600),
+            Duration::from_secs(3600),
+            Duration::from_secs(3600),
+        );
+        *remote.current.write().unwrap() = Arc::new(KeySet {
+            keys: HashMap::from([("ins_clerk_a".to_owned(), Arc::new(key))]),
+            fetched_at: Some(Instant::now()),
+        });
+        *remote.last_attempt.lock().unwrap() = Some(Instant::now());
+        remote
+    }
+
+    fn unknown_kid_bytes(remote: &RemoteJwks) -> usize {
+        remote.unknown_kids.run_pending_tasks();
+        remote.unknown_kids.iter().map(|(kid, ())| kid.len()).sum()
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_huge_distinct_kids_stays_within_the_byte_bound() {
+        let remote = jwks_with_fresh_keys();
+        // Over-long kids (a 6 KB header is easy to send) are never held.
+        for n in 0..2_000 {
+            let kid = format!("{n:06}{}", "k".repeat(6_000));
+            assert!(matches!(remote.key(&kid).await, KeyLookup::Unknown));
+        }
+        assert_eq!(unknown_kid_bytes(&remote), 0, "over-long kids are not cached");
+        // Kids of the longest accepted length, far more than fit.
+        for n in 0..20_000 {
+            let kid = format!("{n:06}{}", "k".repeat(MAX_KID_LEN - 6));
+            assert!(matches!(remote.key(&kid).await, KeyLookup::Unknown));
+        }
+        let held = unknown_kid_bytes(&remote);
+        assert!(held > 0, "unknown kids are still remembered");
+        assert!(
+            held as u64 <= UNKNOWN_KIDS_MAX_BYTES,
+            "{held} bytes of kids held, bound {UNKNOWN_KIDS_MAX_BYTES}"
+        );
+        assert!(remote.unknown_kids.weighted_size() <= UNKNOWN_KIDS_MAX_BYTES);
+        assert!(matches!(remote.key("ins_clerk_a").await, KeyLookup::Found(_)));
+        assert_eq!(remote.stats.fetches_ok.load(Ordering::Relaxed), 0, "no fetch storm");
+        assert_eq!(remote.stats.fetches_failed.load(Ordering::Relaxed), 0, "no fetch storm");
+    }
+
+    #[test]
+    fn keys_with_over_long_kids_are_skipped() {
+        let jwk: serde_json::Value = serde_json::from_str(&fixture("clerk_a.jwk.json")).unwrap();
+        let mut long = jwk.clone();
+        long["kid"] = serde_json::Value::String("k".repeat(MAX_KID_LEN + 1));
+        let doc = serde_json::json!({ "keys": [jwk, long] }).to_string();
+        assert_eq!(parse_jwks(doc.as_bytes()).unwrap().len(), 1);
     }
 
     fn fixture(name: &str) -> String {

@@ -32,13 +32,13 @@ pub use jwks::JwksStats;
 pub use principal::{AuthMethod, Principal};
 use reason::outside_validity;
 pub use reason::{RejectReason, Rejection};
+pub use revocation::{FULL_RELOAD_EVERY, OVERLAP, ReloadStats, RevocationList};
 
 use self::{
     clerk::{ClerkFailure, ClerkToken, ClerkVerifier, is_rsa},
     jwks::{Key, KeyStore, RemoteJwks},
     legacy::{LegacyToken, LegacyVerifier, Unverified},
     principal::PrincipalResolver,
-    revocation::RevocationList,
 };
 use crate::{
     clerk::ClerkApi,
@@ -302,11 +302,23 @@ impl Verifier {
         let revocations = self.inner.revocations.clone();
         let mut stop = stop;
         tokio::spawn(async move {
+            // Each tick reads only what changed (see revocation.rs); expired
+            // entries leave memory every minute and the table every ten.
+            let prune_every = Duration::from_secs(60);
             let purge_every = Duration::from_secs(600);
+            let mut since_prune = Duration::ZERO;
             let mut since_purge = Duration::ZERO;
             loop {
-                if let Err(err) = revocations.reload().await {
-                    tracing::warn!(error = %err, "cannot reload revocations; keeping the last known list");
+                match revocations.reload().await {
+                    Ok(stats) if stats.full => {
+                        tracing::debug!(read = stats.read, held = stats.held, "read every active revocation")
+                    }
+                    Ok(_) => {}
+                    Err(err) => tracing::warn!(error = %err, "cannot reload revocations; keeping the last known list"),
+                }
+                if since_prune >= prune_every {
+                    since_prune = Duration::ZERO;
+                    revocations.prune(Utc::now());
                 }
                 if since_purge >= purge_every {
                     since_purge = Duration::ZERO;
@@ -317,16 +329,19 @@ impl Verifier {
                     }
                 }
                 tokio::select! {
-                    _ = tokio::time::sleep(reload_every) => since_purge += reload_every,
+                    _ = tokio::time::sleep(reload_every) => {
+                        since_prune += reload_every;
+                        since_purge += reload_every;
+                    }
                     _ = stop.changed() => return,
                 }
             }
         });
     }
 
-    /// Reloads revocations now (start-up).
+    /// Reads every active revocation now (start-up); returns how many are held.
     pub async fn load_revocations(&self) -> Result<usize, DomainError> {
-        self.inner.revocations.reload().await
+        Ok(self.inner.revocations.full_reload().await?.held)
     }
 
     /// Forgets cached users after a link or unlink on this replica.
@@ -719,9 +734,11 @@ impl Verifier {
             .await;
             return Err(err);
         }
-        inner
-            .revocations
-            .add_local(revocation.jti.as_deref(), revocation.token_hash.as_deref());
+        inner.revocations.add_local(
+            revocation.jti.as_deref(),
+            revocation.token_hash.as_deref(),
+            revocation.expires_at,
+        );
         tracing::info!(caller = %caller.name, user_id = ?revocation.user_id.map(|u| u.to_string()), "legacy token revoked");
         Ok(revocation.expires_at)
     }

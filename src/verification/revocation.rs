@@ -1,102 +1,236 @@
-//! Revoked legacy tokens: stored in `jwt_blacklist` (by `jti`, or by the
-//! token's SHA-256 when it has none) until the token expires, and held in
-//! memory by every replica, reloaded every `IDENTITY_SETTINGS_REFRESH_SECONDS`.
+//! Revoked legacy tokens: stored in `identity_revocations` (by `jti`, or by
+//! the token's SHA-256 when it has none) until the token expires, and held in
+//! memory by every replica.
+//!
+//! A replica reads every active revocation once at start (and again, as a
+//! backstop, every [`FULL_RELOAD_EVERY`]); each reload in between reads only
+//! the rows written or extended since the previous read began, less
+//! [`OVERLAP`] for writes that commit after the time they were stamped with.
+//! So a tick with a million revocations stored and a few new ones reads the
+//! few. Entries live in concurrent maps, so a revocation made here is one
+//! insert (no copy of the sets), and each entry keeps its expiry, so expired
+//! ones are pruned from memory without a read.
 
 use std::{
-    collections::HashSet,
     sync::{
-        Arc, RwLock,
-        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
     },
+    time::{Duration, Instant},
 };
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
+use dashmap::{DashMap, mapref::entry::Entry};
 
 use crate::{domain::DomainError, storage::Storage};
 
+/// How far before the previous read's start an incremental read begins: a
+/// revocation stamped just before a read and committed just after it is read
+/// the next time. Larger than any revocation's transaction.
+pub const OVERLAP: Duration = Duration::from_secs(10);
+
+/// How often a replica reads every active revocation again, in case an
+/// incremental read missed a row (a transaction longer than [`OVERLAP`]).
+pub const FULL_RELOAD_EVERY: Duration = Duration::from_secs(3600);
+
+/// Where incremental reads stand.
 #[derive(Default)]
-struct Revoked {
-    jtis: HashSet<String>,
-    hashes: HashSet<String>,
+struct Watermark {
+    /// The start of the last successful read, in the database's clock.
+    as_of: Option<DateTime<Utc>>,
+    /// When the last full read finished.
+    full_at: Option<Instant>,
 }
 
-#[derive(Clone)]
-pub(crate) struct RevocationList {
+/// What one reload read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReloadStats {
+    /// Rows read from the database.
+    pub read: usize,
+    /// Whether every active row was read (start-up, or the periodic backstop).
+    pub full: bool,
+    /// Entries held in memory afterwards.
+    pub held: usize,
+}
+
+/// Entries by one key (`jti`, or the token's SHA-256 in hex) → the token's
+/// expiry, with their count, so that an empty map is known without a lock
+/// (`DashMap::is_empty` locks every shard).
+#[derive(Default)]
+struct Entries {
+    map: DashMap<String, DateTime<Utc>>,
+    held: AtomicUsize,
+}
+
+impl Entries {
+    fn len(&self) -> usize {
+        self.held.load(Ordering::Acquire)
+    }
+
+    /// Adds an entry, or keeps the later expiry of the two.
+    fn put(&self, key: &str, expires_at: DateTime<Utc>) {
+        // A read first: reloads see mostly entries already held.
+        if let Some(mut held) = self.map.get_mut(key) {
+            if *held < expires_at {
+                *held = expires_at;
+            }
+            return;
+        }
+        match self.map.entry(key.to_owned()) {
+            Entry::Occupied(mut held) => {
+                if *held.get() < expires_at {
+                    held.insert(expires_at);
+                }
+            }
+            Entry::Vacant(slot) => {
+                // Counted while the shard is still locked, so a prune cannot
+                // remove (and uncount) the entry first.
+                let _locked = slot.insert(expires_at);
+                self.held.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    fn contains(&self, key: &str) -> bool {
+        self.len() > 0 && self.map.contains_key(key)
+    }
+
+    fn prune(&self, now: DateTime<Utc>) -> usize {
+        let mut pruned = 0;
+        self.map.retain(|_, expires_at| {
+            let keep = *expires_at > now;
+            if !keep {
+                pruned += 1;
+            }
+            keep
+        });
+        self.held.fetch_sub(pruned, Ordering::AcqRel);
+        pruned
+    }
+}
+
+struct Inner {
     storage: Arc<dyn Storage>,
-    current: Arc<RwLock<Arc<Revoked>>>,
-    /// Whether `current` holds nothing; written under its write lock.
-    empty: Arc<AtomicBool>,
+    jtis: Entries,
+    hashes: Entries,
+    watermark: Mutex<Watermark>,
+    overlap: chrono::Duration,
+    /// One reload at a time: a watermark must not move backwards.
+    reloading: tokio::sync::Mutex<()>,
+}
+
+/// The revocations a replica holds in memory.
+#[derive(Clone)]
+pub struct RevocationList {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RevocationList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RevocationList").field("held", &self.len()).finish()
+    }
 }
 
 impl RevocationList {
     pub fn new(storage: Arc<dyn Storage>) -> Self {
+        Self::with_overlap(storage, OVERLAP)
+    }
+
+    /// Another overlap than [`OVERLAP`] (tests and benchmarks).
+    pub fn with_overlap(storage: Arc<dyn Storage>, overlap: Duration) -> Self {
         Self {
-            storage,
-            current: Arc::new(RwLock::new(Arc::new(Revoked::default()))),
-            empty: Arc::new(AtomicBool::new(true)),
+            inner: Arc::new(Inner {
+                storage,
+                jtis: Entries::default(),
+                hashes: Entries::default(),
+                watermark: Mutex::new(Watermark::default()),
+                overlap: chrono::Duration::from_std(overlap).unwrap_or(chrono::Duration::zero()),
+                reloading: tokio::sync::Mutex::new(()),
+            }),
         }
     }
 
-    fn snapshot(&self) -> Arc<Revoked> {
-        self.current
-            .read()
-            .map(|r| r.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
+    /// Entries held in memory.
+    pub fn len(&self) -> usize {
+        self.inner.jtis.len() + self.inner.hashes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// `digest` is the token's SHA-256 (stored hex-encoded).
     pub fn is_revoked(&self, jti: Option<&str>, digest: &[u8; 32]) -> bool {
-        // The common case, nothing revoked, reads one flag and takes no lock.
-        if self.empty.load(Ordering::Acquire) {
+        if self.is_empty() {
             return false;
         }
-        let revoked = self.snapshot();
-        jti.is_some_and(|j| revoked.jtis.contains(j))
-            || (!revoked.hashes.is_empty() && revoked.hashes.contains(&hex::encode(digest)))
-    }
-
-    fn publish(&self, guard: &mut Arc<Revoked>, next: Revoked) {
-        let empty = next.jtis.is_empty() && next.hashes.is_empty();
-        *guard = Arc::new(next);
-        self.empty.store(empty, Ordering::Release);
+        let inner = &self.inner;
+        jti.is_some_and(|j| inner.jtis.contains(j))
+            || (inner.hashes.len() > 0 && inner.hashes.contains(&hex::encode(digest)))
     }
 
     /// Applies a revocation made on this replica at once.
-    pub fn add_local(&self, jti: Option<&str>, token_hash: Option<&str>) {
-        let mut guard = self.current.write().unwrap_or_else(|p| p.into_inner());
-        let mut next = Revoked {
-            jtis: guard.jtis.clone(),
-            hashes: guard.hashes.clone(),
-        };
+    pub fn add_local(&self, jti: Option<&str>, token_hash: Option<&str>, expires_at: DateTime<Utc>) {
         if let Some(jti) = jti {
-            next.jtis.insert(jti.to_owned());
+            self.inner.jtis.put(jti, expires_at);
         }
         if let Some(hash) = token_hash {
-            next.hashes.insert(hash.to_owned());
+            self.inner.hashes.put(hash, expires_at);
         }
-        self.publish(&mut guard, next);
     }
 
-    /// Reloads the active revocations from the database.
-    pub async fn reload(&self) -> Result<usize, DomainError> {
-        let records = self.storage.active_revocations(Utc::now()).await?;
-        let mut next = Revoked::default();
-        for record in records {
-            if let Some(jti) = record.jti {
-                next.jtis.insert(jti);
+    /// One reload tick: the revocations changed since the last read (or all
+    /// of them, at start and every [`FULL_RELOAD_EVERY`]).
+    pub async fn reload(&self) -> Result<ReloadStats, DomainError> {
+        let _one = self.inner.reloading.lock().await;
+        let since = {
+            let mark = self.inner.watermark.lock().unwrap_or_else(|p| p.into_inner());
+            match (mark.as_of, mark.full_at) {
+                (Some(as_of), Some(full_at)) if full_at.elapsed() < FULL_RELOAD_EVERY => {
+                    Some(as_of - self.inner.overlap)
+                }
+                _ => None,
             }
-            if let Some(hash) = record.token_hash {
-                next.hashes.insert(hash);
-            }
-        }
-        let count = next.jtis.len() + next.hashes.len();
-        let mut guard = self.current.write().unwrap_or_else(|p| p.into_inner());
-        self.publish(&mut guard, next);
-        Ok(count)
+        };
+        self.read(since).await
     }
 
-    /// Deletes expired entries so the list stays small.
+    /// Reads every active revocation (start-up, and the periodic backstop).
+    pub async fn full_reload(&self) -> Result<ReloadStats, DomainError> {
+        let _one = self.inner.reloading.lock().await;
+        self.read(None).await
+    }
+
+    async fn read(&self, since: Option<DateTime<Utc>>) -> Result<ReloadStats, DomainError> {
+        let changes = self.inner.storage.revocations_changed_since(since, Utc::now()).await?;
+        for record in &changes.records {
+            if let Some(jti) = &record.jti {
+                self.inner.jtis.put(jti, record.expires_at);
+            }
+            if let Some(hash) = &record.token_hash {
+                self.inner.hashes.put(hash, record.expires_at);
+            }
+        }
+        let mut mark = self.inner.watermark.lock().unwrap_or_else(|p| p.into_inner());
+        mark.as_of = Some(changes.as_of);
+        if since.is_none() {
+            mark.full_at = Some(Instant::now());
+        }
+        Ok(ReloadStats {
+            read: changes.records.len(),
+            full: since.is_none(),
+            held: self.len(),
+        })
+    }
+
+    /// Drops from memory the entries whose token has expired at `now` (the
+    /// token is refused as expired anyway); returns how many.
+    pub fn prune(&self, now: DateTime<Utc>) -> usize {
+        self.inner.jtis.prune(now) + self.inner.hashes.prune(now)
+    }
+
+    /// Deletes expired entries from the database so the table stays small.
     pub async fn purge(&self) -> Result<u64, DomainError> {
-        Ok(self.storage.purge_revocations(Utc::now()).await?)
+        Ok(self.inner.storage.purge_revocations(Utc::now()).await?)
     }
 }

@@ -505,6 +505,409 @@ async fn revocations_are_idempotent_listed_and_purged(db: TestDb) {
     assert_eq!(audit_count(storage.as_ref(), "token.revoke").await, 4);
 }
 
+async fn revocations_are_read_incrementally_by_change_time(db: TestDb) {
+    use identity::{storage::NewRevocation, verification::RevocationList};
+    let storage = db.storage().await;
+    let revoke = |jti: &str, expires_at| {
+        let storage = storage.clone();
+        let revocation = NewRevocation {
+            jti: Some(jti.into()),
+            token_hash: None,
+            user_id: None,
+            expires_at,
+        };
+        async move {
+            storage
+                .revoke_token(&revocation, &audit("token.revoke", None))
+                .await
+                .unwrap()
+        }
+    };
+    let hour = Utc::now() + ChronoDuration::hours(1);
+    let two_hours = Utc::now() + ChronoDuration::hours(2);
+    for n in 0..20 {
+        revoke(&format!("old{n}"), hour).await;
+    }
+    revoke("gone", Utc::now() - ChronoDuration::minutes(1)).await;
+    let all = storage.revocations_changed_since(None, Utc::now()).await.unwrap();
+    assert_eq!(all.records.len(), 20, "every unexpired revocation");
+    let quiet = storage
+        .revocations_changed_since(Some(all.as_of), Utc::now())
+        .await
+        .unwrap();
+    assert!(quiet.records.is_empty(), "{:?}", quiet.records);
+    assert!(quiet.as_of >= all.as_of);
+
+    // A new revocation and a re-revocation with a later expiry are read;
+    // the 19 untouched ones are not.
+    revoke("new", hour).await;
+    revoke("old0", two_hours).await;
+    revoke("old1", Utc::now() + ChronoDuration::minutes(5)).await;
+    let changed = storage
+        .revocations_changed_since(Some(quiet.as_of), Utc::now())
+        .await
+        .unwrap();
+    let mut seen: Vec<_> = changed
+        .records
+        .iter()
+        .map(|r| (r.jti.clone().unwrap(), r.expires_at.timestamp()))
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            ("new".to_owned(), hour.timestamp()),
+            ("old0".to_owned(), two_hours.timestamp()),
+            ("old1".to_owned(), hour.timestamp()),
+        ],
+        "re-revoking keeps the later expiry"
+    );
+
+    // The in-memory list: a full read at start, then only what changed
+    // (with no overlap, so that rows written a moment ago count as old).
+    let list = RevocationList::with_overlap(storage.clone(), std::time::Duration::ZERO);
+    let start = list.full_reload().await.unwrap();
+    assert_eq!((start.read, start.full, start.held), (21, true, 21));
+    revoke("later", hour).await;
+    let tick = list.reload().await.unwrap();
+    assert!(!tick.full);
+    assert_eq!(tick.read, 1, "a tick reads what changed, not all: {tick:?}");
+    assert_eq!(tick.held, 22);
+    let digest = [0u8; 32];
+    for jti in ["later", "new", "old5"] {
+        assert!(list.is_revoked(Some(jti), &digest), "{jti}");
+    }
+    assert!(!list.is_revoked(Some("gone"), &digest));
+    assert!(!list.is_revoked(Some("never"), &digest));
+    // Pruning by expiry keeps the entry a re-revocation extended.
+    assert_eq!(list.prune(Utc::now() + ChronoDuration::minutes(90)), 21);
+    assert!(list.is_revoked(Some("old0"), &digest));
+    assert!(!list.is_revoked(Some("old5"), &digest));
+    assert_eq!(list.len(), 1);
+}
+
+/// The seed application's `users` table, whatever the layout the suite runs.
+async fn with_app_users(db: &TestDb) {
+    use crate::common::{Backend, Layout, SEED_POSTGRES, SEED_SQLITE, exec};
+    if db.layout == Layout::Empty {
+        let seed = match db.backend {
+            Backend::Sqlite => SEED_SQLITE,
+            Backend::Postgres => SEED_POSTGRES,
+        };
+        exec(db, seed).await;
+    }
+}
+
+/// A user of the application's own table, written as the application writes it.
+async fn app_user(db: &TestDb, email: &str) -> UserId {
+    let id = UserId::new_random();
+    crate::common::exec(
+        db,
+        &format!("INSERT INTO users (id, email, password_hash) VALUES ('{id}', '{email}', '$2b$10$x')"),
+    )
+    .await;
+    id
+}
+
+async fn emails_fold_the_same_on_both_backends(db: TestDb) {
+    with_app_users(&db).await;
+    let storage = db.storage().await;
+    let asa = app_user(&db, "ÅSA@Example.com").await;
+    let emile = insert(storage.as_ref(), "ÉMILE@Example.com", None).await;
+    let kim = insert(storage.as_ref(), "kim@example.com", None).await;
+    let find = |email: &'static str| {
+        let storage = storage.clone();
+        async move {
+            storage
+                .find_user(&UserKey::Email(Email::parse("e", email).unwrap()))
+                .await
+                .unwrap()
+                .map(|u| u.id)
+        }
+    };
+    // ASCII letters fold, in the application's table and in the service's directory...
+    assert_eq!(find("Åsa@EXAMPLE.COM").await, Some(asa));
+    assert_eq!(find("ÉMILE@example.COM").await, Some(emile));
+    // ...and nothing else does: these are other addresses, on both backends.
+    assert_eq!(find("åsa@example.com").await, None);
+    assert_eq!(find("émile@example.com").await, None);
+    assert_eq!(find("\u{212A}im@example.com").await, None, "the Kelvin sign is not a K");
+    assert_eq!(find("kim@EXAMPLE.com").await, Some(kim));
+
+    // Another address may be added, and is found as itself.
+    let asa_lower = insert(storage.as_ref(), "åsa@example.com", None).await;
+    assert_eq!(find("åsa@Example.COM").await, Some(asa_lower));
+    assert_eq!(find("ÅSA@example.com").await, Some(asa));
+    let taken = storage
+        .insert_legacy_user(&NewLegacyUser {
+            id: UserId::new_random(),
+            email: Email::parse("e", "Åsa@example.com").unwrap(),
+            password_hash: None,
+        })
+        .await;
+    assert!(
+        matches!(taken, Err(StorageError::Conflict(Conflict::UserExists))),
+        "{taken:?}"
+    );
+
+    // Provisioning keeps an address nobody has, and leaves out one somebody has.
+    let provision = |clerk_id: &'static str, email: &'static str| {
+        let storage = storage.clone();
+        async move {
+            storage
+                .provision_clerk_user(
+                    &clerk(clerk_id),
+                    Some(&Email::parse("e", email).unwrap()),
+                    &audit("user.provision", None),
+                )
+                .await
+                .unwrap()
+                .email
+        }
+    };
+    assert_eq!(
+        provision("user_emile", "émile@example.com").await.as_deref(),
+        Some("émile@example.com")
+    );
+    assert_eq!(provision("user_asa", "ÅSA@EXAMPLE.com").await, None);
+    assert_eq!(provision("user_asa2", "åSA@example.COM").await, None);
+    assert_eq!(
+        provision("user_ola", "ÖLA@example.com").await.as_deref(),
+        Some("ÖLA@example.com")
+    );
+    assert_eq!(
+        provision("user_ola2", "öla@example.com").await.as_deref(),
+        Some("öla@example.com")
+    );
+    assert_eq!(provision("user_ola3", "ÖLA@EXAMPLE.COM").await, None);
+    assert_eq!(provision("user_kim", "KIM@example.com").await, None);
+}
+
+async fn an_email_several_users_share_finds_the_same_user(db: TestDb) {
+    with_app_users(&db).await;
+    let storage = db.storage().await;
+    // The application's unique key is case-sensitive, so it may hold both.
+    // Inserted larger id first, with one creation time: only the tie-break decides.
+    let big = UserId::from_uuid(uuid::Uuid::from_u128(u128::MAX >> 1));
+    let small = UserId::from_uuid(uuid::Uuid::from_u128(1));
+    for (id, email) in [(big, "Dup@example.com"), (small, "dup@example.com")] {
+        crate::common::exec(
+            &db,
+            &format!(
+                "INSERT INTO users (id, email, password_hash, created_at, updated_at)
+                 VALUES ('{id}', '{email}', 'x', '2024-01-02 03:04:05', '2024-01-02 03:04:05')"
+            ),
+        )
+        .await;
+    }
+    let found = storage
+        .find_user(&UserKey::Email(Email::parse("e", "DUP@example.com").unwrap()))
+        .await
+        .unwrap()
+        .map(|u| u.id);
+    assert_eq!(found, Some(small), "the smallest id breaks a tie, on both backends");
+    // An older row wins over the tie-break.
+    let older = UserId::from_uuid(uuid::Uuid::from_u128(u128::MAX >> 2));
+    crate::common::exec(
+        &db,
+        &format!(
+            "INSERT INTO users (id, email, password_hash, created_at, updated_at)
+             VALUES ('{older}', 'DUP@example.com', 'x', '2023-01-02 03:04:05', '2023-01-02 03:04:05')"
+        ),
+    )
+    .await;
+    let found = storage
+        .find_user(&UserKey::Email(Email::parse("e", "dup@EXAMPLE.com").unwrap()))
+        .await
+        .unwrap()
+        .map(|u| u.id);
+    assert_eq!(found, Some(older));
+}
+
+async fn mapping_conflicts_name_the_side_that_is_taken(db: TestDb) {
+    use identity::storage::{NewInvitation, NewOutboxMessage};
+    let storage = db.storage().await;
+    let ann = insert(storage.as_ref(), "ann@example.com", None).await;
+    let bob = insert(storage.as_ref(), "bob@example.com", None).await;
+    let carl = insert(storage.as_ref(), "carl@example.com", None).await;
+
+    // Ten Clerk users race for one legacy user: one wins, the others are told the user is linked.
+    let mut tasks = Vec::new();
+    for n in 0..10 {
+        let storage: Arc<dyn Storage> = storage.clone();
+        tasks.push(tokio::spawn(async move {
+            storage
+                .link_user(ann, &clerk(&format!("user_race{n}")), &audit("user.link", Some(ann)))
+                .await
+        }));
+    }
+    let mut ok = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(StorageError::Conflict(Conflict::UserAlreadyLinked)) => {}
+            Err(other) => panic!("unexpected error: {other:?}"),
+        }
+    }
+    assert_eq!(ok, 1);
+    let ann_clerk = storage
+        .find_mapping(&MappingKey::UserId(ann))
+        .await
+        .unwrap()
+        .unwrap()
+        .clerk_user_id;
+
+    let taken = storage.link_user(bob, &ann_clerk, &audit("user.link", Some(bob))).await;
+    assert!(
+        matches!(taken, Err(StorageError::Conflict(Conflict::ClerkUserTaken))),
+        "{taken:?}"
+    );
+    // Both sides taken: the user's own link is what is reported.
+    let both = storage.link_user(ann, &ann_clerk, &audit("user.link", Some(ann))).await;
+    assert!(
+        matches!(both, Err(StorageError::Conflict(Conflict::UserAlreadyLinked))),
+        "{both:?}"
+    );
+    // A provisioned user is linked to its Clerk user already.
+    let provisioned = storage
+        .provision_clerk_user(&clerk("user_p"), None, &audit("user.provision", None))
+        .await
+        .unwrap();
+    let again = storage
+        .link_user(provisioned.id, &clerk("user_q"), &audit("user.link", None))
+        .await;
+    assert!(
+        matches!(again, Err(StorageError::Conflict(Conflict::UserAlreadyLinked))),
+        "{again:?}"
+    );
+    let provision_taken = storage
+        .provision_clerk_user(&ann_clerk, None, &audit("user.provision", None))
+        .await;
+    assert!(
+        matches!(provision_taken, Err(StorageError::Conflict(Conflict::ClerkUserTaken))),
+        "{provision_taken:?}"
+    );
+
+    // Redeeming an invitation reports the same conflicts.
+    let invite = |user: UserId, hash: &str| NewInvitation {
+        user_id: user,
+        token_hash: hash.to_owned(),
+        expires_at: Utc::now() + ChronoDuration::hours(1),
+        email: NewOutboxMessage {
+            kind: "invitation".into(),
+            user_id: Some(user),
+            recipient: "x@example.com".into(),
+            subject: "s".into(),
+            body_text: "t".into(),
+            body_html: "h".into(),
+        },
+        email_supplied_by: None,
+    };
+    storage
+        .create_invitation(&invite(bob, &"b".repeat(64)), &audit("invitation.create", Some(bob)))
+        .await
+        .unwrap();
+    storage
+        .create_invitation(&invite(carl, &"c".repeat(64)), &audit("invitation.create", Some(carl)))
+        .await
+        .unwrap();
+    let clerk_taken = storage
+        .redeem_invitation(
+            &"b".repeat(64),
+            &ann_clerk,
+            Utc::now(),
+            &audit("invitation.redeem", None),
+        )
+        .await;
+    assert!(
+        matches!(clerk_taken, Err(StorageError::Conflict(Conflict::ClerkUserTaken))),
+        "{clerk_taken:?}"
+    );
+    storage
+        .link_user(carl, &clerk("user_carl"), &audit("user.link", Some(carl)))
+        .await
+        .unwrap();
+    let user_linked = storage
+        .redeem_invitation(
+            &"c".repeat(64),
+            &clerk("user_c2"),
+            Utc::now(),
+            &audit("invitation.redeem", None),
+        )
+        .await;
+    assert!(
+        matches!(user_linked, Err(StorageError::Conflict(Conflict::UserAlreadyLinked))),
+        "{user_linked:?}"
+    );
+    // Nothing that failed wrote a mapping.
+    for id in ["user_q", "user_c2"] {
+        assert!(
+            storage
+                .find_mapping(&MappingKey::ClerkUserId(clerk(id)))
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+    assert!(storage.find_mapping(&MappingKey::UserId(bob)).await.unwrap().is_none());
+}
+
+async fn concurrent_first_sightings_sharing_an_email_are_clean(db: TestDb) {
+    let storage = db.storage().await;
+    let mut tasks = Vec::new();
+    for n in 0..12 {
+        let storage: Arc<dyn Storage> = storage.clone();
+        tasks.push(tokio::spawn(async move {
+            let email = Email::parse(
+                "e",
+                if n % 2 == 0 {
+                    "Eve@Example.com"
+                } else {
+                    "eve@example.COM"
+                },
+            )
+            .unwrap();
+            storage
+                .provision_clerk_user(
+                    &clerk(&format!("user_eve{n}")),
+                    Some(&email),
+                    &audit("user.provision", None),
+                )
+                .await
+        }));
+    }
+    let mut with_email = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(user) => with_email += usize::from(user.email.is_some()),
+            Err(other) => panic!("provisioning with a shared email failed: {other:?}"),
+        }
+    }
+    assert_eq!(
+        with_email, 1,
+        "one user holds the address; the others are created without it"
+    );
+    assert!(
+        storage
+            .find_user(&UserKey::Email(Email::parse("e", "EVE@example.com").unwrap()))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    // A legacy import of the same address meets a clean conflict.
+    let import = storage
+        .insert_legacy_user(&NewLegacyUser {
+            id: UserId::new_random(),
+            email: Email::parse("e", "eve@EXAMPLE.com").unwrap(),
+            password_hash: None,
+        })
+        .await;
+    assert!(
+        matches!(import, Err(StorageError::Conflict(Conflict::UserExists))),
+        "{import:?}"
+    );
+}
+
 async fn user_counts_stay_exact_through_every_change(db: TestDb) {
     use identity::storage::UserCounts;
     let storage = db.storage().await;
@@ -964,6 +1367,11 @@ crate::backend_tests!(
     provisioning_creates_one_clerk_native_user,
     revocations_are_idempotent_listed_and_purged,
     revoking_again_keeps_the_later_expiry,
+    revocations_are_read_incrementally_by_change_time,
+    emails_fold_the_same_on_both_backends,
+    mapping_conflicts_name_the_side_that_is_taken,
+    an_email_several_users_share_finds_the_same_user,
+    concurrent_first_sightings_sharing_an_email_are_clean,
     ping_answers,
     users_are_found_by_id_clerk_id_and_email,
     duplicate_users_conflict,

@@ -1,0 +1,12 @@
+-- Email keys fold ASCII letters only (`Email::normalized`), the one form both
+-- backends can compare the application's own column in. Keys written when they
+-- were folded with Unicode rules are written again. Folding less can only make
+-- keys more distinct, so the unique indexes hold.
+UPDATE identity_users
+SET email_key = translate(btrim(email), 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')
+WHERE email IS NOT NULL
+  AND email_key IS DISTINCT FROM translate(btrim(email), 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz');
+UPDATE identity_user_profiles
+SET email_key = translate(btrim(email), 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')
+WHERE email IS NOT NULL
+  AND email_key IS DISTINCT FROM translate(btrim(email), 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz');
