@@ -207,6 +207,7 @@ def line():
     print(
         f"{r['label']:<42} {r['tool']:<9} {r['rps']:>9,.0f} req/s  p50 {r['p50_us']:>6,} us  "
         f"p90 {r['p90_us']:>6,} us  p99 {r['p99_us']:>6,} us  ok {r['ok']}/{r['requests']}"
+        + (f"  server CPU {r['server_cpu_us']:.1f} us/req" if "server_cpu_us" in r else "")
     )
 
 
