@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# Load benchmark of the identity service against bare-tonic controls (issue 7).
+# Load benchmark of the identity service against bare-tonic controls (issues 7 and 14).
 #
 #   bash benches/load.sh            # full run (about 5-10 minutes on 2 cores, plus the build)
 #   ROUNDS=1 N_HOT=50000 N_DISTINCT=100000 bash benches/load.sh   # a quick look
 #
 # What it does: builds the release binaries; starts the identity service on
-# SQLite and on PostgreSQL (when 127.0.0.1:5432 answers) with a fixed
-# configuration, 1,000 imported users linked to Clerk ids; starts the
+# SQLite and on PostgreSQL (when 127.0.0.1:5432 answers) in the default
+# configuration as users run it (info logs, no trace export; IDENTITY_LOG_LEVEL
+# from the environment if set) plus the settings below and API keys, 1,000
+# imported users linked to Clerk ids; starts two more on SQLite with OTLP
+# trace export on to a local sink that drops spans (benches/control
+# otlp-sink): one with the parent-based 1 % ratio sampler, one with
+# OTEL_TRACES_SAMPLER=always_on; prints the configuration of every server
+# it starts; starts the
 # controls (benches/control: a bare tonic echo server and a raw jsonwebtoken
 # verify server, same tonic version, release profile and allocator); writes the gRPC
 # request bodies; checks each body with a real gRPC client (grpc-status 0 and
@@ -23,7 +29,8 @@
 # Knobs (environment): ROUNDS (5), N_HOT (200000), N_RAW (100000), N_COLD_LEGACY
 # (100000), N_COLD_RS (40000), N_LOW (5000), N_DISTINCT (1000000), USERS (1000),
 # BENCH_PIN (0; 1 pins servers to CPU 1 and the load generator to CPU 0),
-# BENCH_PG (postgres://postgres@127.0.0.1:5432), SKIP_BUILD (0).
+# BENCH_PG (postgres://postgres@127.0.0.1:5432), SKIP_BUILD (0), IDENTITY_LOG_LEVEL
+# (unset: the default, info).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -56,11 +63,16 @@ ADDR_RAW_RS=127.0.0.1:21162
 ADDR_RAW_HS=127.0.0.1:21163
 ADDR_SQLITE=127.0.0.1:21164
 ADDR_PG=127.0.0.1:21165
+ADDR_OTLP_SINK=127.0.0.1:21166
+ADDR_OTLP1=127.0.0.1:21167
+ADDR_ALWAYS=127.0.0.1:21168
 ADDR_STARTUP=127.0.0.1:21171
 # Prometheus endpoints of the identity processes (IDENTITY_METRICS_ADDR), one each.
 METRICS_SQLITE=127.0.0.1:21174
 METRICS_PG=127.0.0.1:21175
 METRICS_STARTUP=127.0.0.1:21176
+METRICS_OTLP1=127.0.0.1:21177
+METRICS_ALWAYS=127.0.0.1:21178
 
 WORK=$(mktemp -d /tmp/identity-bench.XXXXXX)
 RESULTS=$WORK/results.jsonl
@@ -119,7 +131,7 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
   cargo build --release --quiet -p identity --bin identity
   cargo build --release --quiet -p identity-bench --bins
 fi
-for b in identity control-echo control-verify benchtool; do [ -x "$BIN/$b" ] || die "missing $BIN/$b"; done
+for b in identity control-echo control-verify benchtool otlp-sink; do [ -x "$BIN/$b" ] || die "missing $BIN/$b"; done
 TOOL=("${CLIENT_PIN[@]}" "$BIN/benchtool")
 
 # ---------------------------------------------------------------- configuration
@@ -134,11 +146,13 @@ export IDENTITY_LEGACY_JWT_SECRET="$LEGACY_SECRET"
 export IDENTITY_CLERK_ISSUER="$ISSUER"
 export IDENTITY_CLERK_JWT_KEY_FILE="$CLERK_PUB"
 export IDENTITY_UNMAPPED_CLERK_USER=reject
-export IDENTITY_LOG_LEVEL=warn
+# Logging and tracing stay as users get them unless the caller's environment
+# says otherwise; trace export is switched on per server below only.
 unset IDENTITY_DATABASE_URL IDENTITY_LISTEN_ADDR IDENTITY_METRICS_ADDR IDENTITY_CLERK_JWT_KEY
-echo "identity configuration: legacy HS256 secret, Clerk issuer $ISSUER with a PEM key (networkless RS256),"
-echo "  unmapped Clerk users rejected, API key with verify,migrate,admin; everything else default"
-echo "  (token cache ${IDENTITY_TOKEN_CACHE_SIZE:-50000} entries, user cache ${IDENTITY_USER_CACHE_SECONDS:-10} s, settings refresh 2 s, health ping 5 s)"
+unset OTEL_EXPORTER_OTLP_ENDPOINT OTEL_EXPORTER_OTLP_TRACES_ENDPOINT OTEL_TRACES_SAMPLER OTEL_TRACES_SAMPLER_ARG OTEL_SDK_DISABLED
+echo "identity configuration (every identity server): legacy HS256 secret, Clerk issuer $ISSUER with a PEM key"
+echo "  (networkless RS256), unmapped Clerk users rejected, API keys (IDENTITY_API_KEYS; every call sends one), everything"
+echo "  else default (token cache ${IDENTITY_TOKEN_CACHE_SIZE:-50000} entries, user cache ${IDENTITY_USER_CACHE_SECONDS:-10} s, settings refresh 2 s, health ping 5 s)"
 
 # ------------------------------------------------------------------- start-up
 say "start-up to SERVING on an empty SQLite database (3 runs)"
@@ -178,6 +192,12 @@ else
   echo "PostgreSQL: not reachable at $BENCH_PG - its cases are skipped"
 fi
 
+# The trace-export servers get databases of their own (same users).
+SQLITE_OTLP1_URL="sqlite://$WORK/bench-otlp1.db"
+SQLITE_ALWAYS_URL="sqlite://$WORK/bench-always.db"
+IDENTITY_DATABASE_URL="$SQLITE_OTLP1_URL" "$BIN/identity" import-users "$WORK/users.csv" >/dev/null
+IDENTITY_DATABASE_URL="$SQLITE_ALWAYS_URL" "$BIN/identity" import-users "$WORK/users.csv" >/dev/null
+
 # -------------------------------------------------------------------- servers
 start() { # name addr cmd...
   local name=$1 addr=$2; shift 2
@@ -185,15 +205,47 @@ start() { # name addr cmd...
   PIDS+=("$!")
   eval "PID_${name//-/_}=$!"
 }
+# Prints what an identity server runs with, read from the environment it gets.
+describe() { # name addr database (the OTEL_* / IDENTITY_* of the server in the environment)
+  local otlp="off" sampler="-"
+  if [ -n "${OTEL_EXPORTER_OTLP_ENDPOINT:-}" ]; then
+    otlp="on -> ${OTEL_EXPORTER_OTLP_ENDPOINT} (local sink, drops spans)"
+    sampler="${OTEL_TRACES_SAMPLER:-parentbased_always_on (default)}${OTEL_TRACES_SAMPLER_ARG:+ arg ${OTEL_TRACES_SAMPLER_ARG}}"
+  fi
+  printf '  %-14s %s  database %s; log level %s, format %s; OTLP %s; sampler %s; API keys %s\n' \
+    "$1" "$2" "$3" "${IDENTITY_LOG_LEVEL:-info (default)}" "${IDENTITY_LOG_FORMAT:-text (default)}" \
+    "$otlp" "$sampler" "$([ -n "${IDENTITY_API_KEYS:-}" ] && echo "on (required on every call)" || echo off)"
+}
+serve() { # name addr metrics-addr database-url [VAR=value...]: an identity server with these extra variables
+  local name=$1 addr=$2 metrics=$3 db=$4; shift 4
+  (if [ $# -gt 0 ]; then export "$@"; fi; describe "$name" "$addr" "$(echo "$db" | sed -E 's#//[^@/]*@#//#')")
+  # env and taskset exec the server, so $! is the server's own pid (CPU time below).
+  env IDENTITY_DATABASE_URL="$db" IDENTITY_LISTEN_ADDR="$addr" IDENTITY_METRICS_ADDR="$metrics" "$@" \
+    "${SERVER_PIN[@]}" "$BIN/identity" serve >"$WORK/$name.log" 2>&1 &
+  PIDS+=("$!")
+  eval "PID_${name//-/_}=$!"
+}
 say "starting servers"
+echo "  echo           $ADDR_ECHO  control-echo: bare tonic unary echo, no API key, no logs, no tracing"
 start echo "$ADDR_ECHO" "$BIN/control-echo" "$ADDR_ECHO"
+echo "  raw_rs         $ADDR_RAW_RS  control-verify: jsonwebtoken RS256 verify only, no API key, no logs, no tracing"
 CONTROL_RSA_PEM="$CLERK_PUB" CONTROL_ISSUER="$ISSUER" start raw_rs "$ADDR_RAW_RS" "$BIN/control-verify" "$ADDR_RAW_RS"
+echo "  raw_hs         $ADDR_RAW_HS  control-verify: jsonwebtoken HS256 verify only, no API key, no logs, no tracing"
 CONTROL_HS_SECRET="$LEGACY_SECRET" start raw_hs "$ADDR_RAW_HS" "$BIN/control-verify" "$ADDR_RAW_HS"
-IDENTITY_DATABASE_URL="$SQLITE_URL" IDENTITY_LISTEN_ADDR="$ADDR_SQLITE" IDENTITY_METRICS_ADDR=$METRICS_SQLITE start sqlite "$ADDR_SQLITE" "$BIN/identity" serve
+echo "  otlp_sink      $ADDR_OTLP_SINK  otlp-sink: OTLP/gRPC TraceService that answers OK and drops the spans"
+start otlp_sink "$ADDR_OTLP_SINK" "$BIN/otlp-sink" "$ADDR_OTLP_SINK"
+serve sqlite "$ADDR_SQLITE" "$METRICS_SQLITE" "$SQLITE_URL"
 if [ -n "$PG_URL" ]; then
-  IDENTITY_DATABASE_URL="$PG_URL" IDENTITY_LISTEN_ADDR="$ADDR_PG" IDENTITY_METRICS_ADDR=$METRICS_PG start postgres "$ADDR_PG" "$BIN/identity" serve
+  serve postgres "$ADDR_PG" "$METRICS_PG" "$PG_URL"
 fi
+OTLP_ENV=(OTEL_EXPORTER_OTLP_ENDPOINT="http://$ADDR_OTLP_SINK" OTEL_SERVICE_NAME=identity-bench)
+serve sqlite-otlp1 "$ADDR_OTLP1" "$METRICS_OTLP1" "$SQLITE_OTLP1_URL" "${OTLP_ENV[@]}" \
+  OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=0.01
+serve sqlite-always "$ADDR_ALWAYS" "$METRICS_ALWAYS" "$SQLITE_ALWAYS_URL" "${OTLP_ENV[@]}" OTEL_TRACES_SAMPLER=always_on
 "$BIN/benchtool" wait-serving --tcp --addr "$ADDR_ECHO"
+"$BIN/benchtool" wait-serving --tcp --addr "$ADDR_OTLP_SINK"
+"$BIN/benchtool" wait-serving --addr "$ADDR_OTLP1"
+"$BIN/benchtool" wait-serving --addr "$ADDR_ALWAYS"
 "$BIN/benchtool" wait-serving --tcp --addr "$ADDR_RAW_RS"
 "$BIN/benchtool" wait-serving --tcp --addr "$ADDR_RAW_HS"
 "$BIN/benchtool" wait-serving --addr "$ADDR_SQLITE"
@@ -204,7 +256,9 @@ if [ -n "$PG_URL" ]; then
   "$BIN/benchtool" link --addr "$ADDR_PG" --api-key "$API_KEY" --pairs "$WORK/pairs.txt"
   DBS+=(postgres)
 fi
-addr_of() { case $1 in sqlite) echo "$ADDR_SQLITE" ;; postgres) echo "$ADDR_PG" ;; esac; }
+addr_of() { case $1 in sqlite) echo "$ADDR_SQLITE" ;; postgres) echo "$ADDR_PG" ;; sqlite-otlp1) echo "$ADDR_OTLP1" ;; sqlite-always) echo "$ADDR_ALWAYS" ;; esac; }
+# Servers with trace export on: the repeated legacy token only (issue 14).
+TRACED=(sqlite-otlp1 sqlite-always)
 
 # ------------------------------------------------------------- request bodies
 say "request bodies (gRPC frames: flag 0, 4-byte big-endian length, protobuf VerifyTokenRequest)"
@@ -240,6 +294,9 @@ for db in "${DBS[@]}"; do
     chk --addr "$a" --path "$VERIFY_PATH" --frames "$WORK/clerk_cold.bin" --index $((s * N_COLD_RS + N_COLD_RS - 1)) --expect principal >/dev/null
   done
   echo "check ok: $db: the last token of every cold slice verifies to a principal"
+done
+for db in "${TRACED[@]}"; do
+  chk --addr "$(addr_of "$db")" --path "$VERIFY_PATH" --frames "$WORK/legacy_one.bin" --expect principal
 done
 
 # ---------------------------------------------------------------- load cases
@@ -277,6 +334,7 @@ pid_of() { # addr -> pid of the server listening there
   case $1 in
     "$ADDR_ECHO") echo "$PID_echo" ;; "$ADDR_RAW_RS") echo "$PID_raw_rs" ;; "$ADDR_RAW_HS") echo "$PID_raw_hs" ;;
     "$ADDR_SQLITE") echo "$PID_sqlite" ;; "$ADDR_PG") echo "$PID_postgres" ;;
+    "$ADDR_OTLP1") echo "$PID_sqlite_otlp1" ;; "$ADDR_ALWAYS") echo "$PID_sqlite_always" ;;
   esac
 }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -345,6 +403,9 @@ for r in $(seq 1 "$ROUNDS"); do
       h2 "$db/clerk-repeated@high#$r" "$a" "$VERIFY_PATH" "$WORK/clerk_one.bin" "$N_HOT" $C $M
     fi
   done
+  for db in "${TRACED[@]}"; do
+    h2 "$db/legacy-repeated@high#$r" "$(addr_of "$db")" "$VERIFY_PATH" "$WORK/legacy_one.bin" "$N_HOT" $C $M
+  done
   h2 "raw-rs256/h2load@high#$r" "$ADDR_RAW_RS" "$RAW_PATH" "$WORK/clerk_one.bin" "$N_RAW" $C $M
   h2 "raw-hs256/h2load@high#$r" "$ADDR_RAW_HS" "$RAW_PATH" "$WORK/legacy_one.bin" "$N_RAW" $C $M
 
@@ -357,7 +418,14 @@ for r in $(seq 1 "$ROUNDS"); do
   bt "raw-rs256/benchtool@high#$r" "$ADDR_RAW_RS" "$RAW_PATH" "$WORK/clerk_cold.bin" 0 "$N_COLD_RS" $C $M
   for db in "${DBS[@]}"; do
     s=$(slice "$db" "$r")
+    [ "$db" = postgres ] && x0=$(pg_xacts) && t0=$(date +%s.%N)
     bt "$db/clerk-cold@high#$r" "$(addr_of "$db")" "$VERIFY_PATH" "$WORK/clerk_cold.bin" $((s * N_COLD_RS)) "$N_COLD_RS" $C $M
+    if [ "$db" = postgres ]; then
+      # Issue 14: the database work of a new-token run (users cached 10 s; rounds are further apart).
+      x1=$(pg_xacts); t1=$(date +%s.%N)
+      python3 -c "import json; print(json.dumps({'kind': 'queries', 'what': 'the new-Clerk-token run of round $r', 'during': $x1 - $x0, 'seconds': $t1 - $t0, 'requests': $N_COLD_RS, 'idle_rate': ${idle_rate:-0}}))" >>"$RESULTS"
+      echo "  PostgreSQL transactions during that run: $((x1 - x0)) for $N_COLD_RS requests"
+    fi
   done
 
   say "round $r of $ROUNDS: low load (-c 1 -m 1), repeated tokens"
@@ -365,6 +433,9 @@ for r in $(seq 1 "$ROUNDS"); do
   for db in "${DBS[@]}"; do
     h2 "$db/legacy-repeated@low#$r" "$(addr_of "$db")" "$VERIFY_PATH" "$WORK/legacy_one.bin" "$N_LOW" 1 1
     h2 "$db/clerk-repeated@low#$r" "$(addr_of "$db")" "$VERIFY_PATH" "$WORK/clerk_one.bin" "$N_LOW" 1 1
+  done
+  for db in "${TRACED[@]}"; do
+    h2 "$db/legacy-repeated@low#$r" "$(addr_of "$db")" "$VERIFY_PATH" "$WORK/legacy_one.bin" "$N_LOW" 1 1
   done
   h2 "raw-rs256/h2load@low#$r" "$ADDR_RAW_RS" "$RAW_PATH" "$WORK/clerk_one.bin" "$N_LOW" 1 1
 done
@@ -403,7 +474,9 @@ grep '"sqlite/distinct-1M@' "$RESULTS" > "$WORK/distinct.jsonl" || true
 
 # ------------------------------------------------ GetMigrationStats at scale
 STATS_LINE=""
-if [ -n "$PG_URL" ]; then
+# The scale case adds rows to the application's users table; a PostgreSQL
+# database without one (the empty layout) skips it.
+if [ -n "$PG_URL" ] && [ "$(psql "$PG_URL" -qAtc "SELECT to_regclass('users') IS NOT NULL")" = t ]; then
   STATS_PATH=/identity.v1.MigrationService/GetMigrationStats
   # GetMigrationStatsRequest { window: LAST_HOUR } as one gRPC frame.
   printf '\x00\x00\x00\x00\x02\x08\x02' > "$WORK/stats.bin"
@@ -431,11 +504,14 @@ PY
   echo "$STATS_LINE"
 fi
 
+sleep 3 # the batch exporters send every 5 s at most; the sink reports every 2 s
+echo "spans received by the OTLP sink (both trace-export servers): $(grep -o 'otlp-sink: .*' "$WORK/otlp_sink.log" | tail -1 | sed 's/otlp-sink: //' || true)"
+
 say "summary"
 python3 "$ROOT/benches/report.py" summary "$WORK/results.table.jsonl"
 echo
 echo "- $N_DISTINCT distinct tokens, each sent twice: $(python3 -c "import json; r = json.load(open('$WORK/distinct.jsonl')); print(f\"{r['rps']:,.0f} req/s, {r['ok']:,}/{r['requests']:,} accepted\")")"
-if [ -n "$STATS_LINE" ]; then echo "- $STATS_LINE"; else echo "- GetMigrationStats at 1,000,000 vs 1,000 users: not measured (no PostgreSQL)"; fi
+if [ -n "$STATS_LINE" ]; then echo "- $STATS_LINE"; else echo "- GetMigrationStats at 1,000,000 vs 1,000 users: not measured (no PostgreSQL, or no users table there)"; fi
 echo "- Cases measured while other work kept the machine busy (after waiting ${QUIET_MAX_S} s): $NOISY"
 echo "- Pinned with taskset: $([ "$BENCH_PIN" = 1 ] && echo 'yes (servers CPU 1, load generator CPU 0)' || echo 'no')"
 echo "- Total time: $(( $(date +%s) - SCRIPT_START )) s"

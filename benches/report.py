@@ -120,15 +120,27 @@ def summary(results_file):
             return
         value = a / b
         rounds = ", ".join(f"{x:.2f}" for x in per_round(num, den, key))
+        if goal is None:
+            rows.append((title, f"{value:.2f} [{rounds}]", "report", "-"))
+            return
         met = value >= goal if higher_is_better else value <= goal
         sign = "≥" if higher_is_better else "≤"
         rows.append((title, f"{value:.2f} [{rounds}]", f"{sign} {goal}", "yes" if met else "**no**"))
 
-    for db in ("sqlite", "postgres"):
-        for kind in ("legacy", "clerk"):
-            ratio_row(f"{db}: repeated {kind} token, req/s vs echo (h2load)", f"{db}/{kind}-repeated", "echo/h2load", "rps", 0.90)
+    # Issue 14: the default configuration (info logs, no OTLP) on both databases,
+    # then trace export on (SQLite): 1 % parent-based ratio sampler, and every span.
+    configs = [
+        ("sqlite", "default config", 0.95),
+        ("postgres", "default config", 0.95),
+        ("sqlite-otlp1", "OTLP on, parentbased_traceidratio 0.01", 0.85),
+        ("sqlite-always", "OTLP on, always_on", None),
+    ]
+    for db, config, goal in configs:
+        kinds = ("legacy", "clerk") if db in ("sqlite", "postgres") else ("legacy",)
+        for kind in kinds:
+            ratio_row(f"{db} ({config}): repeated {kind} token, req/s vs echo (h2load)", f"{db}/{kind}-repeated", "echo/h2load", "rps", goal)
             ratio_row(
-                f"{db}: repeated {kind} token, p99 vs echo p99 (h2load, -c 16 -m 8)",
+                f"{db} ({config}): repeated {kind} token, p99 vs echo p99 (h2load, -c 16 -m 8)",
                 f"{db}/{kind}-repeated",
                 "echo/h2load",
                 "p99_us",
@@ -159,10 +171,11 @@ def summary(results_file):
         ("new RS256 Clerk token per call, raw-verify control CPU ÷ service CPU", "clerk-cold", "raw-rs256/benchtool"),
         ("new legacy token per call, raw HS256 control CPU ÷ service CPU", "legacy-fresh", "raw-hs256/benchtool"),
         ("new legacy token per call, echo CPU ÷ service CPU", "legacy-fresh", "echo/benchtool"),
+        ("repeated legacy token, echo CPU ÷ service CPU (h2load)", "legacy-repeated", "echo/h2load"),
         ("repeated Clerk token, echo CPU ÷ service CPU (h2load)", "clerk-repeated", "echo/h2load"),
     ]
     for title, case, control in cpu_info:
-        for db in ("sqlite", "postgres"):
+        for db in ("sqlite", "postgres", "sqlite-otlp1", "sqlite-always"):
             a, b = cpu_med(f"{db}/{case}", "high"), cpu_med(control, "high")
             if a and b:
                 print(f"- {db}: {title}: {b / a:.2f} ({b:.1f} vs {a:.1f} µs per request)")
@@ -194,6 +207,7 @@ def line():
     print(
         f"{r['label']:<42} {r['tool']:<9} {r['rps']:>9,.0f} req/s  p50 {r['p50_us']:>6,} us  "
         f"p90 {r['p90_us']:>6,} us  p99 {r['p99_us']:>6,} us  ok {r['ok']}/{r['requests']}"
+        + (f"  server CPU {r['server_cpu_us']:.1f} us/req" if "server_cpu_us" in r else "")
     )
 
 

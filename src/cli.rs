@@ -97,7 +97,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             return ExitCode::from(78); // EX_CONFIG
         }
     };
-    let _telemetry = match telemetry::init(config.log_format, &config.log_level) {
+    let _telemetry = match telemetry::init(config.log_format, &config.log_level, &config.traces) {
         Ok(guard) => guard,
         Err(err) => {
             eprintln!("configuration error: {err}");

@@ -74,6 +74,19 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "IDENTITY_USERS_CLERK_ID_COLUMN",
 ];
 
+/// The standard OpenTelemetry variables the binary reads (the exporter reads
+/// the endpoint and headers itself); the Helm chart may set only these
+/// outside `KNOWN_VARIABLES`.
+pub const OTEL_VARIABLES: &[&str] = &[
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_HEADERS",
+    "OTEL_SERVICE_NAME",
+    "OTEL_SDK_DISABLED",
+    "OTEL_TRACES_SAMPLER",
+    "OTEL_TRACES_SAMPLER_ARG",
+];
+
 /// Variables that may instead be given as `<NAME>_FILE`.
 const SECRET_VARIABLES: &[&str] = &[
     "IDENTITY_DATABASE_URL",
@@ -130,6 +143,8 @@ pub struct Config {
     pub api_keys: ApiKeyRegistry,
     pub log_format: LogFormat,
     pub log_level: String,
+    /// OTLP trace export and sampling, from the standard `OTEL_*` variables.
+    pub traces: TraceConfig,
     pub shutdown_grace: Duration,
     pub health_interval: Duration,
     pub settings_refresh: Duration,
@@ -156,6 +171,7 @@ impl fmt::Debug for Config {
             .field("api_keys", &self.api_keys)
             .field("log_format", &self.log_format)
             .field("log_level", &self.log_level)
+            .field("traces", &self.traces)
             .field("shutdown_grace", &self.shutdown_grace)
             .field("health_interval", &self.health_interval)
             .field("settings_refresh", &self.settings_refresh)
@@ -375,6 +391,7 @@ impl Config {
             api_keys,
             log_format,
             log_level,
+            traces: TraceConfig::from_vars(&vars)?,
             shutdown_grace: vars.seconds("IDENTITY_SHUTDOWN_GRACE_SECONDS", 20, 0..=3600)?,
             health_interval: vars.seconds("IDENTITY_HEALTH_INTERVAL_SECONDS", 5, 1..=300)?,
             settings_refresh: vars.seconds("IDENTITY_SETTINGS_REFRESH_SECONDS", 2, 1..=300)?,
@@ -395,6 +412,85 @@ impl Config {
             .unwrap_or_else(|e| unreachable!("development defaults are valid: {e}"));
         config.database_url = SecretString::from(database_url.to_owned());
         config
+    }
+}
+
+/// Trace export: on when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `_TRACES_ENDPOINT`)
+/// is set and `OTEL_SDK_DISABLED` is not `true`; sampled per
+/// `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG` as the OpenTelemetry
+/// specification defines them (default `parentbased_always_on`).
+#[derive(Clone, Debug)]
+pub struct TraceConfig {
+    pub otlp: bool,
+    pub sampler: opentelemetry_sdk::trace::Sampler,
+}
+
+impl Default for TraceConfig {
+    fn default() -> Self {
+        Self {
+            otlp: false,
+            sampler: opentelemetry_sdk::trace::Sampler::ParentBased(Box::new(
+                opentelemetry_sdk::trace::Sampler::AlwaysOn,
+            )),
+        }
+    }
+}
+
+impl TraceConfig {
+    /// The SDK reads the sampler variables too, but falls back to its default
+    /// on an unknown name or a bad ratio; here either stops start-up.
+    fn from_vars(vars: &Vars) -> Result<Self, ConfigError> {
+        use opentelemetry_sdk::trace::Sampler;
+        let set = |name: &str| vars.0.get(name).is_some_and(|v| !v.trim().is_empty());
+        let disabled = vars
+            .0
+            .get("OTEL_SDK_DISABLED")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+        let otlp = !disabled && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"));
+        // The specification's default ratio when the argument is unset is 1.0.
+        let ratio = || -> Result<f64, ConfigError> {
+            match vars
+                .0
+                .get("OTEL_TRACES_SAMPLER_ARG")
+                .map(|v| v.trim())
+                .filter(|v| !v.is_empty())
+            {
+                None => Ok(1.0),
+                Some(raw) => raw
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|r| (0.0..=1.0).contains(r))
+                    .ok_or_else(|| {
+                        ConfigError::new(
+                            "OTEL_TRACES_SAMPLER_ARG",
+                            format!("invalid value {raw:?}: expected the sampled fraction, from 0 to 1 (e.g. 0.01)"),
+                        )
+                    }),
+            }
+        };
+        let name = vars
+            .0
+            .get("OTEL_TRACES_SAMPLER")
+            .map(|v| v.trim().to_ascii_lowercase())
+            .filter(|v| !v.is_empty());
+        let sampler = match name.as_deref().unwrap_or("parentbased_always_on") {
+            "always_on" => Sampler::AlwaysOn,
+            "always_off" => Sampler::AlwaysOff,
+            "traceidratio" => Sampler::TraceIdRatioBased(ratio()?),
+            "parentbased_always_on" => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
+            "parentbased_always_off" => Sampler::ParentBased(Box::new(Sampler::AlwaysOff)),
+            "parentbased_traceidratio" => Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio()?))),
+            other => {
+                return Err(ConfigError::new(
+                    "OTEL_TRACES_SAMPLER",
+                    format!(
+                        "unknown sampler {other:?}: expected always_on, always_off, traceidratio, \
+                         parentbased_always_on, parentbased_always_off or parentbased_traceidratio"
+                    ),
+                ));
+            }
+        };
+        Ok(Self { otlp, sampler })
     }
 }
 
@@ -1186,6 +1282,47 @@ mod tests {
             ("IDENTITY_CLERK_JWKS_URL", "http://127.0.0.1:9999/.well-known/jwks.json"),
         ]);
         assert!(ok.is_ok(), "loopback http is allowed: {ok:?}");
+    }
+
+    #[test]
+    fn trace_sampler_follows_the_standard_variables() {
+        use opentelemetry_sdk::trace::Sampler;
+        let traces = |pairs: &[(&str, &str)]| load(pairs).map(|c| c.traces);
+        let default = traces(&[]).unwrap();
+        assert!(!default.otlp);
+        assert_eq!(format!("{:?}", default.sampler), "ParentBased(AlwaysOn)");
+        let on = traces(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")]).unwrap();
+        assert!(on.otlp);
+        let off = traces(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"),
+            ("OTEL_SDK_DISABLED", "TRUE"),
+        ])
+        .unwrap();
+        assert!(!off.otlp);
+        let ratio = traces(&[
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.01"),
+        ])
+        .unwrap();
+        assert_eq!(format!("{:?}", ratio.sampler), "ParentBased(TraceIdRatioBased(0.01))");
+        let unset_arg = traces(&[("OTEL_TRACES_SAMPLER", "traceidratio")]).unwrap();
+        assert!(matches!(unset_arg.sampler, Sampler::TraceIdRatioBased(r) if r == 1.0));
+        assert!(matches!(
+            traces(&[("OTEL_TRACES_SAMPLER", "Always_Off")]).unwrap().sampler,
+            Sampler::AlwaysOff
+        ));
+
+        let err = traces(&[("OTEL_TRACES_SAMPLER", "jaeger_remote")]).unwrap_err();
+        assert_eq!(err.variable, "OTEL_TRACES_SAMPLER");
+        assert!(err.message.contains("parentbased_traceidratio"), "{err}");
+        for bad in ["1.5", "-0.1", "one percent", "NaN"] {
+            let err = traces(&[
+                ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+                ("OTEL_TRACES_SAMPLER_ARG", bad),
+            ])
+            .unwrap_err();
+            assert_eq!(err.variable, "OTEL_TRACES_SAMPLER_ARG", "{bad}");
+        }
     }
 
     #[test]

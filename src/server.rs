@@ -172,7 +172,7 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
     tokio::spawn(OutboxWorker::new(storage.clone(), mailer, config.mail.clone()).run(stop_rx.clone()));
     tokio::spawn(shrink_rate_limits(invitations.clone(), stop_rx.clone()));
     tokio::spawn(stats.clone().run_flusher(config.stats_flush, stop_rx.clone()));
-    let grpc_metrics = prometheus::GrpcMetricsLayer::default();
+    let grpc_metrics = prometheus::GrpcMetricsLayer::new(crate::telemetry::RpcTracing::new(&config.traces));
     let exposition = prometheus::Exposition {
         auth: recorder.clone(),
         grpc: grpc_metrics.clone(),

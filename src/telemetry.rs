@@ -1,31 +1,89 @@
 //! Logs and traces. Logs are human-readable by default, JSON with
-//! `IDENTITY_LOG_FORMAT=json`; inside an RPC every line carries the trace id.
-//! Traces go to an OTLP collector when the standard `OTEL_EXPORTER_OTLP_*`
-//! variables name one (`OTEL_SDK_DISABLED=true` turns them off); an incoming
-//! W3C `traceparent` continues the caller's trace. Nothing logs or records a
-//! token or a secret.
+//! `IDENTITY_LOG_FORMAT=json`; inside an RPC every line carries the trace id
+//! whenever there is one. Traces go to an OTLP collector when the standard
+//! `OTEL_EXPORTER_OTLP_*` variables name one (`OTEL_SDK_DISABLED=true` turns
+//! them off), sampled per `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG`;
+//! an incoming W3C `traceparent` continues the caller's trace. Without export
+//! and without a `traceparent` an RPC builds no span at all: the default
+//! configuration pays nothing for tracing. Nothing logs or records a token or
+//! a secret.
 
-use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
-use tracing_subscriber::{EnvFilter, Layer, Registry, fmt, layer::SubscriberExt, util::SubscriberInitExt};
+use std::{cell::Cell, sync::Arc};
 
-use crate::config::LogFormat;
+use opentelemetry::{
+    Context,
+    trace::{SpanKind, TraceContextExt, TraceId, TracerProvider as _},
+};
+use opentelemetry_sdk::{
+    Resource,
+    propagation::TraceContextPropagator,
+    trace::{
+        IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, SdkTracerProvider, ShouldSample,
+        TracerProviderBuilder,
+    },
+};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::{
+    EnvFilter, Layer, Registry, filter::Targets, fmt, layer::SubscriberExt, util::SubscriberInitExt,
+};
 
-/// Whether the environment asks for OTLP export.
-fn otlp_requested() -> bool {
-    let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
-    let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
-    !disabled && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+use crate::config::{LogFormat, TraceConfig};
+
+/// The target of the one span per RPC that is exported; the OpenTelemetry
+/// layer sees nothing else, so handler spans and events never start traces
+/// of their own.
+const EXPORTED_TARGET: &str = "identity::rpc";
+
+thread_local! {
+    /// The trace id [`RpcTracing`] sampled a new root span with, handed to the
+    /// SDK when it builds that span on the same thread, so that the exported
+    /// trace id is the one the ratio sampler decided on.
+    static SAMPLED_TRACE_ID: Cell<Option<TraceId>> = const { Cell::new(None) };
+}
+
+/// Random ids, except for a root RPC span whose trace id was drawn (and
+/// sampled) before the span existed.
+#[derive(Debug, Default)]
+struct RpcIdGenerator(RandomIdGenerator);
+
+impl IdGenerator for RpcIdGenerator {
+    fn new_trace_id(&self) -> TraceId {
+        SAMPLED_TRACE_ID
+            .with(Cell::take)
+            .unwrap_or_else(|| self.0.new_trace_id())
+    }
+
+    fn new_span_id(&self) -> opentelemetry::trace::SpanId {
+        self.0.new_span_id()
+    }
+}
+
+/// A tracer provider with the given sampler and the RPC-aware id generator;
+/// add an exporter and build it (the OTLP one here, an in-memory one in tests).
+pub fn tracer_provider_builder(sampler: Sampler) -> TracerProviderBuilder {
+    SdkTracerProvider::builder()
+        .with_sampler(sampler)
+        .with_id_generator(RpcIdGenerator::default())
+}
+
+/// The OpenTelemetry layer: exports the RPC spans of [`RpcTracing`] only.
+pub fn otel_layer<S>(provider: &SdkTracerProvider) -> impl Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("identity"))
+        .with_filter(Targets::new().with_target(EXPORTED_TARGET, tracing::Level::INFO))
 }
 
 /// The tracer provider exporting over OTLP/gRPC, configured from `OTEL_*` variables.
-fn otlp_provider() -> Result<SdkTracerProvider, String> {
+fn otlp_provider(sampler: Sampler) -> Result<SdkTracerProvider, String> {
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .build()
         .map_err(|e| format!("OTEL_EXPORTER_OTLP_ENDPOINT: cannot build the OTLP exporter: {e}"))?;
     let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "identity".to_owned());
-    Ok(SdkTracerProvider::builder()
+    Ok(tracer_provider_builder(sampler)
         .with_batch_exporter(exporter)
         .with_resource(Resource::builder().with_service_name(service).build())
         .build())
@@ -65,19 +123,28 @@ impl Drop for TelemetryGuard {
 }
 
 /// Installs the global subscriber (a second call, as in tests, is a no-op).
-pub fn init(format: LogFormat, level: &str) -> Result<TelemetryGuard, String> {
+pub fn init(format: LogFormat, level: &str, traces: &TraceConfig) -> Result<TelemetryGuard, String> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let provider = if otlp_requested() { Some(otlp_provider()?) } else { None };
-    let otel = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("identity")));
-    let installed = Registry::default()
-        .with(filter)
-        .with(fmt_layer(format))
-        .with(otel)
-        .try_init()
-        .is_ok();
+    let provider = if traces.otlp {
+        Some(otlp_provider(traces.sampler.clone())?)
+    } else {
+        None
+    };
+    let installed = match &provider {
+        // The level filter is global: disabled spans and events cost nothing.
+        None => Registry::default()
+            .with(filter)
+            .with(fmt_layer(format))
+            .try_init()
+            .is_ok(),
+        // Export does not depend on the log level, nor the log level on export.
+        Some(provider) => Registry::default()
+            .with(fmt_layer(format).with_filter(filter))
+            .with(otel_layer(provider))
+            .try_init()
+            .is_ok(),
+    };
     Ok(TelemetryGuard {
         provider: installed.then_some(provider).flatten(),
     })
@@ -102,42 +169,112 @@ impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
     }
 }
 
-/// The span of one RPC: named after its path, child of the caller's
-/// `traceparent` when there is one, with the trace id as a field so every
-/// log line inside carries it. Only the path and the outcome are recorded.
-pub fn rpc_span(path: &str, headers: &http::HeaderMap) -> tracing::Span {
-    use opentelemetry::trace::TraceContextExt;
-    use tracing_opentelemetry::OpenTelemetrySpanExt;
-    let name = path.trim_start_matches('/');
-    let (service, method) = name.split_once('/').unwrap_or((name, ""));
-    let span = tracing::info_span!(
-        "rpc",
-        otel.name = %name,
-        otel.kind = "server",
-        rpc.system = "grpc",
-        rpc.service = %service,
-        rpc.method = %method,
-        rpc.grpc.status_code = tracing::field::Empty,
-        trace_id = tracing::field::Empty,
-    );
-    if span.is_disabled() {
-        // Neither logged nor exported (e.g. `IDENTITY_LOG_LEVEL=warn` without OTLP).
-        return span;
-    }
-    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
-    // The caller's trace id when it sent one (logged even without OTLP
-    // export), else the id of the trace this span starts.
-    let remote = parent.span().span_context().trace_id();
-    if parent.span().span_context().is_valid() {
-        let _ = span.set_parent(parent);
-    }
-    let trace_id = if remote != opentelemetry::trace::TraceId::INVALID {
-        remote
-    } else {
-        span.context().span().span_context().trace_id()
+/// The outcome of an RPC for its span (e.g. `accepted` or a rejection
+/// reason), set by a handler as a response extension.
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome(pub &'static str);
+
+/// Builds the span of each RPC, as cheaply as the configuration allows:
+///
+/// - nothing exported and no incoming `traceparent`: no span at all;
+/// - nothing exported, a `traceparent`: a span for the logs, holding the
+///   caller's trace id;
+/// - OTLP export: the configured sampler decides before any span exists; a
+///   sampled RPC gets one exported span (child of the caller's span when there
+///   is one), an unsampled one is treated as if nothing were exported.
+#[derive(Debug, Clone, Default)]
+pub struct RpcTracing {
+    sampler: Option<Arc<Sampler>>,
+}
+
+/// One RPC span; `$target` decides whether the OpenTelemetry layer sees it.
+macro_rules! rpc_span {
+    ($target:expr, $name:expr, $service:expr, $method:expr) => {
+        tracing::info_span!(
+            target: $target,
+            "rpc",
+            otel.name = %$name,
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = %$service,
+            rpc.method = %$method,
+            rpc.grpc.status_code = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        )
     };
-    if trace_id != opentelemetry::trace::TraceId::INVALID {
+}
+
+impl RpcTracing {
+    /// Per the configuration: spans are exported only with OTLP on.
+    pub fn new(traces: &TraceConfig) -> Self {
+        Self {
+            sampler: traces.otlp.then(|| Arc::new(traces.sampler.clone())),
+        }
+    }
+
+    /// The span of one RPC, named after its path. Only the path, the status
+    /// code and the outcome are recorded, and the trace id whenever there is
+    /// one, so that every log line inside carries it.
+    pub fn span(&self, path: &str, headers: &http::HeaderMap) -> tracing::Span {
+        let remote = remote_context(headers);
+        let remote_trace = remote.as_ref().map(|cx| cx.span().span_context().trace_id());
+        let name = path.trim_start_matches('/');
+        let (service, method) = name.split_once('/').unwrap_or((name, ""));
+        let Some(sampler) = &self.sampler else {
+            return remote_trace.map_or_else(tracing::Span::none, |id| log_span(name, service, method, id));
+        };
+        let parent = remote.unwrap_or_default();
+        let trace_id = remote_trace.unwrap_or_else(|| RandomIdGenerator::default().new_trace_id());
+        let decision = sampler
+            .should_sample(Some(&parent), trace_id, name, &SpanKind::Server, &[], &[])
+            .decision;
+        if decision != SamplingDecision::RecordAndSample {
+            return remote_trace.map_or_else(tracing::Span::none, |id| log_span(name, service, method, id));
+        }
+        let span = rpc_span!(EXPORTED_TARGET, name, service, method);
+        if span.is_disabled() {
+            return span;
+        }
+        if remote_trace.is_some() {
+            let _ = span.set_parent(parent);
+        } else {
+            SAMPLED_TRACE_ID.with(|next| next.set(Some(trace_id)));
+        }
+        // Builds the OpenTelemetry span now, on this thread, with that trace id.
+        let built = span.context().span().span_context().trace_id();
+        SAMPLED_TRACE_ID.with(|next| next.set(None));
+        let logged = if built == TraceId::INVALID { trace_id } else { built };
+        span.record("trace_id", logged.to_string().as_str());
+        span
+    }
+}
+
+/// Ends the exported span of an RPC once its status and outcome are recorded.
+/// The tracing span itself closes only when every child span has closed too,
+/// and a child may outlive the call: sqlx's SQLite worker thread holds the
+/// current span of the commands it runs. Without this, such an RPC would be
+/// exported late, or never.
+pub fn end_rpc(span: &tracing::Span) {
+    if span.metadata().is_some_and(|m| m.target() == EXPORTED_TARGET) {
+        span.context().span().end();
+    }
+}
+
+/// A span that only logs: the OpenTelemetry layer never sees its target.
+fn log_span(name: &str, service: &str, method: &str, trace_id: TraceId) -> tracing::Span {
+    let span = rpc_span!("identity::telemetry", name, service, method);
+    if !span.is_disabled() {
         span.record("trace_id", trace_id.to_string().as_str());
     }
     span
+}
+
+/// The caller's W3C trace context, when it sent a valid one.
+fn remote_context(headers: &http::HeaderMap) -> Option<Context> {
+    if !headers.contains_key("traceparent") {
+        return None;
+    }
+    let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
+    cx.span().span_context().is_valid().then_some(cx)
 }

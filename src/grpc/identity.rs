@@ -23,7 +23,9 @@ impl IdentityApi {
 
 #[tonic::async_trait]
 impl IdentityService for IdentityApi {
-    #[tracing::instrument(name = "IdentityService/VerifyToken", skip_all, fields(outcome))]
+    // The RPC span (telemetry::RpcTracing) already names the call and records
+    // its outcome; these handler spans are for debugging the hot path only.
+    #[tracing::instrument(name = "IdentityService/VerifyToken", level = "debug", skip_all)]
     async fn verify_token(
         &self,
         request: Request<pb::VerifyTokenRequest>,
@@ -36,20 +38,28 @@ impl IdentityService for IdentityApi {
             .verify(&caller, &body.token, expected)
             .await
             .map_err(to_status)?;
-        let result = match verdict {
-            Verdict::Accepted(principal) => {
-                tracing::Span::current().record("outcome", "accepted");
-                pb::verify_token_response::Result::Principal(convert::principal(principal))
-            }
+        let (result, outcome) = match verdict {
+            Verdict::Accepted(principal) => (
+                pb::verify_token_response::Result::Principal(convert::principal(principal)),
+                "accepted",
+            ),
             Verdict::Rejected(rejection) => {
-                tracing::Span::current().record("outcome", rejection.reason.as_str());
-                pb::verify_token_response::Result::Rejection(convert::rejection(rejection))
+                let reason = rejection.reason.as_str();
+                (
+                    pb::verify_token_response::Result::Rejection(convert::rejection(rejection)),
+                    reason,
+                )
             }
         };
-        Ok(Response::new(pb::VerifyTokenResponse { result: Some(result) }))
+        let mut response = Response::new(pb::VerifyTokenResponse { result: Some(result) });
+        // For the RPC span, when there is one (none in the default configuration).
+        if !tracing::Span::current().is_none() {
+            response.extensions_mut().insert(crate::telemetry::Outcome(outcome));
+        }
+        Ok(response)
     }
 
-    #[tracing::instrument(name = "IdentityService/RevokeToken", skip_all)]
+    #[tracing::instrument(name = "IdentityService/RevokeToken", level = "debug", skip_all)]
     async fn revoke_token(
         &self,
         request: Request<pb::RevokeTokenRequest>,
@@ -75,7 +85,7 @@ impl IdentityService for IdentityApi {
         }))
     }
 
-    #[tracing::instrument(name = "IdentityService/GetUser", skip_all)]
+    #[tracing::instrument(name = "IdentityService/GetUser", level = "debug", skip_all)]
     async fn get_user(&self, request: Request<pb::GetUserRequest>) -> Result<Response<pb::GetUserResponse>, Status> {
         let caller = caller(&request)?;
         let key = convert::user_key(request.into_inner().lookup).map_err(to_status)?;

@@ -246,6 +246,17 @@ impl PathRegistry {
 #[derive(Clone, Default)]
 pub struct GrpcMetricsLayer {
     registry: Arc<PathRegistry>,
+    tracing: crate::telemetry::RpcTracing,
+}
+
+impl GrpcMetricsLayer {
+    /// Counts every RPC and gives each the span `tracing` builds.
+    pub fn new(tracing: crate::telemetry::RpcTracing) -> Self {
+        Self {
+            registry: Arc::default(),
+            tracing,
+        }
+    }
 }
 
 impl std::fmt::Debug for GrpcMetricsLayer {
@@ -261,6 +272,7 @@ impl<S> tower::Layer<S> for GrpcMetricsLayer {
         GrpcMetrics {
             inner,
             registry: self.registry.clone(),
+            tracing: self.tracing.clone(),
         }
     }
 }
@@ -269,6 +281,7 @@ impl<S> tower::Layer<S> for GrpcMetricsLayer {
 pub struct GrpcMetrics<S> {
     inner: S,
     registry: Arc<PathRegistry>,
+    tracing: crate::telemetry::RpcTracing,
 }
 
 impl<S> std::fmt::Debug for GrpcMetrics<S> {
@@ -294,8 +307,10 @@ where
         use tracing::Instrument;
         let metrics = self.registry.get(request.uri().path());
         let started = Instant::now();
-        let span = crate::telemetry::rpc_span(request.uri().path(), request.headers());
+        let span = self.tracing.span(request.uri().path(), request.headers());
         let future = self.inner.call(request);
+        // The exported span ends when the response head is ready (see
+        // telemetry::end_rpc), not with the body nor with a lingering child.
         let record_span = span.clone();
         Box::pin(
             async move {
@@ -310,6 +325,10 @@ where
                     .map_or(tonic::Code::Ok, tonic::Code::from_i32);
                 if !record_span.is_disabled() {
                     record_span.record("rpc.grpc.status_code", format!("{code:?}").as_str());
+                    if let Some(outcome) = response.extensions().get::<crate::telemetry::Outcome>() {
+                        record_span.record("outcome", outcome.0);
+                    }
+                    crate::telemetry::end_rpc(&record_span);
                 }
                 metrics.record(code, started.elapsed());
                 Ok(response)

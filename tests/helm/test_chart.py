@@ -8,8 +8,8 @@
   OpenAPI schemas (PyPI `kubernetes-validate`); the Prometheus Operator's
   ServiceMonitor (a CRD, no schema there) is checked by hand;
 * the environment the chart sets only uses variables the binary knows
-  (KNOWN_VARIABLES / SECRET_VARIABLES in src/config.rs, and the standard
-  OpenTelemetry variables in OTEL_VARIABLES), and reaches all of them;
+  (KNOWN_VARIABLES, SECRET_VARIABLES and the standard OpenTelemetry ones in
+  OTEL_VARIABLES, all in src/config.rs), and reaches all of them;
 * the real binary, started with exactly the rendered configuration (ConfigMap
   and Secret values resolved, test values for external secrets, a fresh SQLite
   database holding the application's users table where a value file maps one,
@@ -123,17 +123,9 @@ def rust_string_array(source: str, name: str) -> list[str]:
 CONFIG_SOURCE = CONFIG_RS.read_text(encoding="utf-8")
 KNOWN_VARIABLES = set(rust_string_array(CONFIG_SOURCE, "KNOWN_VARIABLES"))
 SECRET_VARIABLES = set(rust_string_array(CONFIG_SOURCE, "SECRET_VARIABLES"))
-# Standard OpenTelemetry variables the binary's OTLP exporter and SDK read
-# (src/telemetry.rs), the only names outside KNOWN_VARIABLES the chart may set.
-OTEL_VARIABLES = {
-    "OTEL_EXPORTER_OTLP_ENDPOINT",
-    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-    "OTEL_EXPORTER_OTLP_HEADERS",
-    "OTEL_SERVICE_NAME",
-    "OTEL_SDK_DISABLED",
-    "OTEL_TRACES_SAMPLER",
-    "OTEL_TRACES_SAMPLER_ARG",
-}
+# Standard OpenTelemetry variables the binary reads (OTEL_VARIABLES in
+# src/config.rs), the only names outside KNOWN_VARIABLES the chart may set.
+OTEL_VARIABLES = set(rust_string_array(CONFIG_SOURCE, "OTEL_VARIABLES"))
 
 
 class Rendered:
