@@ -277,6 +277,16 @@ pub struct BulkLease {
     pub cancel_requested: bool,
 }
 
+impl BulkLease {
+    /// From a guarded write's `RETURNING cancel_requested`: no row means the lease is lost.
+    pub(crate) fn from_returned(cancel_requested: Option<bool>) -> Self {
+        Self {
+            held: cancel_requested.is_some(),
+            cancel_requested: cancel_requested.unwrap_or(false),
+        }
+    }
+}
+
 /// Users by migration state, kept exact by database triggers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UserCounts {

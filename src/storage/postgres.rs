@@ -1186,10 +1186,7 @@ impl Storage for PostgresStorage {
         .fetch_optional(&self.pool)
         .await
         .map_err(db_err)?;
-        Ok(BulkLease {
-            held: cancel.is_some(),
-            cancel_requested: cancel.unwrap_or(false),
-        })
+        Ok(BulkLease::from_returned(cancel))
     }
 
     async fn renew_bulk_lease(
@@ -1209,10 +1206,7 @@ impl Storage for PostgresStorage {
         .fetch_optional(&self.pool)
         .await
         .map_err(db_err)?;
-        Ok(BulkLease {
-            held: cancel.is_some(),
-            cancel_requested: cancel.unwrap_or(false),
-        })
+        Ok(BulkLease::from_returned(cancel))
     }
 
     async fn record_bulk_failure(&self, id: Uuid, owner: &str, user_id: UserId, reason: &str) -> StorageResult<bool> {

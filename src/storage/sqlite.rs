@@ -1068,10 +1068,7 @@ impl Storage for SqliteStorage {
         .fetch_optional(&self.pool)
         .await
         .map_err(db_err)?;
-        Ok(BulkLease {
-            held: cancel.is_some(),
-            cancel_requested: cancel.unwrap_or(false),
-        })
+        Ok(BulkLease::from_returned(cancel))
     }
 
     async fn renew_bulk_lease(&self, id: Uuid, owner: &str, lease_until: DateTime<Utc>) -> StorageResult<BulkLease> {
@@ -1087,10 +1084,7 @@ impl Storage for SqliteStorage {
         .fetch_optional(&self.pool)
         .await
         .map_err(db_err)?;
-        Ok(BulkLease {
-            held: cancel.is_some(),
-            cancel_requested: cancel.unwrap_or(false),
-        })
+        Ok(BulkLease::from_returned(cancel))
     }
 
     async fn record_bulk_failure(&self, id: Uuid, owner: &str, user_id: UserId, reason: &str) -> StorageResult<bool> {
