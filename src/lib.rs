@@ -14,6 +14,7 @@ pub mod domain;
 pub mod fuzzing;
 pub mod grpc;
 mod health;
+pub mod http;
 pub mod mail;
 pub mod metrics;
 pub mod server;

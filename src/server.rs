@@ -180,7 +180,8 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
     };
     let metrics_addr = match config.metrics_addr {
         Some(addr) if exporting => Some(
-            prometheus::serve(addr, exposition, stop_rx.clone())
+            // Each HTTP feature merges its own router here.
+            crate::http::serve(addr, prometheus::router(exposition), stop_rx.clone())
                 .await
                 .map_err(|source| StartError::Bind { addr, source })?,
         ),

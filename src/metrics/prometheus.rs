@@ -1,4 +1,4 @@
-//! Prometheus text exposition on its own HTTP port (`IDENTITY_METRICS_ADDR`),
+//! Prometheus text exposition (`GET /metrics` on the HTTP listener, see [`crate::http`]),
 //! and the gRPC layer that counts requests by service, method and code.
 //!
 //! Figures counted on every call (gRPC requests, verifications) are kept in
@@ -8,20 +8,17 @@
 use std::{
     collections::HashMap,
     fmt::Write as _,
-    net::SocketAddr,
     sync::{Arc, OnceLock, RwLock},
     task::{Context, Poll},
     time::Instant,
 };
-
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio::sync::watch;
 
 use super::{
     AuthRecorder,
     auth::{LATENCY_BOUNDS_US, record_latency},
     per_thread::PerThreadCounters,
 };
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -118,30 +115,15 @@ impl Exposition {
     }
 }
 
-/// Serves `GET /metrics` until `stop` flips; returns the bound address.
-pub async fn serve(
-    addr: SocketAddr,
-    exposition: Exposition,
-    mut stop: watch::Receiver<bool>,
-) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
-    let app = axum::Router::new().route(
+/// `GET /metrics`: the Prometheus exposition, for the HTTP listener.
+pub fn router(exposition: Exposition) -> axum::Router {
+    axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
             let body = exposition.render();
             async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body) }
         }),
-    );
-    tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = stop.changed().await;
-        };
-        if let Err(err) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
-            tracing::error!(error = %err, "metrics endpoint stopped");
-        }
-    });
-    Ok(bound)
+    )
 }
 
 /// Paths beyond this many distinct ones are counted as `unknown`: a client
