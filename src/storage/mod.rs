@@ -30,6 +30,13 @@ pub enum UserKey {
     Email(Email),
 }
 
+/// Several users of one kind of key, found in one statement.
+#[derive(Debug, Clone)]
+pub enum UserKeys {
+    Ids(Vec<UserId>),
+    ClerkUserIds(Vec<ClerkUserId>),
+}
+
 /// How to find a mapping.
 #[derive(Debug, Clone)]
 pub enum MappingKey {
@@ -348,6 +355,10 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn pool_status(&self) -> (u32, u32);
 
     async fn find_user(&self, key: &UserKey) -> StorageResult<Option<UserRecord>>;
+
+    /// The users these keys name, in no particular order; keys that name no
+    /// user are left out. Each user once, as [`Storage::find_user`] finds it.
+    async fn find_users(&self, keys: &UserKeys) -> StorageResult<Vec<UserRecord>>;
 
     /// Inserts a legacy user into the service's directory;
     /// [`Conflict::UserExists`] when the id or email is taken by any user.

@@ -21,7 +21,7 @@ use super::{
     BulkJobState, BulkLease, Conflict, DatabaseOptions, InvitationCounts, Linked, MappingKey, MappingRecord,
     NewAuditEvent, NewInvitation, NewLegacyUser, NewRevocation, OutboxCounts, OutboxMessage, Readiness,
     RevocationChanges, RevocationRecord, SettingRecord, Storage, StorageError, StorageResult, UserCounts, UserKey,
-    UserRecord, UsersTableConfig,
+    UserKeys, UserRecord, UsersTableConfig,
     error::{classify, classify_mapping_insert},
     log_users_table, migrator,
     users_table::{UserSql, resolve},
@@ -477,6 +477,27 @@ impl PostgresStorage {
         }
     }
 
+    async fn find_users_once(&self, keys: &UserKeys) -> StorageResult<Vec<UserRecord>> {
+        let sql = self.sql();
+        let query = match keys {
+            UserKeys::Ids(ids) => sqlx::query(sqlx::AssertSqlSafe(sql.by_ids.as_str()))
+                .bind(ids.iter().map(|id| *id.as_uuid()).collect::<Vec<Uuid>>()),
+            UserKeys::ClerkUserIds(ids) => sqlx::query(sqlx::AssertSqlSafe(sql.by_clerk_ids.as_str()))
+                .bind(ids.iter().map(|id| id.as_str().to_owned()).collect::<Vec<String>>()),
+        };
+        let rows = query.fetch_all(&self.pool).await.map_err(db_err)?;
+        let mut seen = std::collections::HashSet::with_capacity(rows.len());
+        let mut users = Vec::with_capacity(rows.len());
+        // The directory's row of an id comes first, as in `find_user`.
+        for row in &rows {
+            let user = user_from_row(row)?;
+            if seen.insert(user.id) {
+                users.push(user);
+            }
+        }
+        Ok(users)
+    }
+
     async fn user_counts_once(&self) -> StorageResult<UserCounts> {
         let sql = self.sql();
         let row = sqlx::query(sqlx::AssertSqlSafe(sql.counts.as_str()))
@@ -678,6 +699,13 @@ impl Storage for PostgresStorage {
     async fn find_user(&self, key: &UserKey) -> StorageResult<Option<UserRecord>> {
         match self.find_user_once(key).await {
             Err(err) if self.recover(&err).await? => self.find_user_once(key).await,
+            other => other,
+        }
+    }
+
+    async fn find_users(&self, keys: &UserKeys) -> StorageResult<Vec<UserRecord>> {
+        match self.find_users_once(keys).await {
+            Err(err) if self.recover(&err).await? => self.find_users_once(keys).await,
             other => other,
         }
     }

@@ -21,7 +21,7 @@ use super::{
     BulkJobState, BulkLease, Conflict, DatabaseOptions, InvitationCounts, Linked, MappingKey, MappingRecord,
     NewAuditEvent, NewInvitation, NewLegacyUser, NewRevocation, OutboxCounts, OutboxMessage, Readiness,
     RevocationChanges, RevocationRecord, SettingRecord, Storage, StorageError, StorageResult, UserCounts, UserKey,
-    UserRecord, UsersTableConfig,
+    UserKeys, UserRecord, UsersTableConfig,
     error::{classify, classify_mapping_insert},
     log_users_table, migrator,
     users_table::{UserSql, parse_sqlite_time, resolve},
@@ -311,6 +311,11 @@ fn job_from_row(row: &SqliteRow) -> StorageResult<BulkJobRecord> {
     })
 }
 
+/// Text values as a JSON array, for `json_each`.
+fn json_array(values: impl Iterator<Item = String>) -> String {
+    serde_json::Value::Array(values.map(serde_json::Value::String).collect()).to_string()
+}
+
 /// The candidate filter as SQL parameters: a JSON array of ids (or NULL) and a cut-off.
 fn filter_params(filter: &BulkFilter) -> (Option<String>, Option<i64>) {
     let ids = (!filter.user_ids.is_empty()).then(|| {
@@ -471,6 +476,27 @@ impl SqliteStorage {
         }
     }
 
+    async fn find_users_once(&self, keys: &UserKeys) -> StorageResult<Vec<UserRecord>> {
+        let sql = self.sql();
+        let query = match keys {
+            UserKeys::Ids(ids) => sqlx::query(sqlx::AssertSqlSafe(sql.by_ids.as_str()))
+                .bind(json_array(ids.iter().map(ToString::to_string))),
+            UserKeys::ClerkUserIds(ids) => sqlx::query(sqlx::AssertSqlSafe(sql.by_clerk_ids.as_str()))
+                .bind(json_array(ids.iter().map(|id| id.as_str().to_owned()))),
+        };
+        let rows = query.fetch_all(&self.pool).await.map_err(db_err)?;
+        let mut seen = std::collections::HashSet::with_capacity(rows.len());
+        let mut users = Vec::with_capacity(rows.len());
+        // The directory's row of an id comes first, as in `find_user`.
+        for row in &rows {
+            let user = user_from_row(row)?;
+            if seen.insert(user.id) {
+                users.push(user);
+            }
+        }
+        Ok(users)
+    }
+
     async fn user_counts_once(&self) -> StorageResult<UserCounts> {
         let sql = self.sql();
         let row = sqlx::query(sqlx::AssertSqlSafe(sql.counts.as_str()))
@@ -549,6 +575,13 @@ impl Storage for SqliteStorage {
     async fn find_user(&self, key: &UserKey) -> StorageResult<Option<UserRecord>> {
         match self.find_user_once(key).await {
             Err(err) if self.recover(&err).await? => self.find_user_once(key).await,
+            other => other,
+        }
+    }
+
+    async fn find_users(&self, keys: &UserKeys) -> StorageResult<Vec<UserRecord>> {
+        match self.find_users_once(keys).await {
+            Err(err) if self.recover(&err).await? => self.find_users_once(keys).await,
             other => other,
         }
     }

@@ -314,6 +314,24 @@ impl AppUsers {
         }
     }
 
+    /// `a.id` among the ids of `ids` (PostgreSQL: a `uuid[]` expression;
+    /// SQLite: a sub-query of text ids).
+    pub fn id_in_ids(&self, ids: &str, postgres: bool) -> String {
+        match (postgres, self.id_type) {
+            (true, IdType::Text) => format!("a.{} = ANY({ids}::text[])", self.id),
+            (true, IdType::Uuid) => format!("a.{} = ANY({ids})", self.id),
+            (false, _) => format!("a.{} IN ({ids})", self.id),
+        }
+    }
+
+    /// `a.id` among the `uuid` values `query` selects.
+    pub fn id_in_query(&self, query: &str, postgres: bool) -> String {
+        match (postgres, self.id_type) {
+            (true, IdType::Text) => format!("a.{} IN (SELECT q.user_id::text FROM ({query}) q)", self.id),
+            _ => format!("a.{} IN ({query})", self.id),
+        }
+    }
+
     /// Rows that are users: not soft-deleted, and (text ids) holding a UUID.
     pub fn live(&self, postgres: bool) -> String {
         let mut conditions = Vec::new();
@@ -375,6 +393,11 @@ pub(crate) struct UserSql {
     pub by_id: String,
     /// `$1` = normalised email; the application's user first.
     pub by_email: String,
+    /// `$1` = user ids (PostgreSQL `uuid[]`, SQLite a JSON array); the
+    /// directory's row of an id first.
+    pub by_ids: String,
+    /// `$1` = Clerk user ids (PostgreSQL `text[]`, SQLite a JSON array).
+    pub by_clerk_ids: String,
     /// `$1` = user ids (empty: all), `$2` = created before, `$3` = after id, `$4` = limit.
     pub candidates: String,
     /// `$1`, `$2` as for `candidates`.
@@ -454,6 +477,37 @@ impl UserSql {
             "SELECT * FROM ({}) u ORDER BY origin, created_at IS NULL, created_at, id LIMIT 1",
             user_rows(a, "d.email_key = $1", email_where.as_deref(), pg)
         );
+        // Many keys in one statement: the user cache loads concurrent misses
+        // together (one round trip, not one or two per user).
+        let (ids, mapped) = if pg {
+            (
+                "$1::uuid[]",
+                "SELECT user_id FROM identity_user_mappings WHERE clerk_user_id = ANY($1::text[])",
+            )
+        } else {
+            (
+                "SELECT value FROM json_each($1)",
+                "SELECT user_id FROM identity_user_mappings WHERE clerk_user_id IN (SELECT value FROM json_each($1))",
+            )
+        };
+        let ids_dir = if pg {
+            format!("d.id = ANY({ids})")
+        } else {
+            format!("d.id IN ({ids})")
+        };
+        let by_ids = format!(
+            "SELECT * FROM ({}) u ORDER BY origin DESC",
+            user_rows(a, &ids_dir, a.map(|app| app.id_in_ids(ids, pg)).as_deref(), pg)
+        );
+        let by_clerk_ids = format!(
+            "SELECT * FROM ({}) u ORDER BY origin DESC",
+            user_rows(
+                a,
+                &format!("d.id IN ({mapped})"),
+                a.map(|app| app.id_in_query(mapped, pg)).as_deref(),
+                pg
+            )
+        );
         let filter = if pg {
             "u.clerk_user_id IS NULL AND (cardinality($1::uuid[]) = 0 OR u.id = ANY($1::uuid[]))
              AND ($2::timestamptz IS NULL OR u.created_at < $2)"
@@ -508,6 +562,8 @@ impl UserSql {
             app,
             by_id,
             by_email,
+            by_ids,
+            by_clerk_ids,
             candidates,
             count_candidates,
             counts,
@@ -520,6 +576,8 @@ impl UserSql {
         Self {
             by_id: sqlite_params(&self.by_id),
             by_email: sqlite_params(&self.by_email),
+            by_ids: sqlite_params(&self.by_ids),
+            by_clerk_ids: sqlite_params(&self.by_clerk_ids),
             candidates: sqlite_params(&self.candidates),
             count_candidates: sqlite_params(&self.count_candidates),
             counts: sqlite_params(&self.counts),

@@ -8,7 +8,7 @@ use identity::{
     domain::{AuditOutcome, ClerkUserId, Email, UserId},
     storage::{
         AuditQuery, BulkCounters, BulkJobRecord, BulkJobState, Conflict, InvitationCounts, MappingKey, NewAuditEvent,
-        NewInvitation, NewLegacyUser, NewOutboxMessage, OutboxCounts, Storage, StorageError, UserKey,
+        NewInvitation, NewLegacyUser, NewOutboxMessage, OutboxCounts, Storage, StorageError, UserKey, UserKeys,
     },
 };
 
@@ -584,6 +584,103 @@ async fn revocations_are_read_incrementally_by_change_time(db: TestDb) {
     assert!(list.is_revoked(Some("old0"), &digest));
     assert!(!list.is_revoked(Some("old5"), &digest));
     assert_eq!(list.len(), 1);
+}
+
+/// Many keys in one statement find what one key at a time finds, in the
+/// service's directory and in the application's table.
+async fn users_are_found_many_at_a_time(db: TestDb) {
+    with_app_users(&db).await;
+    let storage = db.storage().await;
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        ids.push(insert(storage.as_ref(), &format!("dir{n}@example.com"), Some("$2b$10$x")).await);
+        ids.push(app_user(&db, &format!("app{n}@example.com")).await);
+    }
+    let mut clerk_ids = Vec::new();
+    for (n, id) in ids.iter().enumerate().filter(|(n, _)| n % 3 != 0) {
+        let clerk_id = clerk(&format!("user_batch{n}"));
+        storage
+            .link_user(*id, &clerk_id, &audit("user.link", Some(*id)))
+            .await
+            .unwrap();
+        clerk_ids.push((clerk_id, *id));
+    }
+    let one_at_a_time = |key: UserKey| {
+        let storage = storage.clone();
+        async move { storage.find_user(&key).await.unwrap().unwrap() }
+    };
+
+    let mut asked = ids.clone();
+    asked.push(UserId::new_random());
+    asked.push(ids[0]);
+    let mut found = storage.find_users(&UserKeys::Ids(asked)).await.unwrap();
+    found.sort_by_key(|u| u.id);
+    let mut expected = Vec::new();
+    for id in &ids {
+        expected.push(one_at_a_time(UserKey::Id(*id)).await);
+    }
+    expected.sort_by_key(|u| u.id);
+    assert_eq!(found, expected, "each known id once, unknown ids left out");
+
+    let mut asked: Vec<ClerkUserId> = clerk_ids.iter().map(|(c, _)| c.clone()).collect();
+    asked.push(clerk("user_nobody"));
+    let found = storage.find_users(&UserKeys::ClerkUserIds(asked)).await.unwrap();
+    assert_eq!(found.len(), clerk_ids.len());
+    for (clerk_id, id) in &clerk_ids {
+        let user = found
+            .iter()
+            .find(|u| u.clerk_user_id.as_deref() == Some(clerk_id.as_str()))
+            .unwrap_or_else(|| panic!("{clerk_id} not found"));
+        assert_eq!(user.id, *id);
+        assert_eq!(*user, one_at_a_time(UserKey::ClerkUserId(clerk_id.clone())).await);
+    }
+    assert!(storage.find_users(&UserKeys::Ids(Vec::new())).await.unwrap().is_empty());
+    assert!(
+        storage
+            .find_users(&UserKeys::ClerkUserIds(Vec::new()))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// Concurrent misses of the user cache are loaded in batches; every caller
+/// gets its own user, whatever batch it joined.
+async fn concurrent_cache_misses_each_get_their_own_user(db: TestDb) {
+    with_app_users(&db).await;
+    let storage = db.storage().await;
+    let cache = identity::domain::UserCache::new(storage.clone(), std::time::Duration::from_secs(60));
+    let mut users = Vec::new();
+    for n in 0..40 {
+        let id = if n % 2 == 0 {
+            insert(storage.as_ref(), &format!("c{n}@example.com"), None).await
+        } else {
+            app_user(&db, &format!("c{n}@example.com")).await
+        };
+        let clerk_id = clerk(&format!("user_cache{n}"));
+        storage
+            .link_user(id, &clerk_id, &audit("user.link", Some(id)))
+            .await
+            .unwrap();
+        users.push((id, clerk_id));
+    }
+    let lookups = users.iter().flat_map(|(id, clerk_id)| {
+        let (cache_a, cache_b) = (cache.clone(), cache.clone());
+        let (id, clerk_id) = (*id, clerk_id.clone());
+        [
+            tokio::spawn(async move { (id, cache_a.by_id(id).await.unwrap().map(|u| u.id)) }),
+            tokio::spawn(async move { (id, cache_b.by_clerk(&clerk_id).await.unwrap().map(|u| u.id)) }),
+        ]
+    });
+    let unknown = {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.by_clerk(&clerk("user_unknown")).await.unwrap().is_none() })
+    };
+    for lookup in lookups.collect::<Vec<_>>() {
+        let (asked, got) = lookup.await.unwrap();
+        assert_eq!(got, Some(asked));
+    }
+    assert!(unknown.await.unwrap());
 }
 
 /// The seed application's `users` table, whatever the layout the suite runs.
@@ -1358,6 +1455,8 @@ async fn revoking_again_keeps_the_later_expiry(db: TestDb) {
 }
 
 crate::backend_tests!(
+    users_are_found_many_at_a_time,
+    concurrent_cache_misses_each_get_their_own_user,
     outbox_and_invitation_counts_stay_exact,
     a_bulk_job_is_claimed_by_one_runner_at_a_time,
     only_the_lease_owner_writes_to_a_bulk_job,
