@@ -37,6 +37,22 @@ pub enum UserKeys {
     ClerkUserIds(Vec<ClerkUserId>),
 }
 
+/// Each user once, from rows that may hold an id twice (the directory's
+/// row first, as in [`Storage::find_user`]).
+pub(crate) fn first_row_per_user(
+    rows: impl ExactSizeIterator<Item = StorageResult<UserRecord>>,
+) -> StorageResult<Vec<UserRecord>> {
+    let mut seen = std::collections::HashSet::with_capacity(rows.len());
+    let mut users = Vec::with_capacity(rows.len());
+    for user in rows {
+        let user = user?;
+        if seen.insert(user.id) {
+            users.push(user);
+        }
+    }
+    Ok(users)
+}
+
 /// How to find a mapping.
 #[derive(Debug, Clone)]
 pub enum MappingKey {

@@ -486,16 +486,7 @@ impl PostgresStorage {
                 .bind(ids.iter().map(|id| id.as_str().to_owned()).collect::<Vec<String>>()),
         };
         let rows = query.fetch_all(&self.pool).await.map_err(db_err)?;
-        let mut seen = std::collections::HashSet::with_capacity(rows.len());
-        let mut users = Vec::with_capacity(rows.len());
-        // The directory's row of an id comes first, as in `find_user`.
-        for row in &rows {
-            let user = user_from_row(row)?;
-            if seen.insert(user.id) {
-                users.push(user);
-            }
-        }
-        Ok(users)
+        super::first_row_per_user(rows.iter().map(user_from_row))
     }
 
     async fn user_counts_once(&self) -> StorageResult<UserCounts> {
