@@ -9,6 +9,7 @@ mod auth_mode_api;
 mod bulk;
 mod caller_access;
 mod cli;
+mod dashboard;
 mod faults;
 mod fuzz_corpus;
 mod health_and_reflection;
