@@ -299,7 +299,7 @@ return {
 "#;
 
 fn expected(s: &pb::MigrationStats) -> Value {
-    let readiness = s.readiness.clone().unwrap();
+    let readiness = s.readiness.unwrap();
     let invitations = s.invitations.unwrap();
     let methods: serde_json::Map<String, Value> = s
         .methods

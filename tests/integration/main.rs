@@ -16,6 +16,7 @@ mod health_and_reflection;
 mod invitations;
 mod leaflock;
 mod metrics_api;
+mod monitoring;
 mod postgres_schema;
 mod storage_conformance;
 mod tracing_api;
