@@ -61,6 +61,7 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "IDENTITY_CLERK_API_RATE",
     "IDENTITY_BULK_LEASE_SECONDS",
     "IDENTITY_METRICS_ADDR",
+    "IDENTITY_DASHBOARD",
     "IDENTITY_STATS_FLUSH_SECONDS",
     "IDENTITY_LEGACY_JWT_USER_CLAIM",
     "IDENTITY_SMTP_ALLOW_PLAINTEXT",
@@ -155,6 +156,8 @@ pub struct Config {
     pub bulk: crate::domain::BulkConfig,
     /// Where Prometheus scrapes `/metrics`; `None` turns the endpoint off.
     pub metrics_addr: Option<SocketAddr>,
+    /// Serve the migration dashboard (`/dashboard`) beside `/metrics`.
+    pub dashboard: bool,
     /// How often this replica adds its auth figures to the shared buckets.
     pub stats_flush: Duration,
     /// Unknown `IDENTITY_*` names seen at load time (likely typos), to warn about.
@@ -181,6 +184,7 @@ impl fmt::Debug for Config {
             .field("mail", &self.mail)
             .field("bulk", &self.bulk)
             .field("metrics_addr", &self.metrics_addr)
+            .field("dashboard", &self.dashboard)
             .field("stats_flush", &self.stats_flush)
             .finish()
     }
@@ -401,6 +405,7 @@ impl Config {
             mail,
             bulk,
             metrics_addr,
+            dashboard: vars.bool("IDENTITY_DASHBOARD", true)?,
             stats_flush: vars.seconds("IDENTITY_STATS_FLUSH_SECONDS", 10, 1..=300)?,
             unknown_variables,
         })

@@ -67,6 +67,7 @@ pub(crate) async fn watch_database(
         };
         // Serving also needs the auth mode: without it verification fails closed.
         let ok = ok && modes.known();
+        ::metrics::gauge!("identity_serving").set(if ok { 1.0 } else { 0.0 });
         if healthy != Some(ok) {
             if ok && healthy.is_some() {
                 tracing::info!("database reachable again; reporting SERVING");

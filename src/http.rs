@@ -18,6 +18,8 @@ pub async fn serve(
         let shutdown = async move {
             let _ = stop.changed().await;
         };
+        // The client's address is known to handlers (the dashboard bounds streams per address).
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         if let Err(err) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
             tracing::error!(error = %err, "HTTP listener stopped");
         }

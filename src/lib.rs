@@ -9,6 +9,7 @@
 pub mod clerk;
 pub mod cli;
 pub mod config;
+pub mod dashboard;
 pub mod domain;
 #[doc(hidden)]
 pub mod fuzzing;

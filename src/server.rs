@@ -151,6 +151,7 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
     reporter
         .set_service_status(health::LIVENESS_SERVICE, ServingStatus::Serving)
         .await;
+    ::metrics::gauge!("identity_db_pool_connections", "state" => "max").set(f64::from(config.database.max_connections));
     tokio::spawn(health::watch_database(
         reporter.clone(),
         storage.clone(),
@@ -181,9 +182,16 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
     let metrics_addr = match config.metrics_addr {
         Some(addr) if exporting => Some(
             // Each HTTP feature merges its own router here.
-            crate::http::serve(addr, prometheus::router(exposition), stop_rx.clone())
-                .await
-                .map_err(|source| StartError::Bind { addr, source })?,
+            crate::http::serve(
+                addr,
+                prometheus::router(exposition).merge(crate::dashboard::router(
+                    config.dashboard,
+                    crate::dashboard::Dashboard::new(stats.clone(), modes.clone(), storage.clone(), stop_rx.clone()),
+                )),
+                stop_rx.clone(),
+            )
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?,
         ),
         _ => None,
     };

@@ -184,6 +184,12 @@ impl AuthModes {
         })
     }
 
+    /// The stored mode with who set it and when, read without changing what
+    /// this replica enforces (the dashboard).
+    pub async fn stored(&self) -> Result<AuthModeState, DomainError> {
+        self.load().await
+    }
+
     pub async fn get(&self, caller: &Caller) -> Result<AuthModeState, DomainError> {
         caller.require_any(&Scope::ALL)?;
         self.refresh().await

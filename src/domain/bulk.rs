@@ -637,6 +637,16 @@ impl Runner {
             } else {
                 0.0
             });
+            // The state of the last job this replica ran, one series per state (1 for the current one).
+            for state in [
+                BulkJobState::Running,
+                BulkJobState::Completed,
+                BulkJobState::Cancelled,
+                BulkJobState::Failed,
+            ] {
+                ::metrics::gauge!("identity_bulk_job_state", "state" => state.as_db())
+                    .set(if self.progress.state == state { 1.0 } else { 0.0 });
+            }
         }
         self.tx.send_replace(self.progress.clone());
     }

@@ -8,4 +8,4 @@ pub mod prometheus;
 mod stats;
 
 pub use auth::{AuthOutcome, AuthRecorder};
-pub use stats::{MethodFigures, MigrationStats, StatsSnapshot, Window};
+pub use stats::{MethodFigures, MigrationStats, StatsSnapshot, StreamSlot, Window};

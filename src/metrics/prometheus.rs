@@ -110,6 +110,14 @@ impl Exposition {
         text.sample("identity_token_cache_entries", &[], cache.entries);
         text.family("identity_token_cache_capacity", "gauge");
         text.sample("identity_token_cache_capacity", &[], cache.capacity);
+        if let Some(usable) = self.verifier.clerk_keys_usable() {
+            text.family("identity_clerk_keys_usable", "gauge");
+            text.sample("identity_clerk_keys_usable", &[], u64::from(usable));
+        }
+        if let Some(age) = self.verifier.clerk_key_age() {
+            text.family("identity_jwks_key_age_seconds", "gauge");
+            text.sample("identity_jwks_key_age_seconds", &[], age.as_secs());
+        }
         self.grpc.registry.render(&mut text);
         text.0
     }

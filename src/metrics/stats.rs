@@ -209,6 +209,7 @@ impl MigrationStats {
 
     /// Flushes every `every` until `stop` flips, and once more at the end.
     pub async fn run_flusher(self, every: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+        self.publish_user_counts().await;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
@@ -219,6 +220,21 @@ impl MigrationStats {
             }
             if let Err(err) = self.flush().await {
                 tracing::warn!(error = %err, "cannot flush auth figures; keeping them for the next try");
+            }
+            self.publish_user_counts().await;
+        }
+    }
+
+    /// Users by migration state for Prometheus (`identity_users`): counters
+    /// the database keeps exact, so one cheap read per flush.
+    async fn publish_user_counts(&self) {
+        if let Ok(users) = self.storage.user_counts().await {
+            for (state, n) in [
+                ("legacy_only", users.legacy_only),
+                ("migrated", users.migrated),
+                ("clerk_native", users.clerk_native),
+            ] {
+                ::metrics::gauge!("identity_users", "state" => state).set(n as f64);
             }
         }
     }

@@ -338,6 +338,16 @@ pub struct AuthTotals {
     pub latency: Vec<(i32, i64)>,
 }
 
+/// One minute of one method's verifications, summed over all replicas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthPoint {
+    /// Start of the minute, in Unix seconds.
+    pub bucket: i64,
+    pub method: String,
+    pub attempts: i64,
+    pub successes: i64,
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct InvitationCounts {
     /// Invitation emails the mail server accepted.
@@ -556,6 +566,9 @@ pub trait Storage: Send + Sync + fmt::Debug {
 
     /// Sums the buckets at or after `since_bucket` (all when `None`).
     async fn auth_totals(&self, since_bucket: Option<i64>) -> StorageResult<AuthTotals>;
+
+    /// Verifications per minute and method from `since_bucket` on, oldest first.
+    async fn auth_series(&self, since_bucket: i64) -> StorageResult<Vec<AuthPoint>>;
 
     async fn invitation_counts(&self, now: DateTime<Utc>) -> StorageResult<InvitationCounts>;
 

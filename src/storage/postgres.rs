@@ -17,7 +17,7 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    AuditQuery, AuditRecord, AuthFlush, AuthTotals, BulkCandidate, BulkCounters, BulkFilter, BulkJobRecord,
+    AuditQuery, AuditRecord, AuthFlush, AuthPoint, AuthTotals, BulkCandidate, BulkCounters, BulkFilter, BulkJobRecord,
     BulkJobState, BulkLease, Conflict, DatabaseOptions, InvitationCounts, Linked, MappingKey, MappingRecord,
     NewAuditEvent, NewInvitation, NewLegacyUser, NewRevocation, OutboxCounts, OutboxMessage, Readiness,
     RevocationChanges, RevocationRecord, SettingRecord, Storage, StorageError, StorageResult, UserCounts, UserKey,
@@ -1427,6 +1427,28 @@ impl Storage for PostgresStorage {
         .map(|row| Ok((row.try_get("slot").map_err(db_err)?, row.try_get("n").map_err(db_err)?)))
         .collect::<StorageResult<Vec<_>>>()?;
         Ok(AuthTotals { counts, latency })
+    }
+
+    async fn auth_series(&self, since_bucket: i64) -> StorageResult<Vec<AuthPoint>> {
+        sqlx::query(
+            "SELECT bucket, method, SUM(count)::bigint AS n,
+                    SUM(CASE WHEN outcome = 'success' THEN count ELSE 0 END)::bigint AS ok
+             FROM identity_auth_counts WHERE bucket >= $1 GROUP BY bucket, method ORDER BY bucket, method",
+        )
+        .bind(since_bucket)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?
+        .iter()
+        .map(|row| {
+            Ok(AuthPoint {
+                bucket: row.try_get("bucket").map_err(db_err)?,
+                method: row.try_get("method").map_err(db_err)?,
+                attempts: row.try_get("n").map_err(db_err)?,
+                successes: row.try_get("ok").map_err(db_err)?,
+            })
+        })
+        .collect()
     }
 
     async fn invitation_counts(&self, now: chrono::DateTime<chrono::Utc>) -> StorageResult<InvitationCounts> {

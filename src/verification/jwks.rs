@@ -234,6 +234,11 @@ impl RemoteJwks {
         self.usable(&self.snapshot())
     }
 
+    /// Time since the keys in use were fetched; `None` before the first fetch succeeded.
+    pub fn key_age(&self) -> Option<Duration> {
+        self.snapshot().fetched_at.map(|at| at.elapsed())
+    }
+
     pub async fn key(&self, kid: &str) -> KeyLookup {
         if kid.len() > MAX_KID_LEN {
             // No key of ours has such a kid; answering costs no fetch and no memory.

@@ -278,6 +278,15 @@ impl Verifier {
         self.inner.clerk.as_ref().map(|c| c.keys.has_usable_keys())
     }
 
+    /// Time since Clerk's JWKS was last fetched: `None` unless keys come from
+    /// a JWKS URL and one fetch succeeded.
+    pub fn clerk_key_age(&self) -> Option<Duration> {
+        match self.inner.clerk.as_ref().map(|c| &c.keys) {
+            Some(KeyStore::Remote(remote)) => remote.key_age(),
+            _ => None,
+        }
+    }
+
     /// How full the token cache is: entries held and the configured bound.
     pub fn token_cache_usage(&self) -> TokenCacheUsage {
         TokenCacheUsage {

@@ -32,6 +32,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import sqlite3
@@ -78,6 +79,14 @@ USERS_TABLE_VARIABLES = {
     "deletedAtColumn": "IDENTITY_USERS_DELETED_AT_COLUMN",
     "clerkIdColumn": "IDENTITY_USERS_CLERK_ID_COLUMN",
 }
+# The chart's alerts (templates/prometheusrule.yaml), each with a runbook in
+# the chart README and promtool unit tests under tests/helm/alerts/.
+ALERTS = {
+    "IdentityVerificationErrorRateHigh", "IdentityClerkKeysUnavailable", "IdentityClerkKeysStale",
+    "IdentityOutboxBacklogGrowing", "IdentityOutboxMessagesFailing", "IdentityBulkJobFailed",
+    "IdentityBulkJobStalled", "IdentityNoReplicaServing",
+}
+ALERT_TESTS = Path(__file__).resolve().parent / "alerts"
 # The health entry that follows only the process (never the database).
 LIVENESS_SERVICE = "liveness"
 
@@ -150,7 +159,12 @@ class Rendered:
         return [doc for _, doc in self.docs if doc["kind"] == kind]
 
     def one(self, kind: str, name: str | None = None) -> dict[str, Any]:
-        found = [d for d in self.all(kind) if name is None or d["metadata"]["name"] == name]
+        # Unnamed, "ConfigMap" is the configuration's, not the Grafana dashboard's.
+        found = [
+            d for d in self.all(kind)
+            if (d["metadata"]["name"] == name if name is not None
+                else "grafana_dashboard" not in d["metadata"].get("labels", {}))
+        ]
         if len(found) != 1:
             raise AssertionError(f"expected one {kind} {name or ''}, found {len(found)}")
         return found[0]
@@ -263,7 +277,7 @@ class ChartTest(unittest.TestCase):
             "minimal.yaml": {"ConfigMap", "Deployment", "Job", "PodDisruptionBudget", "Secret", "Service", "ServiceAccount"},
             "production.yaml": {
                 "ConfigMap", "Deployment", "Job", "PodDisruptionBudget", "Service", "ServiceAccount",
-                "HorizontalPodAutoscaler", "NetworkPolicy", "ServiceMonitor",
+                "HorizontalPodAutoscaler", "NetworkPolicy", "ServiceMonitor", "PrometheusRule",
             },
             "secret-files.yaml": {"ConfigMap", "Deployment", "Secret", "Service", "ServiceAccount"},
             "full.yaml": {"ConfigMap", "Deployment", "Job", "PodDisruptionBudget", "Secret", "Service", "ServiceAccount"},
@@ -348,6 +362,105 @@ class ChartTest(unittest.TestCase):
         self.assertEqual([e["path"] for e in spec["endpoints"]], ["/metrics"])
         # off by default
         self.assertEqual([], rendered("defaults+required", REQUIRED).all("ServiceMonitor"))
+
+    # --- Grafana dashboard and alerting rules ----------------------------
+
+    def test_grafana_dashboard_configmap(self):
+        render = rendered("production.yaml", load_values("production.yaml"))
+        config_map = render.one("ConfigMap", f"{RELEASE}-grafana-dashboard")
+        self.assertEqual(config_map["metadata"]["labels"].get("grafana_dashboard"), "1", "the sidecar's label")
+        self.assertEqual(config_map["metadata"]["annotations"], {"grafana_folder": "Identity"})
+        self.assertEqual(set(config_map["data"]), {"identity.json"})
+        dashboard = json.loads(config_map["data"]["identity.json"])
+        self.assertEqual(dashboard["uid"], "identity-service")
+        variables = {v["name"] for v in dashboard["templating"]["list"]}
+        self.assertEqual(variables, {"datasource", "namespace", "job"})
+        exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+        self.assertTrue(exprs)
+        ids = [p["id"] for p in dashboard["panels"]]
+        self.assertEqual(len(ids), len(set(ids)), "panel ids are unique")
+        for expr in exprs:
+            with self.subTest(expr=expr):
+                selectors = re.findall(r"([A-Za-z_:][A-Za-z0-9_:]*)\{([^}]*)\}", expr)
+                self.assertTrue(selectors, "every metric carries a selector")
+                for name, labels in selectors:
+                    self.assertTrue(name.startswith("identity_"), name)
+                    self.assertIn('namespace="$namespace"', labels)
+                    self.assertIn('job="$job"', labels)
+        titles = " / ".join(p["title"] for p in dashboard["panels"]).lower()
+        for topic in ("verification rate by method and outcome", "rejection reasons", "latency", "jwks",
+                      "key age", "token cache hit ratio", "outbox", "bulk", "db pool saturation", "migration progress"):
+            self.assertIn(topic, titles)
+        # off by default
+        self.assertIsNone(rendered("defaults+required", REQUIRED).find("ConfigMap", f"{RELEASE}-grafana-dashboard"))
+
+    def rules(self) -> list[dict[str, Any]]:
+        render = rendered("production.yaml", load_values("production.yaml"))
+        rule = render.one("PrometheusRule")
+        self.assertEqual(rule["apiVersion"], "monitoring.coreos.com/v1")
+        self.assertEqual(rule["metadata"]["labels"].get("release"), "kube-prometheus-stack")
+        return rule["spec"]["groups"]
+
+    def test_prometheus_rule_names_labels_and_runbooks(self):
+        groups = self.rules()
+        readme = (CHART / "README.md").read_text(encoding="utf-8")
+        names = [r["alert"] for g in groups for r in g["rules"]]
+        self.assertEqual(len(names), len(set(names)), "alert names are unique")
+        self.assertEqual(set(names), ALERTS)
+        for group in groups:
+            self.assertRegex(group["name"], r"^[a-z][a-z0-9_.-]*$")
+            for rule in group["rules"]:
+                with self.subTest(alert=rule["alert"]):
+                    self.assertRegex(rule["alert"], r"^Identity[A-Z][A-Za-z]+$")
+                    self.assertIn(rule["labels"]["severity"], ("warning", "critical"))
+                    self.assertEqual(rule["labels"]["team"], "platform", "additionalLabels")
+                    for key in rule["labels"]:
+                        self.assertRegex(key, r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+                    self.assertLessEqual({"summary", "description", "runbook_url"}, set(rule["annotations"]))
+                    anchor = rule["alert"].lower()
+                    self.assertTrue(rule["annotations"]["runbook_url"].endswith(f"README.md#{anchor}"))
+                    self.assertIn(f"### {rule['alert']}", readme, "a runbook paragraph in the chart README")
+                    if "for" in rule:
+                        self.assertRegex(rule["for"], r"^[0-9]+[smh]$")
+                    selectors = re.findall(r"([A-Za-z_:][A-Za-z0-9_:]*)\{([^}]*)\}", rule["expr"])
+                    self.assertTrue(selectors)
+                    for name, labels in selectors:
+                        self.assertTrue(name.startswith("identity_"), name)
+                        self.assertIn(f'namespace="{NAMESPACE}"', labels, "scoped to the release")
+                        self.assertIn('job="identity"', labels, "the ServiceMonitor's job label")
+        # off by default, and no runbook link without a base URL
+        self.assertEqual([], rendered("defaults+required", REQUIRED).all("PrometheusRule"))
+        plain = Rendered(deep_merge(REQUIRED, {"prometheusRule": {"enabled": True}}))
+        for rule in plain.one("PrometheusRule")["spec"]["groups"][0]["rules"]:
+            self.assertNotIn("runbook_url", rule["annotations"])
+
+    def test_promtool_checks_and_unit_tests_the_rules(self):
+        """`promtool check rules` on the rendered rules, then the unit tests in tests/helm/alerts/."""
+        promtool = shutil.which("promtool")
+        if promtool is None:
+            if os.environ.get("CI") in ("true", "1"):
+                self.fail("promtool is not installed (apt-get install prometheus): required under CI")
+            self.skipTest("promtool is not installed (apt-get install prometheus)")
+        tests = sorted(ALERT_TESTS.glob("*.yaml"))
+        self.assertTrue(tests)
+        fired: set[str] = set()
+        quiet: set[str] = set()
+        for path in tests:
+            for case in yaml.safe_load(path.read_text(encoding="utf-8"))["tests"]:
+                for check in case.get("alert_rule_test", []):
+                    (fired if check.get("exp_alerts") else quiet).add(check["alertname"])
+        self.assertEqual(fired, ALERTS, "every alert fires in a unit test")
+        self.assertEqual(quiet, ALERTS, "every alert stays quiet in a unit test")
+        with tempfile.TemporaryDirectory() as tmp:
+            rules = Path(tmp) / "rules.yaml"
+            rules.write_text(yaml.safe_dump({"groups": self.rules()}, sort_keys=False), encoding="utf-8")
+            check = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True)
+            self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
+            self.assertIn(f"SUCCESS: {len(ALERTS)} rules found", check.stdout)
+            for path in tests:
+                shutil.copy(path, Path(tmp) / path.name)
+                run = subprocess.run([promtool, "test", "rules", path.name], cwd=tmp, capture_output=True, text=True)
+                self.assertEqual(run.returncode, 0, f"{path.name}:\n{run.stdout}{run.stderr}")
 
     # --- the chart's wiring ------------------------------------------------
 
@@ -799,6 +912,8 @@ class ChartTest(unittest.TestCase):
         ("secret in ConfigMap", {"env": {"IDENTITY_API_KEYS": "x"}}, "env.IDENTITY_API_KEYS"),
         ("secret file in ConfigMap", {"env": {"IDENTITY_DATABASE_URL_FILE": "/x"}}, "env.IDENTITY_DATABASE_URL_FILE"),
         ("ServiceMonitor without metrics", {"metrics": {"enabled": False, "serviceMonitor": {"enabled": True}}}, "needs metrics.enabled"),
+        ("alerts without metrics", {"metrics": {"enabled": False}, "prometheusRule": {"enabled": True}}, "prometheusRule.enabled needs metrics.enabled"),
+        ("Grafana dashboard without metrics", {"metrics": {"enabled": False}, "grafanaDashboard": {"enabled": True}}, "grafanaDashboard.enabled needs metrics.enabled"),
         ("metrics on the gRPC port", {"metrics": {"port": 50051}}, "must differ from config.port"),
         ("tracing without an endpoint", {"tracing": {"enabled": True}}, "needs tracing.endpoint"),
         ("ratio sampler without a ratio",

@@ -1094,6 +1094,32 @@ async fn auth_figures_add_up_across_flushes(db: TestDb) {
     assert_eq!(recent.latency, vec![(2, 6)]);
     let all = storage.auth_totals(None).await.unwrap();
     assert_eq!(all.counts.iter().map(|c| c.2).sum::<i64>(), 10);
+    // The dashboard's chart: per minute and method, successes apart.
+    storage
+        .flush_auth_stats(&AuthFlush {
+            counts: vec![
+                (bucket - 60, "legacy_jwt".into(), "expired".into(), 1),
+                (bucket - 60, "legacy_jwt".into(), "success".into(), 4),
+                (bucket, "clerk".into(), "success".into(), 2),
+            ],
+            ..AuthFlush::default()
+        })
+        .await
+        .unwrap();
+    let series = storage.auth_series(bucket - 3600).await.unwrap();
+    let points: Vec<_> = series
+        .iter()
+        .map(|p| (p.bucket, p.method.as_str(), p.attempts, p.successes))
+        .collect();
+    assert_eq!(
+        points,
+        vec![
+            (bucket - 60, "legacy_jwt", 5, 4),
+            (bucket, "clerk", 2, 2),
+            (bucket, "legacy_jwt", 6, 6),
+        ],
+        "oldest first, the two-hour-old minute left out"
+    );
     let readiness = storage.readiness(day).await.unwrap();
     assert_eq!((readiness.active_users, readiness.legacy_only_unlinked), (1, 1));
     storage

@@ -266,6 +266,7 @@ Non-secret configuration as a YAML map NAME: "value" (the ConfigMap's data).
   "IDENTITY_OUTBOX_SEND_TIMEOUT_SECONDS" $c.mail.outbox.sendTimeoutSeconds
   "IDENTITY_BULK_LEASE_SECONDS" $c.bulk.leaseSeconds
   "IDENTITY_STATS_FLUSH_SECONDS" $c.statsFlushSeconds
+  "IDENTITY_DASHBOARD" $c.dashboard
 -}}
 {{- range $k, $v := $optional }}
 {{- if kindIs "float64" $v }}
@@ -445,6 +446,12 @@ as shipped, while install and template stop here, naming what is missing.
 {{- $product := toString ($v.config.invitations.productName | default "") | trim }}
 {{- if gt (len $product) 100 }}
 {{- fail (printf "config.invitations.productName is %d bytes: the binary accepts at most 100 (UTF-8 bytes)" (len $product)) }}
+{{- end }}
+{{- if and $v.prometheusRule.enabled (not $v.metrics.enabled) }}
+{{- fail "prometheusRule.enabled needs metrics.enabled: the alerts read the /metrics figures" }}
+{{- end }}
+{{- if and $v.grafanaDashboard.enabled (not $v.metrics.enabled) }}
+{{- fail "grafanaDashboard.enabled needs metrics.enabled: the dashboard reads the /metrics figures" }}
 {{- end }}
 {{- if and $v.metrics.serviceMonitor.enabled (not $v.metrics.enabled) }}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.enabled" }}

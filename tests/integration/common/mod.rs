@@ -3,6 +3,7 @@
 //! and token minting.
 
 pub mod binary;
+pub mod browser;
 pub mod fake_clerk;
 pub mod fake_smtp;
 pub mod tcp_proxy;
