@@ -72,6 +72,10 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "IDENTITY_USERS_CREATED_AT_COLUMN",
     "IDENTITY_USERS_DELETED_AT_COLUMN",
     "IDENTITY_USERS_CLERK_ID_COLUMN",
+    "IDENTITY_GATEWAY_HEADER_PREFIX",
+    "IDENTITY_GATEWAY_HEADERS",
+    "IDENTITY_GATEWAY_REMOVE_AUTHORIZATION",
+    "IDENTITY_FORWARD_AUTH",
 ];
 
 /// The standard OpenTelemetry variables the binary reads (the exporter reads
@@ -153,8 +157,11 @@ pub struct Config {
     pub invitations: InvitationConfig,
     pub mail: MailConfig,
     pub bulk: crate::domain::BulkConfig,
-    /// Where Prometheus scrapes `/metrics`; `None` turns the endpoint off.
+    /// The HTTP listener: Prometheus scrapes `/metrics` there, and gateways
+    /// call `/forward-auth`; `None` turns it off.
     pub metrics_addr: Option<SocketAddr>,
+    /// Envoy ext_authz and forward-auth: identity headers, caller access.
+    pub gateway: crate::gateway::GatewayConfig,
     /// How often this replica adds its auth figures to the shared buckets.
     pub stats_flush: Duration,
     /// Unknown `IDENTITY_*` names seen at load time (likely typos), to warn about.
@@ -181,6 +188,7 @@ impl fmt::Debug for Config {
             .field("mail", &self.mail)
             .field("bulk", &self.bulk)
             .field("metrics_addr", &self.metrics_addr)
+            .field("gateway", &self.gateway)
             .field("stats_flush", &self.stats_flush)
             .finish()
     }
@@ -401,6 +409,7 @@ impl Config {
             mail,
             bulk,
             metrics_addr,
+            gateway: gateway_config(&vars)?,
             stats_flush: vars.seconds("IDENTITY_STATS_FLUSH_SECONDS", 10, 1..=300)?,
             unknown_variables,
         })
@@ -413,6 +422,55 @@ impl Config {
         config.database_url = SecretString::from(database_url.to_owned());
         config
     }
+}
+
+/// `IDENTITY_GATEWAY_*` and `IDENTITY_FORWARD_AUTH`.
+fn gateway_config(vars: &Vars) -> Result<crate::gateway::GatewayConfig, ConfigError> {
+    use crate::gateway::{ForwardAuthAccess, GatewayConfig, IdentityHeader};
+    let mut config = GatewayConfig::default();
+    if let Some(raw) = vars.plain("IDENTITY_GATEWAY_HEADER_PREFIX") {
+        let prefix = raw.trim().to_ascii_lowercase();
+        if prefix.len() > 64
+            || !prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(ConfigError::new(
+                "IDENTITY_GATEWAY_HEADER_PREFIX",
+                format!("invalid value {raw:?}: expected at most 64 letters, digits, '-' or '_', e.g. x-identity-"),
+            ));
+        }
+        config.header_prefix = prefix;
+    }
+    if let Some(raw) = vars.plain("IDENTITY_GATEWAY_HEADERS") {
+        let mut headers = Vec::new();
+        for name in raw.split(',').filter(|n| !n.trim().is_empty()) {
+            let header: IdentityHeader = name
+                .parse()
+                .map_err(|e| ConfigError::new("IDENTITY_GATEWAY_HEADERS", e))?;
+            if !headers.contains(&header) {
+                headers.push(header);
+            }
+        }
+        config.headers = headers;
+    }
+    config.remove_authorization = vars.bool("IDENTITY_GATEWAY_REMOVE_AUTHORIZATION", false)?;
+    config.forward_auth = match vars
+        .plain("IDENTITY_FORWARD_AUTH")
+        .map(|v| v.trim().to_ascii_lowercase())
+    {
+        None => ForwardAuthAccess::Key,
+        Some(v) if v == "key" => ForwardAuthAccess::Key,
+        Some(v) if v == "network" => ForwardAuthAccess::Network,
+        Some(v) if v == "off" => ForwardAuthAccess::Off,
+        Some(v) => {
+            return Err(ConfigError::new(
+                "IDENTITY_FORWARD_AUTH",
+                format!("invalid value {v:?}: expected key, network or off"),
+            ));
+        }
+    };
+    Ok(config)
 }
 
 /// Trace export: on when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `_TRACES_ENDPOINT`)

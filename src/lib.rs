@@ -10,8 +10,10 @@ pub mod clerk;
 pub mod cli;
 pub mod config;
 pub mod domain;
+pub mod forward_auth;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod gateway;
 pub mod grpc;
 mod health;
 pub mod http;

@@ -99,6 +99,7 @@ pub struct Exposition {
     pub auth: Arc<AuthRecorder>,
     pub grpc: GrpcMetricsLayer,
     pub verifier: crate::verification::Verifier,
+    pub gateway: Arc<crate::gateway::GatewayRecorder>,
 }
 
 impl Exposition {
@@ -110,6 +111,7 @@ impl Exposition {
         text.sample("identity_token_cache_entries", &[], cache.entries);
         text.family("identity_token_cache_capacity", "gauge");
         text.sample("identity_token_cache_capacity", &[], cache.capacity);
+        self.gateway.render_prometheus(&mut text);
         self.grpc.registry.render(&mut text);
         text.0
     }

@@ -11,6 +11,8 @@ mod caller_access;
 mod cli;
 mod faults;
 mod fuzz_corpus;
+mod gateway_envoy;
+mod gateway_nginx;
 mod health_and_reflection;
 mod invitations;
 mod leaflock;

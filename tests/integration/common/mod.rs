@@ -5,6 +5,7 @@
 pub mod binary;
 pub mod fake_clerk;
 pub mod fake_smtp;
+pub mod gateway;
 pub mod tcp_proxy;
 pub mod tokens;
 
