@@ -76,6 +76,7 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "IDENTITY_GATEWAY_HEADERS",
     "IDENTITY_GATEWAY_REMOVE_AUTHORIZATION",
     "IDENTITY_FORWARD_AUTH",
+    "IDENTITY_EXT_AUTHZ",
 ];
 
 /// The standard OpenTelemetry variables the binary reads (the exporter reads
@@ -455,21 +456,18 @@ fn gateway_config(vars: &Vars) -> Result<crate::gateway::GatewayConfig, ConfigEr
         config.headers = headers;
     }
     config.remove_authorization = vars.bool("IDENTITY_GATEWAY_REMOVE_AUTHORIZATION", false)?;
-    config.forward_auth = match vars
-        .plain("IDENTITY_FORWARD_AUTH")
-        .map(|v| v.trim().to_ascii_lowercase())
-    {
-        None => ForwardAuthAccess::Key,
-        Some(v) if v == "key" => ForwardAuthAccess::Key,
-        Some(v) if v == "network" => ForwardAuthAccess::Network,
-        Some(v) if v == "off" => ForwardAuthAccess::Off,
-        Some(v) => {
-            return Err(ConfigError::new(
-                "IDENTITY_FORWARD_AUTH",
-                format!("invalid value {v:?}: expected key, network or off"),
-            ));
-        }
+    let access = |name: &str| match vars.plain(name).map(|v| v.trim().to_ascii_lowercase()) {
+        None => Ok(ForwardAuthAccess::Key),
+        Some(v) if v == "key" => Ok(ForwardAuthAccess::Key),
+        Some(v) if v == "network" => Ok(ForwardAuthAccess::Network),
+        Some(v) if v == "off" => Ok(ForwardAuthAccess::Off),
+        Some(v) => Err(ConfigError::new(
+            name,
+            format!("invalid value {v:?}: expected key, network or off"),
+        )),
     };
+    config.forward_auth = access("IDENTITY_FORWARD_AUTH")?;
+    config.ext_authz = access("IDENTITY_EXT_AUTHZ")?;
     Ok(config)
 }
 

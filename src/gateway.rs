@@ -93,18 +93,25 @@ impl FromStr for IdentityHeader {
     }
 }
 
-/// Who may call `/forward-auth` (`IDENTITY_FORWARD_AUTH`).
+/// Who may call `/forward-auth` (`IDENTITY_FORWARD_AUTH`) or `Check`
+/// (`IDENTITY_EXT_AUTHZ`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ForwardAuthAccess {
     /// Not served.
     Off,
-    /// Callers present an API key with the `gateway` scope in
-    /// [`GATEWAY_KEY_HEADER`] (any caller in development mode, with no keys).
+    /// Callers present an API key with the `gateway` scope: in
+    /// [`GATEWAY_KEY_HEADER`] for forward-auth, as `authorization` metadata
+    /// for Check (any caller in development mode, with no keys).
     Key,
-    /// Any caller that reaches the HTTP listener: restrict it by network
-    /// (listener address, NetworkPolicy), for gateways that cannot add a header.
+    /// Any caller that reaches the port: restrict it by network (listener
+    /// address, NetworkPolicy, Istio mTLS with an AuthorizationPolicy), for
+    /// gateways that cannot send a key (Traefik, Istio's extension provider).
+    /// A caller that does send a key must still send a valid one.
     Network,
 }
+
+/// The same setting under the name that reads better for Check.
+pub type GatewayAccess = ForwardAuthAccess;
 
 /// The header a forward-auth caller sends its API key in (not `Authorization`:
 /// that one carries the end user's token).
@@ -120,6 +127,7 @@ pub struct GatewayConfig {
     /// Envoy: also remove the `authorization` header from the upstream request.
     pub remove_authorization: bool,
     pub forward_auth: ForwardAuthAccess,
+    pub ext_authz: GatewayAccess,
 }
 
 impl Default for GatewayConfig {
@@ -129,6 +137,7 @@ impl Default for GatewayConfig {
             headers: IdentityHeader::ALL.to_vec(),
             remove_authorization: false,
             forward_auth: ForwardAuthAccess::Key,
+            ext_authz: GatewayAccess::Key,
         }
     }
 }

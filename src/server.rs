@@ -13,7 +13,7 @@ use crate::{
     config::Config,
     domain::{AuditLog, AuthModes, BulkMigrations, Invitations, UserCache, UserDirectory},
     gateway::{ForwardAuthAccess, Gateway, GatewayRecorder},
-    grpc::{ApiKeyInterceptor, ExtAuthzApi, IdentityApi, MigrationApi, MigrationParts},
+    grpc::{ApiKeyInterceptor, ExtAuthzApi, GatewayInterceptor, IdentityApi, MigrationApi, MigrationParts},
     health,
     mail::{Mailer, OutboxWorker},
     metrics::{AuthRecorder, MigrationStats, prometheus},
@@ -233,7 +233,11 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
     // A CheckRequest carries every header of the proxied request (Envoy
     // allows up to 60 KiB of them by default); only a caller whose key passed
     // the interceptor gets it decoded.
-    let ext_authz = AuthorizationServer::new(ExtAuthzApi::new(gateway)).max_decoding_message_size(limit.max(1 << 20));
+    let ext_authz = (config.gateway.ext_authz != ForwardAuthAccess::Off).then(|| {
+        let api = AuthorizationServer::new(ExtAuthzApi::new(gateway)).max_decoding_message_size(limit.max(1 << 20));
+        let by_network = config.gateway.ext_authz == ForwardAuthAccess::Network;
+        InterceptedService::new(api, GatewayInterceptor::new(interceptor.clone(), by_network))
+    });
 
     let listener = TcpListener::bind(config.listen_addr)
         .await
@@ -261,8 +265,8 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(InterceptedService::new(identity, interceptor.clone()))
-        .add_service(InterceptedService::new(migration, interceptor.clone()))
-        .add_service(InterceptedService::new(ext_authz, interceptor));
+        .add_service(InterceptedService::new(migration, interceptor))
+        .add_optional_service(ext_authz);
     let task = tokio::spawn(router.serve_with_incoming_shutdown(
         // Small gRPC frames must not wait for Nagle's algorithm (a 40 ms stall).
         tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

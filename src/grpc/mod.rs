@@ -8,7 +8,7 @@ mod identity;
 mod migration;
 mod status;
 
-pub use auth::{ApiKeyInterceptor, caller};
+pub use auth::{ApiKeyInterceptor, GatewayInterceptor, caller};
 pub use ext_authz::ExtAuthzApi;
 pub use identity::IdentityApi;
 pub use migration::{MigrationApi, MigrationParts};

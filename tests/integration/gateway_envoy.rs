@@ -538,3 +538,42 @@ async fn check_needs_a_gateway_key() {
     };
     assert_eq!(denied.status.unwrap().code, 500);
 }
+
+/// `IDENTITY_EXT_AUTHZ=network` (Istio's provider sends no key): a call
+/// without a key is the gateway; one with a key still needs a valid one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_by_network_needs_no_key_but_never_a_wrong_one() {
+    let setup =
+        Setup::start_with(|config, _| config.gateway.ext_authz = identity::gateway::GatewayAccess::Network).await;
+    let ann = setup.app.legacy_user("ann@example.com").await.to_string();
+    let token = bearer(&legacy(legacy_claims(&ann)));
+    let client = |key: Option<&str>| -> Client {
+        AuthorizationClient::with_interceptor(setup.app.channel.clone(), WithKey(key.map(str::to_owned)))
+    };
+    let answer = client(None).check(check_request(&token)).await.unwrap().into_inner();
+    assert_eq!(answer.status.unwrap().code, 0);
+    let status = client(Some("idk_made_up"))
+        .check(check_request(&token))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let status = client(Some(&setup.app.verify_key))
+        .check(check_request(&token))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+}
+
+/// `IDENTITY_GATEWAY_REMOVE_AUTHORIZATION`: the upstream does not get the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_can_remove_the_token_from_the_upstream_request() {
+    let Some(envoy) = envoy() else { return };
+    let setup = Setup::start_with(|config, _| config.gateway.remove_authorization = true).await;
+    let gateway = Gateway::envoy(&envoy, &envoy_config(&setup)).await;
+    let ann = setup.app.legacy_user("ann@example.com").await.to_string();
+    let echo = setup
+        .passes(&gateway, "/", Some(&bearer(&legacy(legacy_claims(&ann)))), &[])
+        .await;
+    assert_eq!(echo.header("x-identity-user-id"), Some(ann.as_str()));
+    assert_eq!(echo.header("authorization"), None);
+}
