@@ -551,6 +551,17 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_shows_the_tested_gateway_configurations() {
+        let readme = include_str!("../README.md");
+        for (name, example) in [
+            ("envoy.yaml", include_str!("../examples/gateway/envoy.yaml")),
+            ("nginx.conf", include_str!("../examples/gateway/nginx.conf")),
+        ] {
+            assert!(readme.contains(example), "README.md must show examples/gateway/{name} as is");
+        }
+    }
+
+    #[test]
     fn identity_header_names_parse() {
         assert_eq!("Org-Role".parse::<IdentityHeader>().unwrap(), IdentityHeader::OrgRole);
         assert!("x-identity-user-id".parse::<IdentityHeader>().is_err());
