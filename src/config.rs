@@ -1341,6 +1341,38 @@ mod tests {
     }
 
     #[test]
+    fn gateway_settings_parse_and_refuse_bad_values() {
+        use crate::gateway::{ForwardAuthAccess, IdentityHeader};
+        let defaults = load(&[]).unwrap().gateway;
+        assert_eq!(defaults, crate::gateway::GatewayConfig::default());
+        assert_eq!(defaults.header_prefix, "x-identity-");
+        assert_eq!(defaults.forward_auth, ForwardAuthAccess::Key);
+        let config = load(&[
+            ("IDENTITY_GATEWAY_HEADER_PREFIX", "X-Auth-"),
+            ("IDENTITY_GATEWAY_HEADERS", "user-id, email,user-id"),
+            ("IDENTITY_GATEWAY_REMOVE_AUTHORIZATION", "true"),
+            ("IDENTITY_FORWARD_AUTH", "network"),
+            ("IDENTITY_EXT_AUTHZ", "off"),
+        ])
+        .unwrap()
+        .gateway;
+        assert_eq!(config.header_prefix, "x-auth-");
+        assert_eq!(config.headers, vec![IdentityHeader::UserId, IdentityHeader::Email]);
+        assert!(config.remove_authorization);
+        assert_eq!(config.forward_auth, ForwardAuthAccess::Network);
+        assert_eq!(config.ext_authz, ForwardAuthAccess::Off);
+        for (variable, value) in [
+            ("IDENTITY_GATEWAY_HEADER_PREFIX", "x identity"),
+            ("IDENTITY_GATEWAY_HEADERS", "user-id,password"),
+            ("IDENTITY_GATEWAY_REMOVE_AUTHORIZATION", "perhaps"),
+            ("IDENTITY_FORWARD_AUTH", "open"),
+            ("IDENTITY_EXT_AUTHZ", "mtls"),
+        ] {
+            assert_eq!(load(&[(variable, value)]).unwrap_err().variable, variable);
+        }
+    }
+
+    #[test]
     fn trace_sampler_follows_the_standard_variables() {
         use opentelemetry_sdk::trace::Sampler;
         let traces = |pairs: &[(&str, &str)]| load(pairs).map(|c| c.traces);

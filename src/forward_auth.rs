@@ -45,18 +45,19 @@ fn json(status: StatusCode, body: String) -> Response {
 impl ForwardAuth {
     /// The gateway calling, by its key in `X-Identity-Gateway-Key`.
     fn caller(&self, headers: &HeaderMap) -> Result<Caller, &'static str> {
-        match self.access {
-            ForwardAuthAccess::Network => Ok(Caller::new("forward-auth", vec![Scope::Gateway])),
-            _ if self.keys.is_empty() => Ok(Caller::development()),
-            _ => {
-                let key = headers
-                    .get(GATEWAY_KEY_HEADER)
-                    .ok_or("missing gateway key: send X-Identity-Gateway-Key")?
-                    .to_str()
-                    .map_err(|_| "malformed X-Identity-Gateway-Key")?;
-                self.keys.authenticate(key.trim()).ok_or("unknown gateway key")
-            }
+        if self.keys.is_empty() {
+            return Ok(Caller::development());
         }
+        let Some(key) = headers.get(GATEWAY_KEY_HEADER) else {
+            // By network, a caller without a key is the gateway; one that
+            // sends a key must still send a valid one.
+            return match self.access {
+                ForwardAuthAccess::Network => Ok(Caller::new("forward-auth", vec![Scope::Gateway])),
+                _ => Err("missing gateway key: send X-Identity-Gateway-Key"),
+            };
+        };
+        let key = key.to_str().map_err(|_| "malformed X-Identity-Gateway-Key")?;
+        self.keys.authenticate(key.trim()).ok_or("unknown gateway key")
     }
 }
 

@@ -557,7 +557,10 @@ mod tests {
             ("envoy.yaml", include_str!("../examples/gateway/envoy.yaml")),
             ("nginx.conf", include_str!("../examples/gateway/nginx.conf")),
         ] {
-            assert!(readme.contains(example), "README.md must show examples/gateway/{name} as is");
+            assert!(
+                readme.contains(example),
+                "README.md must show examples/gateway/{name} as is"
+            );
         }
     }
 

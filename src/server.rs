@@ -184,20 +184,21 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
         verifier: verifier.clone(),
         gateway: gateway_recorder,
     };
-    let forward_auth = config.gateway.forward_auth != ForwardAuthAccess::Off;
     let metrics_addr = match config.metrics_addr {
-        Some(addr) if exporting || forward_auth => {
+        Some(addr) if exporting => Some(
             // Each HTTP feature merges its own router here.
-            let mut app = crate::forward_auth::router(gateway.clone(), config.gateway.forward_auth, api_keys.clone());
-            if exporting {
-                app = app.merge(prometheus::router(exposition));
-            }
-            Some(
-                crate::http::serve(addr, app, stop_rx.clone())
-                    .await
-                    .map_err(|source| StartError::Bind { addr, source })?,
+            crate::http::serve(
+                addr,
+                prometheus::router(exposition).merge(crate::forward_auth::router(
+                    gateway.clone(),
+                    config.gateway.forward_auth,
+                    api_keys.clone(),
+                )),
+                stop_rx.clone(),
             )
-        }
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?,
+        ),
         _ => None,
     };
     let clerk_api = config.verification.clerk.as_ref().and_then(|c| {

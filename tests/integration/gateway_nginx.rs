@@ -1,12 +1,13 @@
 //! HTTP forward-auth through a real nginx (Debian's package, `auth_request`)
 //! running examples/gateway/nginx.conf in front of an echoing upstream; and
 //! `/forward-auth` called directly, for its callers and its answers.
-//! On SQLite only: the gateway path does not depend on the backend.
+//! The full nginx case runs on both databases, the others on SQLite.
 
 use identity::gateway::ForwardAuthAccess;
 
 use crate::{
     common::{
+        Backend,
         gateway::{Gateway, example, fill, nginx_binary},
         tokens::{legacy, legacy_claims},
     },
@@ -29,9 +30,20 @@ fn nginx_config(setup: &Setup, port: u16) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nginx_auth_request_allows_denies_and_strips() {
+async fn nginx_auth_request_allows_denies_and_strips_sqlite() {
+    nginx_auth_request_allows_denies_and_strips(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_auth_request_allows_denies_and_strips_postgres() {
+    nginx_auth_request_allows_denies_and_strips(Backend::Postgres).await;
+}
+
+async fn nginx_auth_request_allows_denies_and_strips(backend: Backend) {
     let Some(nginx) = nginx_binary() else { return };
-    let setup = Setup::start().await;
+    let Some(setup) = Setup::start_on(backend, |_, _| {}).await else {
+        return;
+    };
     let gateway = Gateway::nginx(&nginx, |port| nginx_config(&setup, port)).await;
     common_cases(&setup, &gateway).await;
 
@@ -140,6 +152,8 @@ async fn forward_auth_by_network_or_off() {
     let response = forward_auth(&open, "", Some(&token), None).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-identity-user-id"], ann.as_str());
+    let response = forward_auth(&open, "", Some(&token), Some("idk_made_up")).await;
+    assert_eq!(response.status(), 403);
 
     let off = Setup::start_with(|config, _| config.gateway.forward_auth = ForwardAuthAccess::Off).await;
     let response = forward_auth(&off, "", Some(&token), Some(&off.gateway_key)).await;
