@@ -46,7 +46,7 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
   cargo build --release -p identity --bin identity
   cargo build --release -p identity-bench --bin control-ext-authz
 fi
-echo "$("$ENVOY" --version | tail -1 | awk '{print $3}'); $(/usr/sbin/nginx -v 2>&1); $(h2load --version | head -1)"
+echo "Envoy $("$ENVOY" --version | grep -o '[0-9]*\.[0-9]*\.[0-9]*/Clean' | cut -d/ -f1); $(/usr/sbin/nginx -v 2>&1); $(h2load --version | head -1)"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; die "nothing listens on $1"; }
