@@ -5,6 +5,8 @@
 #   identity   ext_authz to the identity service (legacy HS256 token, repeated)
 #   control    the same Envoy configuration, ext_authz to control-ext-authz,
 #              a bare tonic Check server that allows everything
+#   control-headers  the same control answering the service's identity
+#              headers (seven set, two removed), so Envoy's work on them is in it
 #   plain      the same Envoy configuration without the ext_authz filter
 #
 # The upstream is nginx answering `return 200` (Debian's package, its own
@@ -81,6 +83,9 @@ wait_port "$ID_PORT"
 CTL_PORT=$(free_port)
 "$BIN/control-ext-authz" "127.0.0.1:$CTL_PORT" 2>/dev/null & PIDS+=($!)
 wait_port "$CTL_PORT"
+CTLH_PORT=$(free_port)
+CONTROL_HEADERS=1 "$BIN/control-ext-authz" "127.0.0.1:$CTLH_PORT" 2>/dev/null & PIDS+=($!)
+wait_port "$CTLH_PORT"
 
 # One Envoy per case, from the example configuration (one worker thread).
 envoy_for() { # name identity-port with-ext-authz; sets LISTEN
@@ -105,10 +110,11 @@ EOF
 }
 envoy_for identity "$ID_PORT" yes; P_IDENTITY=$LISTEN
 envoy_for control "$CTL_PORT" yes; P_CONTROL=$LISTEN
+envoy_for control-headers "$CTLH_PORT" yes; P_CONTROL_H=$LISTEN
 envoy_for plain "$ID_PORT" no; P_PLAIN=$LISTEN
 
 say "checks: each case answers 200 with the token, identity answers 401 without"
-for port in "$P_IDENTITY" "$P_CONTROL" "$P_PLAIN"; do
+for port in "$P_IDENTITY" "$P_CONTROL" "$P_CONTROL_H" "$P_PLAIN"; do
   code=$(curl -s -o /dev/null -w '%{http_code}' -H "authorization: Bearer $TOKEN" "http://127.0.0.1:$port/")
   [ "$code" = 200 ] || die "port $port answered $code with the token"
 done
@@ -135,6 +141,7 @@ say "load: $ROUNDS rounds x $N requests, -c $C -m $M (req/s, p50 ms, p99 ms)"
 for r in $(seq 1 "$ROUNDS"); do
   run "identity#$r" "$P_IDENTITY"
   run "control#$r" "$P_CONTROL"
+  run "control-headers#$r" "$P_CONTROL_H"
   run "plain#$r" "$P_PLAIN"
 done
 
@@ -146,11 +153,13 @@ cases = {}
 for label, rps, p50, p99 in rows:
     cases.setdefault(label.split("#")[0], []).append((float(rps), float(p50), float(p99)))
 med = {k: tuple(statistics.median(x[i] for x in v) for i in range(3)) for k, v in cases.items()}
-for k in ("plain", "control", "identity"):
+for k in ("plain", "control", "control-headers", "identity"):
     rps, p50, p99 = med[k]
     print(f"{k:9s} {rps:9.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms")
 ident, ctl, plain = med["identity"], med["control"], med["plain"]
 print(f"identity/control throughput: {ident[0] / ctl[0]:.2f} (target >= 0.90)")
 print(f"identity/control p99:        {ident[2] / ctl[2]:.2f} (target <= 1.5)")
 print(f"control/plain throughput:    {ctl[0] / plain[0]:.2f} (the cost of external authorization itself)")
+ctlh = med["control-headers"]
+print(f"identity/control-headers:    {ident[0] / ctlh[0]:.2f} throughput, {ident[2] / ctlh[2]:.2f} p99 (a control answering the same headers)")
 EOF
