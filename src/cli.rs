@@ -56,7 +56,7 @@ pub enum Command {
         /// A name for the caller, recorded in the audit log.
         #[arg(long)]
         name: String,
-        /// Comma-separated scopes: verify, migrate, admin.
+        /// Comma-separated scopes: verify, migrate, admin, gateway (Envoy ext_authz and /forward-auth only).
         #[arg(long, value_delimiter = ',', default_value = "verify")]
         scopes: Vec<ScopeArg>,
     },
@@ -73,6 +73,7 @@ pub enum ScopeArg {
     Verify,
     Migrate,
     Admin,
+    Gateway,
 }
 
 impl From<ScopeArg> for Scope {
@@ -81,6 +82,7 @@ impl From<ScopeArg> for Scope {
             ScopeArg::Verify => Scope::Verify,
             ScopeArg::Migrate => Scope::Migrate,
             ScopeArg::Admin => Scope::Admin,
+            ScopeArg::Gateway => Scope::Gateway,
         }
     }
 }

@@ -73,6 +73,11 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "IDENTITY_USERS_CREATED_AT_COLUMN",
     "IDENTITY_USERS_DELETED_AT_COLUMN",
     "IDENTITY_USERS_CLERK_ID_COLUMN",
+    "IDENTITY_GATEWAY_HEADER_PREFIX",
+    "IDENTITY_GATEWAY_HEADERS",
+    "IDENTITY_GATEWAY_REMOVE_AUTHORIZATION",
+    "IDENTITY_FORWARD_AUTH",
+    "IDENTITY_EXT_AUTHZ",
 ];
 
 /// The standard OpenTelemetry variables the binary reads (the exporter reads
@@ -154,10 +159,13 @@ pub struct Config {
     pub invitations: InvitationConfig,
     pub mail: MailConfig,
     pub bulk: crate::domain::BulkConfig,
-    /// Where Prometheus scrapes `/metrics`; `None` turns the endpoint off.
+    /// The HTTP listener: Prometheus scrapes `/metrics` there, and gateways
+    /// call `/forward-auth`; `None` turns it off.
     pub metrics_addr: Option<SocketAddr>,
     /// Serve the migration dashboard (`/dashboard`) beside `/metrics`.
     pub dashboard: bool,
+    /// Envoy ext_authz and forward-auth: identity headers, caller access.
+    pub gateway: crate::gateway::GatewayConfig,
     /// How often this replica adds its auth figures to the shared buckets.
     pub stats_flush: Duration,
     /// Unknown `IDENTITY_*` names seen at load time (likely typos), to warn about.
@@ -185,6 +193,7 @@ impl fmt::Debug for Config {
             .field("bulk", &self.bulk)
             .field("metrics_addr", &self.metrics_addr)
             .field("dashboard", &self.dashboard)
+            .field("gateway", &self.gateway)
             .field("stats_flush", &self.stats_flush)
             .finish()
     }
@@ -406,6 +415,7 @@ impl Config {
             bulk,
             metrics_addr,
             dashboard: vars.bool("IDENTITY_DASHBOARD", true)?,
+            gateway: gateway_config(&vars)?,
             stats_flush: vars.seconds("IDENTITY_STATS_FLUSH_SECONDS", 10, 1..=300)?,
             unknown_variables,
         })
@@ -418,6 +428,52 @@ impl Config {
         config.database_url = SecretString::from(database_url.to_owned());
         config
     }
+}
+
+/// `IDENTITY_GATEWAY_*` and `IDENTITY_FORWARD_AUTH`.
+fn gateway_config(vars: &Vars) -> Result<crate::gateway::GatewayConfig, ConfigError> {
+    use crate::gateway::{ForwardAuthAccess, GatewayConfig, IdentityHeader};
+    let mut config = GatewayConfig::default();
+    if let Some(raw) = vars.plain("IDENTITY_GATEWAY_HEADER_PREFIX") {
+        let prefix = raw.trim().to_ascii_lowercase();
+        if prefix.len() > 64
+            || !prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(ConfigError::new(
+                "IDENTITY_GATEWAY_HEADER_PREFIX",
+                format!("invalid value {raw:?}: expected at most 64 letters, digits, '-' or '_', e.g. x-identity-"),
+            ));
+        }
+        config.header_prefix = prefix;
+    }
+    if let Some(raw) = vars.plain("IDENTITY_GATEWAY_HEADERS") {
+        let mut headers = Vec::new();
+        for name in raw.split(',').filter(|n| !n.trim().is_empty()) {
+            let header: IdentityHeader = name
+                .parse()
+                .map_err(|e| ConfigError::new("IDENTITY_GATEWAY_HEADERS", e))?;
+            if !headers.contains(&header) {
+                headers.push(header);
+            }
+        }
+        config.headers = headers;
+    }
+    config.remove_authorization = vars.bool("IDENTITY_GATEWAY_REMOVE_AUTHORIZATION", false)?;
+    let access = |name: &str| match vars.plain(name).map(|v| v.trim().to_ascii_lowercase()) {
+        None => Ok(ForwardAuthAccess::Key),
+        Some(v) if v == "key" => Ok(ForwardAuthAccess::Key),
+        Some(v) if v == "network" => Ok(ForwardAuthAccess::Network),
+        Some(v) if v == "off" => Ok(ForwardAuthAccess::Off),
+        Some(v) => Err(ConfigError::new(
+            name,
+            format!("invalid value {v:?}: expected key, network or off"),
+        )),
+    };
+    config.forward_auth = access("IDENTITY_FORWARD_AUTH")?;
+    config.ext_authz = access("IDENTITY_EXT_AUTHZ")?;
+    Ok(config)
 }
 
 /// Trace export: on when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `_TRACES_ENDPOINT`)
@@ -1287,6 +1343,38 @@ mod tests {
             ("IDENTITY_CLERK_JWKS_URL", "http://127.0.0.1:9999/.well-known/jwks.json"),
         ]);
         assert!(ok.is_ok(), "loopback http is allowed: {ok:?}");
+    }
+
+    #[test]
+    fn gateway_settings_parse_and_refuse_bad_values() {
+        use crate::gateway::{ForwardAuthAccess, IdentityHeader};
+        let defaults = load(&[]).unwrap().gateway;
+        assert_eq!(defaults, crate::gateway::GatewayConfig::default());
+        assert_eq!(defaults.header_prefix, "x-identity-");
+        assert_eq!(defaults.forward_auth, ForwardAuthAccess::Key);
+        let config = load(&[
+            ("IDENTITY_GATEWAY_HEADER_PREFIX", "X-Auth-"),
+            ("IDENTITY_GATEWAY_HEADERS", "user-id, email,user-id"),
+            ("IDENTITY_GATEWAY_REMOVE_AUTHORIZATION", "true"),
+            ("IDENTITY_FORWARD_AUTH", "network"),
+            ("IDENTITY_EXT_AUTHZ", "off"),
+        ])
+        .unwrap()
+        .gateway;
+        assert_eq!(config.header_prefix, "x-auth-");
+        assert_eq!(config.headers, vec![IdentityHeader::UserId, IdentityHeader::Email]);
+        assert!(config.remove_authorization);
+        assert_eq!(config.forward_auth, ForwardAuthAccess::Network);
+        assert_eq!(config.ext_authz, ForwardAuthAccess::Off);
+        for (variable, value) in [
+            ("IDENTITY_GATEWAY_HEADER_PREFIX", "x identity"),
+            ("IDENTITY_GATEWAY_HEADERS", "user-id,password"),
+            ("IDENTITY_GATEWAY_REMOVE_AUTHORIZATION", "perhaps"),
+            ("IDENTITY_FORWARD_AUTH", "open"),
+            ("IDENTITY_EXT_AUTHZ", "mtls"),
+        ] {
+            assert_eq!(load(&[(variable, value)]).unwrap_err().variable, variable);
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The service's HTTP listener (`IDENTITY_METRICS_ADDR`): plain HTTP/1.1
-//! beside the gRPC port, for what is not gRPC (the Prometheus exposition).
+//! beside the gRPC port, for what is not gRPC (the Prometheus exposition,
+//! the gateways' `/forward-auth`).
 //! Each feature contributes an `axum::Router`; `server` merges them.
 
 use std::net::SocketAddr;

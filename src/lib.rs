@@ -11,8 +11,10 @@ pub mod cli;
 pub mod config;
 pub mod dashboard;
 pub mod domain;
+pub mod forward_auth;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod gateway;
 pub mod grpc;
 mod health;
 pub mod http;

@@ -3,6 +3,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use secrecy::ExposeSecret;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tonic::service::interceptor::InterceptedService;
@@ -11,7 +12,8 @@ use tonic_health::ServingStatus;
 use crate::{
     config::Config,
     domain::{AuditLog, AuthModes, BulkMigrations, Invitations, UserCache, UserDirectory},
-    grpc::{ApiKeyInterceptor, IdentityApi, MigrationApi, MigrationParts},
+    gateway::{ForwardAuthAccess, Gateway, GatewayRecorder},
+    grpc::{ApiKeyInterceptor, ExtAuthzApi, GatewayInterceptor, IdentityApi, MigrationApi, MigrationParts},
     health,
     mail::{Mailer, OutboxWorker},
     metrics::{AuthRecorder, MigrationStats, prometheus},
@@ -173,21 +175,36 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
     tokio::spawn(OutboxWorker::new(storage.clone(), mailer, config.mail.clone()).run(stop_rx.clone()));
     tokio::spawn(shrink_rate_limits(invitations.clone(), stop_rx.clone()));
     tokio::spawn(stats.clone().run_flusher(config.stats_flush, stop_rx.clone()));
+    let gateway_recorder = Arc::new(GatewayRecorder::default());
+    let gateway = Gateway::new(&config.gateway, verifier.clone(), gateway_recorder.clone());
+    let api_keys = Arc::new(config.api_keys.clone());
     let grpc_metrics = prometheus::GrpcMetricsLayer::new(crate::telemetry::RpcTracing::new(&config.traces));
     let exposition = prometheus::Exposition {
         auth: recorder.clone(),
         grpc: grpc_metrics.clone(),
         verifier: verifier.clone(),
+        gateway: gateway_recorder,
     };
     let metrics_addr = match config.metrics_addr {
         Some(addr) if exporting => Some(
             // Each HTTP feature merges its own router here.
             crate::http::serve(
                 addr,
-                prometheus::router(exposition).merge(crate::dashboard::router(
-                    config.dashboard,
-                    crate::dashboard::Dashboard::new(stats.clone(), modes.clone(), storage.clone(), stop_rx.clone()),
-                )),
+                prometheus::router(exposition)
+                    .merge(crate::dashboard::router(
+                        config.dashboard,
+                        crate::dashboard::Dashboard::new(
+                            stats.clone(),
+                            modes.clone(),
+                            storage.clone(),
+                            stop_rx.clone(),
+                        ),
+                    ))
+                    .merge(crate::forward_auth::router(
+                        gateway.clone(),
+                        config.gateway.forward_auth,
+                        api_keys.clone(),
+                    )),
                 stop_rx.clone(),
             )
             .await
@@ -211,7 +228,7 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
-    let interceptor = ApiKeyInterceptor::new(Arc::new(config.api_keys.clone()));
+    let interceptor = ApiKeyInterceptor::new(api_keys);
     let limit = config.max_request_bytes;
     let identity =
         IdentityServiceServer::new(IdentityApi::new(users.clone(), verifier)).max_decoding_message_size(limit);
@@ -225,6 +242,14 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
         stop: stop_rx.clone(),
     }))
     .max_decoding_message_size(limit);
+    // A CheckRequest carries every header of the proxied request (Envoy
+    // allows up to 60 KiB of them by default); only a caller whose key passed
+    // the interceptor gets it decoded.
+    let ext_authz = (config.gateway.ext_authz != ForwardAuthAccess::Off).then(|| {
+        let api = AuthorizationServer::new(ExtAuthzApi::new(gateway)).max_decoding_message_size(limit.max(1 << 20));
+        let by_network = config.gateway.ext_authz == ForwardAuthAccess::Network;
+        InterceptedService::new(api, GatewayInterceptor::new(interceptor.clone(), by_network))
+    });
 
     let listener = TcpListener::bind(config.listen_addr)
         .await
@@ -252,7 +277,8 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(InterceptedService::new(identity, interceptor.clone()))
-        .add_service(InterceptedService::new(migration, interceptor));
+        .add_service(InterceptedService::new(migration, interceptor))
+        .add_optional_service(ext_authz);
     let task = tokio::spawn(router.serve_with_incoming_shutdown(
         // Small gRPC frames must not wait for Nagle's algorithm (a 40 ms stall).
         tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

@@ -191,7 +191,7 @@ impl AuthModes {
     }
 
     pub async fn get(&self, caller: &Caller) -> Result<AuthModeState, DomainError> {
-        caller.require_any(&Scope::ALL)?;
+        caller.require_any(&Scope::SERVICE)?;
         self.refresh().await
     }
 

@@ -19,16 +19,24 @@ pub enum Scope {
     Migrate,
     /// Linking, auth mode, audit log, bulk jobs.
     Admin,
+    /// A gateway: Envoy's ext_authz `Check` and HTTP `/forward-auth`, and
+    /// nothing else (no IdentityService or MigrationService call).
+    Gateway,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 3] = [Scope::Verify, Scope::Migrate, Scope::Admin];
+    pub const ALL: [Scope; 4] = [Scope::Verify, Scope::Migrate, Scope::Admin, Scope::Gateway];
+    /// The scopes of IdentityService and MigrationService callers: the calls
+    /// any of them may make (reading the auth mode or the stats, revoking
+    /// one's own token) are not a gateway's.
+    pub const SERVICE: [Scope; 3] = [Scope::Verify, Scope::Migrate, Scope::Admin];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Verify => "verify",
             Self::Migrate => "migrate",
             Self::Admin => "admin",
+            Self::Gateway => "gateway",
         }
     }
 }
@@ -41,7 +49,10 @@ impl FromStr for Scope {
             "verify" => Ok(Self::Verify),
             "migrate" => Ok(Self::Migrate),
             "admin" => Ok(Self::Admin),
-            other => Err(format!("unknown scope {other:?} (expected verify, migrate or admin)")),
+            "gateway" => Ok(Self::Gateway),
+            other => Err(format!(
+                "unknown scope {other:?} (expected verify, migrate, admin or gateway)"
+            )),
         }
     }
 }

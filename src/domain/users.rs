@@ -82,7 +82,7 @@ impl UserDirectory {
     }
 
     pub async fn get_mapping(&self, caller: &Caller, key: &MappingKey) -> Result<MappingRecord, DomainError> {
-        caller.require_any(&Scope::ALL)?;
+        caller.require_any(&Scope::SERVICE)?;
         self.storage
             .find_mapping(key)
             .await?

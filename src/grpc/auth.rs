@@ -21,6 +21,33 @@ impl ApiKeyInterceptor {
     }
 }
 
+/// The interceptor of Envoy's `Check`: like [`ApiKeyInterceptor`], and
+/// with `IDENTITY_EXT_AUTHZ=network` a call without a key is the gateway
+/// (the network, e.g. Istio mTLS, decides who reaches the port).
+#[derive(Debug, Clone)]
+pub struct GatewayInterceptor {
+    keys: ApiKeyInterceptor,
+    by_network: bool,
+}
+
+impl GatewayInterceptor {
+    pub fn new(keys: ApiKeyInterceptor, by_network: bool) -> Self {
+        Self { keys, by_network }
+    }
+}
+
+impl Interceptor for GatewayInterceptor {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if self.by_network && request.metadata().get("authorization").is_none() {
+            request
+                .extensions_mut()
+                .insert(Caller::new("ext-authz", vec![crate::domain::Scope::Gateway]));
+            return Ok(request);
+        }
+        self.keys.call(request)
+    }
+}
+
 impl Interceptor for ApiKeyInterceptor {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let caller = if self.keys.is_empty() {

@@ -3,11 +3,13 @@
 
 pub(crate) mod auth;
 mod convert;
+mod ext_authz;
 mod identity;
 mod migration;
 mod status;
 
-pub use auth::{ApiKeyInterceptor, caller};
+pub use auth::{ApiKeyInterceptor, GatewayInterceptor, caller};
+pub use ext_authz::ExtAuthzApi;
 pub use identity::IdentityApi;
 pub use migration::{MigrationApi, MigrationParts};
 pub use status::{error_chain, to_status};

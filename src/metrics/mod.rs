@@ -3,7 +3,7 @@
 //! the Prometheus endpoint.
 
 pub mod auth;
-mod per_thread;
+pub(crate) mod per_thread;
 pub mod prometheus;
 mod stats;
 

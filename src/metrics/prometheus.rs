@@ -99,6 +99,7 @@ pub struct Exposition {
     pub auth: Arc<AuthRecorder>,
     pub grpc: GrpcMetricsLayer,
     pub verifier: crate::verification::Verifier,
+    pub gateway: Arc<crate::gateway::GatewayRecorder>,
 }
 
 impl Exposition {
@@ -118,6 +119,7 @@ impl Exposition {
             text.family("identity_jwks_key_age_seconds", "gauge");
             text.sample("identity_jwks_key_age_seconds", &[], age.as_secs());
         }
+        self.gateway.render_prometheus(&mut text);
         self.grpc.registry.render(&mut text);
         text.0
     }

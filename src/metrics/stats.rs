@@ -148,7 +148,7 @@ impl MigrationStats {
     /// A slot for one more metric stream, or RESOURCE_EXHAUSTED when the
     /// caller or the replica holds the most it may.
     pub fn open_stream(&self, caller: &Caller) -> Result<StreamSlot, DomainError> {
-        caller.require_any(&Scope::ALL)?;
+        caller.require_any(&Scope::SERVICE)?;
         let mut streams = self.streams.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let total: usize = streams.values().sum();
         let mine = streams.get(&caller.name).copied().unwrap_or(0);
@@ -266,7 +266,7 @@ impl MigrationStats {
 
     /// Any scope may read stats; the look-back it gets.
     fn admit(caller: &Caller, readiness_days: u32) -> Result<u32, DomainError> {
-        caller.require_any(&Scope::ALL)?;
+        caller.require_any(&Scope::SERVICE)?;
         Self::check_readiness_days(readiness_days)
     }
 

@@ -155,6 +155,20 @@ enum Verified {
     Clerk(ClerkToken),
 }
 
+/// The kinds of token a caller accepts (a gateway route's `methods`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcceptedMethods {
+    pub legacy: bool,
+    pub clerk: bool,
+}
+
+impl AcceptedMethods {
+    pub const ALL: Self = Self {
+        legacy: true,
+        clerk: true,
+    };
+}
+
 /// Which token RevokeToken names.
 #[derive(Debug, Clone)]
 pub enum RevokeTarget {
@@ -367,9 +381,36 @@ impl Verifier {
         expected_audience: Option<&str>,
     ) -> Result<Verdict, DomainError> {
         caller.require_any(&[Scope::Verify, Scope::Admin])?;
+        self.verify_accepting(caller, raw_token, expected_audience, AcceptedMethods::ALL)
+            .await
+    }
+
+    /// [`Self::verify`] for a gateway (Envoy's `Check`, `/forward-auth`): the
+    /// caller needs the `gateway` scope, and the route may accept only some
+    /// kinds of token (a token of another kind is rejected as `method_disabled`).
+    /// Counted and audited exactly as `VerifyToken` is.
+    pub async fn verify_at_gateway(
+        &self,
+        caller: &Caller,
+        raw_token: &str,
+        expected_audience: Option<&str>,
+        methods: AcceptedMethods,
+    ) -> Result<Verdict, DomainError> {
+        caller.require(Scope::Gateway)?;
+        self.verify_accepting(caller, raw_token, expected_audience, methods)
+            .await
+    }
+
+    async fn verify_accepting(
+        &self,
+        caller: &Caller,
+        raw_token: &str,
+        expected_audience: Option<&str>,
+        methods: AcceptedMethods,
+    ) -> Result<Verdict, DomainError> {
         let started = std::time::Instant::now();
         let result = match self.signature_checked("token", raw_token).await {
-            Ok(Ok((verified, digest))) => self.judge(caller, &verified, &digest, expected_audience).await,
+            Ok(Ok((verified, digest))) => self.judge(caller, &verified, &digest, expected_audience, methods).await,
             Ok(Err(rejection)) => Ok(Verdict::Rejected(rejection)),
             Err(err) => Err(err),
         };
@@ -596,12 +637,21 @@ impl Verifier {
         verified: &Verified,
         digest: &[u8; 32],
         expected_audience: Option<&str>,
+        methods: AcceptedMethods,
     ) -> Result<Verdict, DomainError> {
         let inner = &self.inner;
         let expected = expected_audience
             .map(|a| a.trim().trim_end_matches('/'))
             .filter(|a| !a.is_empty());
         match verified {
+            Verified::Legacy(_) if !methods.legacy => Ok(Verdict::reject(
+                RejectReason::MethodDisabled,
+                "this route does not accept legacy tokens",
+            )),
+            Verified::Clerk(_) if !methods.clerk => Ok(Verdict::reject(
+                RejectReason::MethodDisabled,
+                "this route does not accept Clerk tokens",
+            )),
             Verified::Legacy(token) => {
                 if let Some(rejection) = self.legacy_time_mode_revocation(token, digest) {
                     return Ok(Verdict::Rejected(rejection));
@@ -659,7 +709,7 @@ impl Verifier {
         let (revocation, detail) = match target {
             RevokeTarget::Token(raw) => {
                 // Presenting the token proves the right to revoke it; any authenticated caller may.
-                caller.require_any(&Scope::ALL)?;
+                caller.require_any(&Scope::SERVICE)?;
                 let token = token::strip_bearer(&raw);
                 if token.is_empty() {
                     return Err(DomainError::invalid("token", "must not be empty"));

@@ -12,6 +12,8 @@ mod cli;
 mod dashboard;
 mod faults;
 mod fuzz_corpus;
+mod gateway_envoy;
+mod gateway_nginx;
 mod health_and_reflection;
 mod invitations;
 mod leaflock;

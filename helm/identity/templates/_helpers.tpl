@@ -267,6 +267,11 @@ Non-secret configuration as a YAML map NAME: "value" (the ConfigMap's data).
   "IDENTITY_BULK_LEASE_SECONDS" $c.bulk.leaseSeconds
   "IDENTITY_STATS_FLUSH_SECONDS" $c.statsFlushSeconds
   "IDENTITY_DASHBOARD" $c.dashboard
+  "IDENTITY_GATEWAY_HEADER_PREFIX" $c.gateway.headerPrefix
+  "IDENTITY_GATEWAY_HEADERS" (join "," (default (list) $c.gateway.headers))
+  "IDENTITY_GATEWAY_REMOVE_AUTHORIZATION" $c.gateway.removeAuthorization
+  "IDENTITY_FORWARD_AUTH" $c.gateway.forwardAuth
+  "IDENTITY_EXT_AUTHZ" $c.gateway.extAuthz
 -}}
 {{- range $k, $v := $optional }}
 {{- if kindIs "float64" $v }}
@@ -285,8 +290,8 @@ Non-secret configuration as a YAML map NAME: "value" (the ConfigMap's data).
 {{- if not (kindIs "invalid" $c.bulk.clerkRequestsPerSecond) }}
 {{- $_ := set $d "IDENTITY_CLERK_API_RATE" (toString $c.bulk.clerkRequestsPerSecond) }}
 {{- end }}
-{{- /* Prometheus /metrics on its own port (the binary's default is loopback only), or off. */ -}}
-{{- if .Values.metrics.enabled }}
+{{- /* The HTTP listener (/metrics, /forward-auth) on its own port (the binary's default is loopback only), or off. */ -}}
+{{- if or .Values.metrics.enabled .Values.forwardAuth.enabled }}
 {{- $_ := set $d "IDENTITY_METRICS_ADDR" (include "identity.metricsAddr" .) }}
 {{- else }}
 {{- $_ := set $d "IDENTITY_METRICS_ADDR" "off" }}
@@ -381,8 +386,8 @@ as shipped, while install and template stop here, naming what is missing.
 {{- range $i, $entry := regexSplit "[;\n]" (include "identity.secretValue" (dict "root" . "value" "apiKeys")) -1 }}
 {{- $e := trim $entry }}
 {{- if and $e (not (hasPrefix "#" $e)) }}
-{{- if not (regexMatch "^[A-Za-z0-9._-]+:[0-9a-fA-F]{64}:(verify|migrate|admin)(,(verify|migrate|admin))*$" $e) }}
-{{- fail (printf "secrets.apiKeys entry %d is not name:sha256hex:scope[,scope] (scopes: verify, migrate, admin); create entries with `identity gen-api-key`" (add1 $i)) }}
+{{- if not (regexMatch "^[A-Za-z0-9._-]+:[0-9a-fA-F]{64}:(verify|migrate|admin|gateway)(,(verify|migrate|admin|gateway))*$" $e) }}
+{{- fail (printf "secrets.apiKeys entry %d is not name:sha256hex:scope[,scope] (scopes: verify, migrate, admin, gateway); create entries with `identity gen-api-key`" (add1 $i)) }}
 {{- end }}
 {{- $keyCount = add1 $keyCount }}
 {{- end }}
@@ -456,7 +461,10 @@ as shipped, while install and template stop here, naming what is missing.
 {{- if and $v.metrics.serviceMonitor.enabled (not $v.metrics.enabled) }}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.enabled" }}
 {{- end }}
-{{- if and $v.metrics.enabled (eq (int64 $v.metrics.port) (int64 $v.config.port)) }}
+{{- if and $v.forwardAuth.enabled (eq (toString $v.config.gateway.forwardAuth) "off") }}
+{{- fail "forwardAuth.enabled exposes /forward-auth, which config.gateway.forwardAuth off turns off" }}
+{{- end }}
+{{- if and (or $v.metrics.enabled $v.forwardAuth.enabled) (eq (int64 $v.metrics.port) (int64 $v.config.port)) }}
 {{- fail (printf "metrics.port (%d) must differ from config.port: the metrics endpoint has its own listener" (int64 $v.metrics.port)) }}
 {{- end }}
 {{- $t := $v.tracing }}

@@ -6,6 +6,7 @@ pub mod binary;
 pub mod browser;
 pub mod fake_clerk;
 pub mod fake_smtp;
+pub mod gateway;
 pub mod tcp_proxy;
 pub mod tokens;
 
