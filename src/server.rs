@@ -178,10 +178,32 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
         grpc: grpc_metrics.clone(),
         verifier: verifier.clone(),
     };
+    let mut http_app = prometheus::router(exposition);
+    if let Some(webhook) = &config.clerk_webhook {
+        if config.metrics_addr.is_none() || !exporting {
+            return Err(StartError::Config {
+                variable: "IDENTITY_CLERK_WEBHOOK_SECRET",
+                message: "Clerk's webhook endpoint is served on the HTTP listener, which IDENTITY_METRICS_ADDR=off turns off"
+                    .into(),
+            });
+        }
+        let policy = config
+            .verification
+            .clerk
+            .as_ref()
+            .map_or(crate::config::UnmappedPolicy::Reject, |c| c.unmapped_policy);
+        let hooks = crate::webhooks::ClerkWebhooks::new(webhook, storage.clone(), verifier.clone(), policy)
+            .map_err(|message| StartError::Config {
+                variable: "IDENTITY_CLERK_WEBHOOK_SECRET",
+                message,
+            })?;
+        http_app = http_app.merge(hooks.router());
+        tracing::info!(path = crate::webhooks::PATH, "Clerk webhooks accepted on the HTTP listener");
+    }
     let metrics_addr = match config.metrics_addr {
         Some(addr) if exporting => Some(
             // Each HTTP feature merges its own router here.
-            crate::http::serve(addr, prometheus::router(exposition), stop_rx.clone())
+            crate::http::serve(addr, http_app, stop_rx.clone())
                 .await
                 .map_err(|source| StartError::Bind { addr, source })?,
         ),

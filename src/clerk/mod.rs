@@ -86,6 +86,9 @@ pub struct ClerkUser {
     primary_email_address_id: Option<String>,
     #[serde(default)]
     email_addresses: Vec<EmailAddress>,
+    /// Milliseconds since the epoch, as Clerk sends it.
+    #[serde(default)]
+    pub updated_at: Option<i64>,
 }
 
 impl ClerkUser {
