@@ -21,3 +21,4 @@ mod tracing_api;
 mod users_api;
 mod verify_clerk;
 mod verify_legacy;
+mod webhooks;
