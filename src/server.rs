@@ -214,6 +214,13 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
             .as_ref()
             .map(|secret| crate::clerk::ClerkApi::new(crate::clerk::http_client(), c.api_url.clone(), secret.clone()))
     });
+    let reconcile = crate::domain::Reconciliations::new(
+        storage.clone(),
+        clerk_api.clone(),
+        Some(verifier.clone()),
+        config.bulk.clone(),
+        stop_rx.clone(),
+    );
     let bulk = BulkMigrations::new(
         storage.clone(),
         user_cache,
@@ -235,6 +242,7 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
         audit,
         invitations,
         bulk,
+        reconcile,
         stats: stats.clone(),
         stop: stop_rx.clone(),
     }))
