@@ -16,6 +16,7 @@ mod invitations;
 mod leaflock;
 mod metrics_api;
 mod postgres_schema;
+mod reconcile;
 mod storage_conformance;
 mod tracing_api;
 mod users_api;
