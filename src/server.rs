@@ -183,8 +183,9 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
         if config.metrics_addr.is_none() || !exporting {
             return Err(StartError::Config {
                 variable: "IDENTITY_CLERK_WEBHOOK_SECRET",
-                message: "Clerk's webhook endpoint is served on the HTTP listener, which IDENTITY_METRICS_ADDR=off turns off"
-                    .into(),
+                message:
+                    "Clerk's webhook endpoint is served on the HTTP listener, which IDENTITY_METRICS_ADDR=off turns off"
+                        .into(),
             });
         }
         let policy = config
@@ -192,13 +193,17 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
             .clerk
             .as_ref()
             .map_or(crate::config::UnmappedPolicy::Reject, |c| c.unmapped_policy);
-        let hooks = crate::webhooks::ClerkWebhooks::new(webhook, storage.clone(), verifier.clone(), policy)
-            .map_err(|message| StartError::Config {
+        let hooks = crate::webhooks::ClerkWebhooks::new(webhook, storage.clone(), verifier.clone(), policy).map_err(
+            |message| StartError::Config {
                 variable: "IDENTITY_CLERK_WEBHOOK_SECRET",
                 message,
-            })?;
+            },
+        )?;
         http_app = http_app.merge(hooks.router());
-        tracing::info!(path = crate::webhooks::PATH, "Clerk webhooks accepted on the HTTP listener");
+        tracing::info!(
+            path = crate::webhooks::PATH,
+            "Clerk webhooks accepted on the HTTP listener"
+        );
     }
     let metrics_addr = match config.metrics_addr {
         Some(addr) if exporting => Some(

@@ -120,14 +120,17 @@ pub fn parse_event(body: &[u8]) -> Result<ParsedEvent, String> {
         return Err("the event type is empty or too long".into());
     }
     let data = || envelope.data.clone().ok_or_else(|| format!("{event_type} has no data"));
-    let clerk_id = |raw: &str| ClerkUserId::parse("data.id", raw).map_err(|_| "data.id is not a Clerk user id".to_owned());
+    let clerk_id =
+        |raw: &str| ClerkUserId::parse("data.id", raw).map_err(|_| "data.id is not a Clerk user id".to_owned());
     let payload = match event_type.as_str() {
         "user.created" | "user.updated" => {
             let user: ClerkUser = serde_json::from_value(data()?).map_err(|e| format!("{event_type}: {e}"))?;
             Payload::User {
                 clerk_user_id: clerk_id(&user.id)?,
                 external_id: user.external_id.clone().filter(|e| !e.trim().is_empty()),
-                verified_email: user.verified_primary_email().and_then(|e| Email::parse("email", e).ok()),
+                verified_email: user
+                    .verified_primary_email()
+                    .and_then(|e| Email::parse("email", e).ok()),
                 updated_at: user.updated_at,
             }
         }
@@ -354,7 +357,13 @@ impl ClerkWebhooks {
         (StatusCode::OK, result.outcome.as_str()).into_response()
     }
 
-    fn event(&self, id: String, parsed: ParsedEvent, occurred_at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> ClerkEvent {
+    fn event(
+        &self,
+        id: String,
+        parsed: ParsedEvent,
+        occurred_at: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> ClerkEvent {
         let refuse_until = now + chrono::Duration::from_std(REFUSAL).unwrap_or_else(|_| chrono::Duration::days(1));
         let (version, change) = match parsed.payload {
             Payload::User {
@@ -440,7 +449,8 @@ mod tests {
         }
         let deleted = parse_event(br#"{"type":"user.deleted","data":{"id":"user_abc","deleted":true}}"#).unwrap();
         assert!(matches!(deleted.payload, Payload::UserDeleted { .. }));
-        let session = parse_event(br#"{"type":"session.revoked","data":{"id":"sess_1","user_id":"user_abc"}}"#).unwrap();
+        let session =
+            parse_event(br#"{"type":"session.revoked","data":{"id":"sess_1","user_id":"user_abc"}}"#).unwrap();
         assert_eq!(
             session.payload,
             Payload::SessionEnded {
@@ -448,7 +458,9 @@ mod tests {
             }
         );
         assert_eq!(
-            parse_event(br#"{"type":"organization.created","data":{}}"#).unwrap().payload,
+            parse_event(br#"{"type":"organization.created","data":{}}"#)
+                .unwrap()
+                .payload,
             Payload::Other
         );
         for bad in [

@@ -195,7 +195,9 @@ impl Reconciliations {
     ) -> Result<watch::Receiver<ReconcileProgress>, DomainError> {
         caller.require(Scope::Admin)?;
         let clerk = self.clerk.clone().ok_or_else(|| {
-            DomainError::FailedPrecondition("reconciliation needs Clerk's Backend API (IDENTITY_CLERK_SECRET_KEY)".into())
+            DomainError::FailedPrecondition(
+                "reconciliation needs Clerk's Backend API (IDENTITY_CLERK_SECRET_KEY)".into(),
+            )
         })?;
         let owner = format!("reconcile-{}", Uuid::new_v4().simple());
         let (job, params, cursor) = match request.resume_job_id {
@@ -282,9 +284,17 @@ impl Reconciliations {
             "reconcile.start",
             None,
             AuditOutcome::Success,
-            format!("reconciliation {} ({})", job.id, if job.fix { "fix" } else { "dry run" }),
+            format!(
+                "reconciliation {} ({})",
+                job.id,
+                if job.fix { "fix" } else { "dry run" }
+            ),
         );
-        match self.storage.create_reconcile_job(&job, self.lease_until(), &event).await {
+        match self
+            .storage
+            .create_reconcile_job(&job, self.lease_until(), &event)
+            .await
+        {
             Ok(()) => Ok((job, params, cursor)),
             Err(StorageError::Conflict(Conflict::ReconcileRunning)) => {
                 let running = self
@@ -325,7 +335,9 @@ impl Reconciliations {
         {
             Ok(claimed) => claimed,
             Err(StorageError::Conflict(Conflict::ReconcileRunning)) => {
-                return Err(DomainError::FailedPrecondition("another reconciliation is unfinished".into()));
+                return Err(DomainError::FailedPrecondition(
+                    "another reconciliation is unfinished".into(),
+                ));
             }
             Err(err) => return Err(err.into()),
         };
@@ -437,7 +449,9 @@ impl Runner {
                         lost.store(true, Ordering::SeqCst);
                         return;
                     }
-                    Err(err) => tracing::warn!(job_id = %id, error = %err, "cannot renew the reconciliation's lease; retrying"),
+                    Err(err) => {
+                        tracing::warn!(job_id = %id, error = %err, "cannot renew the reconciliation's lease; retrying")
+                    }
                 }
             }
         }
@@ -449,7 +463,13 @@ impl Runner {
         let held = self
             .jobs
             .storage
-            .save_reconcile_progress(self.progress.job_id, &self.owner, &cursor, &summary, self.jobs.lease_until())
+            .save_reconcile_progress(
+                self.progress.job_id,
+                &self.owner,
+                &cursor,
+                &summary,
+                self.jobs.lease_until(),
+            )
             .await
             .map_err(|e| Abort(format!("database unavailable: {e}")))?;
         if !held {
@@ -482,7 +502,10 @@ impl Runner {
                     };
                 }
                 Cursor::Mappings { after } => {
-                    let after = after.map(|a| ClerkUserId::parse("cursor", &a)).transpose().map_err(|e| Abort(e.to_string()))?;
+                    let after = after
+                        .map(|a| ClerkUserId::parse("cursor", &a))
+                        .transpose()
+                        .map_err(|e| Abort(e.to_string()))?;
                     let batch = self
                         .jobs
                         .storage
@@ -547,11 +570,10 @@ impl Runner {
             match named {
                 None => self.progress.summary.found("external_id_unknown", &user.id, false),
                 Some(named) if named.clerk_user_id.as_deref() == Some(user.id.as_str()) => {}
-                Some(named) if named.clerk_user_id.is_some() || mapped.is_some() || named.clerk_native => {
-                    self.progress
-                        .summary
-                        .found("external_id_mapped_elsewhere", &user.id, false)
-                }
+                Some(named) if named.clerk_user_id.is_some() || mapped.is_some() || named.clerk_native => self
+                    .progress
+                    .summary
+                    .found("external_id_mapped_elsewhere", &user.id, false),
                 Some(_) => {
                     let fixed = self.progress.fix && self.link(&clerk_user_id, user, external).await?;
                     self.progress.summary.found("missing_mapping", &user.id, fixed);
@@ -559,7 +581,10 @@ impl Runner {
             }
         }
         if let (Some(mapped), Some(clerk_email)) = (&mapped, user.verified_primary_email()) {
-            let same = mapped.email.as_deref().is_some_and(|e| e.trim().eq_ignore_ascii_case(clerk_email.trim()));
+            let same = mapped
+                .email
+                .as_deref()
+                .is_some_and(|e| e.trim().eq_ignore_ascii_case(clerk_email.trim()));
             if !same {
                 self.progress.summary.found("email_mismatch", &user.id, false);
             }
@@ -588,7 +613,10 @@ impl Runner {
                 users.forget_clerk(clerk).await;
             }
         }
-        Ok(matches!(result.outcome, ClerkEventOutcome::Applied | ClerkEventOutcome::Duplicate))
+        Ok(matches!(
+            result.outcome,
+            ClerkEventOutcome::Applied | ClerkEventOutcome::Duplicate
+        ))
     }
 
     async fn link(&self, clerk_user_id: &ClerkUserId, user: &ClerkUser, external: &str) -> Result<bool, Abort> {
@@ -600,7 +628,9 @@ impl Runner {
             change: ClerkChange::User {
                 clerk_user_id: clerk_user_id.clone(),
                 external_id: Some(external.to_owned()),
-                verified_email: user.verified_primary_email().and_then(|e| Email::parse("email", e).ok()),
+                verified_email: user
+                    .verified_primary_email()
+                    .and_then(|e| Email::parse("email", e).ok()),
                 unmapped: UnmappedPolicy::Reject,
             },
             caller: self.caller.name.clone(),

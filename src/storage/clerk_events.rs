@@ -354,18 +354,42 @@ mod tests {
             mapped: Some(user(ann, "ann@example.com", Some("user_a"), false)),
             ..Default::default()
         };
-        let same = plan_user(&clerk("user_a"), None, Some(&email("ANN@example.com")), UnmappedPolicy::Reject, &snapshot);
+        let same = plan_user(
+            &clerk("user_a"),
+            None,
+            Some(&email("ANN@example.com")),
+            UnmappedPolicy::Reject,
+            &snapshot,
+        );
         assert_eq!(same.outcome, ClerkEventOutcome::Unchanged);
-        let changed = plan_user(&clerk("user_a"), Some(&ann.to_string()), Some(&email("new@example.com")), UnmappedPolicy::Reject, &snapshot);
+        let changed = plan_user(
+            &clerk("user_a"),
+            Some(&ann.to_string()),
+            Some(&email("new@example.com")),
+            UnmappedPolicy::Reject,
+            &snapshot,
+        );
         assert_eq!(changed.steps, vec![Step::SetEmail(ann, email("new@example.com"))]);
-        let moved = plan_user(&clerk("user_a"), Some(&other.to_string()), None, UnmappedPolicy::Provision, &snapshot);
+        let moved = plan_user(
+            &clerk("user_a"),
+            Some(&other.to_string()),
+            None,
+            UnmappedPolicy::Provision,
+            &snapshot,
+        );
         assert_eq!(moved.outcome, ClerkEventOutcome::Conflict);
         assert!(moved.steps.is_empty());
         let taken = UserSnapshot {
             by_email: Some(user(other, "new@example.com", None, false)),
             ..snapshot
         };
-        let clash = plan_user(&clerk("user_a"), None, Some(&email("new@example.com")), UnmappedPolicy::Reject, &taken);
+        let clash = plan_user(
+            &clerk("user_a"),
+            None,
+            Some(&email("new@example.com")),
+            UnmappedPolicy::Reject,
+            &taken,
+        );
         assert_eq!(clash.outcome, ClerkEventOutcome::Conflict);
     }
 
@@ -376,26 +400,50 @@ mod tests {
             named: Some(user(bob, "bob@example.com", None, false)),
             ..Default::default()
         };
-        let linked = plan_user(&clerk("user_b"), Some(&bob.to_string()), None, UnmappedPolicy::Reject, &named);
+        let linked = plan_user(
+            &clerk("user_b"),
+            Some(&bob.to_string()),
+            None,
+            UnmappedPolicy::Reject,
+            &named,
+        );
         assert_eq!(linked.steps, vec![Step::Link(bob)]);
         let elsewhere = UserSnapshot {
             named: Some(user(bob, "bob@example.com", Some("user_z"), false)),
             ..Default::default()
         };
-        let conflict = plan_user(&clerk("user_b"), Some(&bob.to_string()), None, UnmappedPolicy::Provision, &elsewhere);
+        let conflict = plan_user(
+            &clerk("user_b"),
+            Some(&bob.to_string()),
+            None,
+            UnmappedPolicy::Provision,
+            &elsewhere,
+        );
         assert_eq!(conflict.outcome, ClerkEventOutcome::Conflict);
 
         let nobody = UserSnapshot::default();
         let rejected = plan_user(&clerk("user_c"), Some("unknown"), None, UnmappedPolicy::Reject, &nobody);
         assert_eq!(rejected.outcome, ClerkEventOutcome::Unchanged);
-        let provisioned = plan_user(&clerk("user_c"), None, Some(&email("c@example.com")), UnmappedPolicy::Provision, &nobody);
+        let provisioned = plan_user(
+            &clerk("user_c"),
+            None,
+            Some(&email("c@example.com")),
+            UnmappedPolicy::Provision,
+            &nobody,
+        );
         assert_eq!(provisioned.steps, vec![Step::Provision(Some(email("c@example.com")))]);
 
         let by_email = UserSnapshot {
             by_email: Some(user(bob, "bob@example.com", None, false)),
             ..Default::default()
         };
-        let link = plan_user(&clerk("user_d"), None, Some(&email("bob@example.com")), UnmappedPolicy::LinkByEmail, &by_email);
+        let link = plan_user(
+            &clerk("user_d"),
+            None,
+            Some(&email("bob@example.com")),
+            UnmappedPolicy::LinkByEmail,
+            &by_email,
+        );
         assert_eq!(link.steps, vec![Step::Link(bob)]);
         // Without a verified email, never by email.
         let unverified = plan_user(&clerk("user_d"), None, None, UnmappedPolicy::LinkByEmail, &by_email);
@@ -405,13 +453,23 @@ mod tests {
             by_email_unlinked: true,
             ..by_email
         };
-        let kept = plan_user(&clerk("user_d"), None, Some(&email("bob@example.com")), UnmappedPolicy::LinkByEmail, &once_linked);
+        let kept = plan_user(
+            &clerk("user_d"),
+            None,
+            Some(&email("bob@example.com")),
+            UnmappedPolicy::LinkByEmail,
+            &once_linked,
+        );
         assert_eq!(kept.steps, vec![Step::Provision(None)]);
         let unlinked = UserSnapshot {
             admin_unlinked: true,
             ..Default::default()
         };
-        assert!(plan_user(&clerk("user_e"), None, None, UnmappedPolicy::Provision, &unlinked).steps.is_empty());
+        assert!(
+            plan_user(&clerk("user_e"), None, None, UnmappedPolicy::Provision, &unlinked)
+                .steps
+                .is_empty()
+        );
     }
 
     #[test]

@@ -13,8 +13,8 @@ use std::{fmt, sync::Arc, time::Duration};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use error::classify;
 pub use clerk_events::{ClerkChange, ClerkEvent, ClerkEventOutcome, ClerkEventResult, DELETED_VERSION};
+use error::classify;
 pub use error::{Conflict, StorageError};
 pub use postgres::PostgresStorage;
 pub use sqlite::SqliteStorage;

@@ -423,7 +423,9 @@ async fn set_email_in_tx(
         return Ok(None);
     }
     if sql.app.as_ref().is_some_and(|app| app.email.is_some()) {
-        return Ok(Some("the application's table holds this user's email; it is left as it is".into()));
+        return Ok(Some(
+            "the application's table holds this user's email; it is left as it is".into(),
+        ));
     }
     sqlx::query(
         "INSERT INTO identity_user_profiles (user_id, email, email_key, imported_at) VALUES (?, ?, ?, ?)
@@ -503,7 +505,10 @@ async fn apply_change_in_tx(
             refuse_until,
         } => {
             let revocation = refuse_in_tx(conn, "session_id", session_id, *refuse_until).await?;
-            let detail = format!("session {session_id} refused until {}", revocation.expires_at.to_rfc3339());
+            let detail = format!(
+                "session {session_id} refused until {}",
+                revocation.expires_at.to_rfc3339()
+            );
             insert_audit(conn, &audit(None, ClerkEventOutcome::Applied, &detail)).await?;
             Ok(ClerkEventResult {
                 revocation: Some(revocation),
@@ -550,7 +555,10 @@ async fn apply_change_in_tx(
             if let Some(holder) = mapping_holder(conn, clerk_user_id).await? {
                 snapshot.mapped = find_in(conn, sql, holder).await?;
             }
-            if let Some(named) = external_id.as_deref().and_then(|e| UserId::parse("external_id", e.trim()).ok()) {
+            if let Some(named) = external_id
+                .as_deref()
+                .and_then(|e| UserId::parse("external_id", e.trim()).ok())
+            {
                 snapshot.named = find_in(conn, sql, named).await?;
             }
             if let Some(email) = verified_email {
@@ -1647,20 +1655,24 @@ impl Storage for SqliteStorage {
         let as_of = Utc::now();
         // Two statements, so that the incremental one always plans on the `updated_at` index.
         let rows = match since {
-            Some(since) => sqlx::query(sqlx::AssertSqlSafe(format!(
+            Some(since) => {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
                 "SELECT {REVOCATION_COLUMNS} FROM identity_revocations INDEXED BY idx_identity_revocations_updated_at
                  WHERE updated_at >= ? AND expires_at > ?"
             )))
-            .bind(micros(since))
-            .bind(micros(now))
-            .fetch_all(&self.pool)
-            .await,
-            None => sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT {REVOCATION_COLUMNS} FROM identity_revocations WHERE expires_at > ?"
-            )))
-            .bind(micros(now))
-            .fetch_all(&self.pool)
-            .await,
+                .bind(micros(since))
+                .bind(micros(now))
+                .fetch_all(&self.pool)
+                .await
+            }
+            None => {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {REVOCATION_COLUMNS} FROM identity_revocations WHERE expires_at > ?"
+                )))
+                .bind(micros(now))
+                .fetch_all(&self.pool)
+                .await
+            }
         }
         .map_err(db_err)?;
         let records = rows.iter().map(revocation_from_row).collect::<StorageResult<_>>()?;
@@ -1717,7 +1729,11 @@ impl Storage for SqliteStorage {
         let result = if stale {
             ClerkEventResult::only(
                 ClerkEventOutcome::Stale,
-                format!("event {} is older than what was applied for {}", event.id, object.unwrap_or("")),
+                format!(
+                    "event {} is older than what was applied for {}",
+                    event.id,
+                    object.unwrap_or("")
+                ),
             )
         } else {
             apply_change_in_tx(&mut tx, &sql, event).await?

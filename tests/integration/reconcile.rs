@@ -73,15 +73,23 @@ async fn every_drift_kind_is_found_through_faults_and_a_restart(db: TestDb) {
     {
         let mut directory = fake.state.directory.lock().unwrap();
         for n in 0..1995 {
-            directory.push(fake_user(&format!("user_fill{n:04}"), None, &format!("fill{n}@example.com")));
+            directory.push(fake_user(
+                &format!("user_fill{n:04}"),
+                None,
+                &format!("fill{n}@example.com"),
+            ));
         }
         // Mapped to ann already, yet another Clerk user claims her by external_id.
         directory.push(fake_user("user_ann", None, "ann@example.com"));
-        directory.push(fake_user("user_claims_ann", Some(&ann), "someone@example.com"));
+        directory.push(fake_user("user_claimsann", Some(&ann), "someone@example.com"));
         // cat's email in Clerk is not the one on record.
         directory.push(fake_user("user_cat", None, "cat.new@example.com"));
         // external_id names nobody.
-        directory.push(fake_user("user_stranger", Some(&uuid::Uuid::new_v4().to_string()), "x@example.com"));
+        directory.push(fake_user(
+            "user_stranger",
+            Some(&uuid::Uuid::new_v4().to_string()),
+            "x@example.com",
+        ));
         // dan has a Clerk account with his id, but no mapping.
         directory.push(fake_user("user_dan", Some(&dan), "dan@example.com"));
         // user_gone (bob's) is not in Clerk any more.
@@ -144,12 +152,15 @@ async fn every_drift_kind_is_found_through_faults_and_a_restart(db: TestDb) {
     let one = |kind: &str, id: &str, fixed: i64| {
         assert_eq!(found[kind], (1, fixed, vec![id.to_owned()]), "{kind}: {found:?}");
     };
-    one("external_id_mapped_elsewhere", "user_claims_ann", 0);
+    one("external_id_mapped_elsewhere", "user_claimsann", 0);
     one("clerk_user_missing", "user_gone", 1);
     one("external_id_unknown", "user_stranger", 0);
     one("email_mismatch", "user_cat", 0);
     one("missing_mapping", "user_dan", 1);
     assert_eq!(found.len(), 5);
+    // The injected 429 and 5xx answers were met and retried.
+    use std::sync::atomic::Ordering::SeqCst;
+    assert!(fake.state.api_requests.load(SeqCst) >= fake.state.list_requests.load(SeqCst) + 3);
 
     // The safe repairs, and nothing else.
     assert_eq!(mapping_of(&app, &dan).await.as_deref(), Some("user_dan"));

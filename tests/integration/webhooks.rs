@@ -13,8 +13,11 @@ use secrecy::SecretString;
 use serde_json::{Value, json};
 
 use crate::common::{
-    Backend, TestApp, TestDb, accepted, clerk_config, fake_clerk::FakeClerk, legacy_config, rejected, strings,
-    tcp_proxy::TcpProxy, test_config,
+    Backend, TestApp, TestDb, accepted, clerk_config,
+    fake_clerk::FakeClerk,
+    legacy_config, rejected, strings,
+    tcp_proxy::TcpProxy,
+    test_config,
     tokens::{clerk, clerk_claims, now},
 };
 
@@ -33,13 +36,19 @@ async fn spawn(db: TestDb, fake: &FakeClerk, policy: UnmappedPolicy) -> TestApp 
         ..VerificationConfig::default()
     };
     config.clerk_webhook = Some(ClerkWebhookConfig {
-        secrets: vec![SecretString::from(OLD_SECRET.to_owned()), SecretString::from(SECRET.to_owned())],
+        secrets: vec![
+            SecretString::from(OLD_SECRET.to_owned()),
+            SecretString::from(SECRET.to_owned()),
+        ],
     });
     TestApp::spawn_with(db, config, keys).await
 }
 
 fn sign(secret: &str, id: &str, timestamp: i64, body: &[u8]) -> String {
-    standardwebhooks::Webhook::new(secret).unwrap().sign(id, timestamp, body).unwrap()
+    standardwebhooks::Webhook::new(secret)
+        .unwrap()
+        .sign(id, timestamp, body)
+        .unwrap()
 }
 
 /// Posts `body` with Svix's headers; returns the status and the answer.
@@ -149,7 +158,10 @@ async fn signatures_are_checked_and_refusals_change_nothing(db: TestDb) {
     let stale = sign(SECRET, "msg_s", stale_ts, &raw);
     assert_eq!(post(&app, &headers("msg_s", stale_ts, stale), raw.clone()).await.0, 401);
     let signed = sign(SECRET, "msg_t", ts, &raw);
-    let tampered = body.to_string().replace("ann@example.com", "eve@example.com").into_bytes();
+    let tampered = body
+        .to_string()
+        .replace("ann@example.com", "eve@example.com")
+        .into_bytes();
     assert_eq!(post(&app, &headers("msg_t", ts, signed), tampered).await.0, 401);
     // Missing headers; a signed body that is not an event: 400.
     assert_eq!(post(&app, &[("svix-id", "msg_m".to_owned())], raw.clone()).await.0, 400);
@@ -174,13 +186,31 @@ async fn signatures_are_checked_and_refusals_change_nothing(db: TestDb) {
     assert_eq!((status, answer.as_str()), (200, "applied"));
     assert_eq!(mapping_of(&app, "user_ann").await.unwrap().user_id, ann);
     // The secret being rotated out still verifies.
-    let (status, _) = deliver_with(&app, OLD_SECRET, "msg_old", &user_event("user.updated", "user_ann", Some(&ann), "ann@example.com", 2000)).await;
+    let (status, _) = deliver_with(
+        &app,
+        OLD_SECRET,
+        "msg_old",
+        &user_event("user.updated", "user_ann", Some(&ann), "ann@example.com", 2000),
+    )
+    .await;
     assert_eq!(status, 200);
     // Unknown types: 2xx, so Svix does not retry them.
-    let (status, answer) = deliver(&app, "msg_org", &json!({"type": "organization.created", "data": {"id": "org_1"}})).await;
+    let (status, answer) = deliver(
+        &app,
+        "msg_org",
+        &json!({"type": "organization.created", "data": {"id": "org_1"}}),
+    )
+    .await;
     assert_eq!((status, answer.as_str()), (200, "ignored"));
     assert_eq!(recorded(&app).await.len(), 3);
-    assert!(metric(&app, "identity_webhook_events_total{type=\"other\",outcome=\"ignored\"}").await >= 1.0);
+    assert!(
+        metric(
+            &app,
+            "identity_webhook_events_total{type=\"other\",outcome=\"ignored\"}"
+        )
+        .await
+            >= 1.0
+    );
     app.shutdown().await;
 }
 
@@ -202,7 +232,11 @@ async fn duplicates_and_older_events_change_nothing(db: TestDb) {
     // And again later, to either.
     assert_eq!(deliver(&replica, "msg_1", &created).await.1, "duplicate");
     assert_eq!(mapping_of(&app, "user_bob").await.unwrap().user_id, bob);
-    let audited = strings(&app.db, "SELECT detail FROM identity_audit_events WHERE action = 'clerk.user.created'").await;
+    let audited = strings(
+        &app.db,
+        "SELECT detail FROM identity_audit_events WHERE action = 'clerk.user.created'",
+    )
+    .await;
     assert_eq!(audited.len(), 1, "{audited:?}");
     assert!(audited[0].as_deref().unwrap().contains("msg_1"));
 
@@ -254,7 +288,13 @@ async fn deletions_and_ended_sessions_are_refused_on_every_replica(db: TestDb) {
     let dan = app.legacy_user("dan@example.com").await.to_string();
     let iss = fake.url();
     assert_eq!(
-        deliver(&app, "msg_dan", &user_event("user.created", "user_dan", Some(&dan), "dan@example.com", 1000)).await.1,
+        deliver(
+            &app,
+            "msg_dan",
+            &user_event("user.created", "user_dan", Some(&dan), "dan@example.com", 1000)
+        )
+        .await
+        .1,
         "applied"
     );
     // Tokens that verified a moment before on both replicas (so they are cached).
@@ -279,19 +319,43 @@ async fn deletions_and_ended_sessions_are_refused_on_every_replica(db: TestDb) {
     assert!(mapping_of(&app, "user_dan").await.is_none());
     // Not re-provisioned by a late token or a late event.
     assert_eq!(
-        deliver(&replica, "msg_late", &user_event("user.updated", "user_dan", Some(&dan), "dan@example.com", 5000)).await.1,
+        deliver(
+            &replica,
+            "msg_late",
+            &user_event("user.updated", "user_dan", Some(&dan), "dan@example.com", 5000)
+        )
+        .await
+        .1,
         "stale"
     );
     assert!(mapping_of(&app, "user_dan").await.is_none());
 
     // session.revoked: that session only.
-    assert_eq!(deliver(&replica, "msg_sess", &session_event("session.revoked", "sess_eve1", "user_eve")).await.1, "applied");
+    assert_eq!(
+        deliver(
+            &replica,
+            "msg_sess",
+            &session_event("session.revoked", "sess_eve1", "user_eve")
+        )
+        .await
+        .1,
+        "applied"
+    );
     assert_eq!(rejected(replica.verify(&eve_token).await), R::Revoked);
     refused_within_bound(&app, &eve_token).await;
     accepted(app.verify(&eve_other).await);
     accepted(replica.verify(&eve_other).await);
     for kind in ["session.ended", "session.removed"] {
-        assert_eq!(deliver(&app, &format!("msg_{kind}"), &session_event(kind, "sess_eve2", "user_eve")).await.1, "applied");
+        assert_eq!(
+            deliver(
+                &app,
+                &format!("msg_{kind}"),
+                &session_event(kind, "sess_eve2", "user_eve")
+            )
+            .await
+            .1,
+            "applied"
+        );
     }
     assert_eq!(rejected(app.verify(&eve_other).await), R::Revoked);
     refused_within_bound(&replica, &eve_other).await;

@@ -155,11 +155,7 @@ fn injected_fault(state: &FakeState) -> Option<Response> {
     None
 }
 
-async fn list_users(
-    State(state): State<Arc<FakeState>>,
-    headers: HeaderMap,
-    RawQuery(raw): RawQuery,
-) -> Response {
+async fn list_users(State(state): State<Arc<FakeState>>, headers: HeaderMap, RawQuery(raw): RawQuery) -> Response {
     if !authorized(&headers) {
         return StatusCode::UNAUTHORIZED.into_response();
     }
@@ -171,7 +167,11 @@ async fn list_users(
         .into_owned()
         .collect();
     let get = |key: &str| pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
-    let ids: Vec<&str> = pairs.iter().filter(|(k, _)| k == "user_id").map(|(_, v)| v.as_str()).collect();
+    let ids: Vec<&str> = pairs
+        .iter()
+        .filter(|(k, _)| k == "user_id")
+        .map(|(_, v)| v.as_str())
+        .collect();
     let directory = state.directory.lock().unwrap();
     let found: Vec<Value> = directory
         .iter()
