@@ -51,6 +51,21 @@ pub enum Command {
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
     },
+    /// Compare Clerk's users with the mappings and report the drift by kind
+    /// (a dry run unless --fix); runs in this process, one pass at a time
+    /// across the cluster, and resumes an interrupted pass with --resume.
+    Reconcile {
+        /// Apply the safe repairs (remove mappings of deleted Clerk users,
+        /// fill missing mappings from a matching external_id).
+        #[arg(long)]
+        fix: bool,
+        /// Clerk requests per second; the configured IDENTITY_CLERK_API_RATE when omitted.
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        /// Resume this interrupted pass (its id).
+        #[arg(long)]
+        resume: Option<String>,
+    },
     /// Generate an API key and print the configuration line that admits it.
     GenApiKey {
         /// A name for the caller, recorded in the audit log.
@@ -111,6 +126,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Migrate => migrate(config).await,
         Command::ImportUsers { file, format } => import_users(config, file, format).await,
         Command::LegacyToken { user, ttl } => legacy_token(&config, &user, ttl),
+        Command::Reconcile { fix, rate, resume } => reconcile(config, fix, rate, resume).await,
         Command::GenApiKey { .. } => Ok(ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|message| {
@@ -186,6 +202,85 @@ async fn import_users(config: Config, file: PathBuf, format: Option<FormatArg>) 
     } else {
         ExitCode::from(2)
     })
+}
+
+async fn reconcile(config: Config, fix: bool, rate: f64, resume: Option<String>) -> Result<ExitCode, String> {
+    let clerk = config
+        .verification
+        .clerk
+        .as_ref()
+        .and_then(|c| {
+            c.secret_key.as_ref().map(|secret| {
+                crate::clerk::ClerkApi::new(crate::clerk::http_client(), c.api_url.clone(), secret.clone())
+            })
+        })
+        .ok_or("reconciliation needs Clerk's Backend API: set IDENTITY_CLERK_SECRET_KEY")?;
+    let url = config.database_url.expose_secret();
+    let storage = storage::connect(url, &config.database, config.migrate_on_start)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot open {}: {}",
+                storage::redact_url(url),
+                crate::grpc::error_chain(&e)
+            )
+        })?;
+    let resume_job_id = resume
+        .map(|id| uuid::Uuid::parse_str(id.trim()).map_err(|_| "--resume must be a pass id (UUID)".to_owned()))
+        .transpose()?;
+    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let passes = crate::domain::Reconciliations::new(storage, Some(clerk), None, config.bulk.clone(), stop_rx);
+    let mut progress = passes
+        .start(
+            &Caller::cli(),
+            crate::domain::ReconcileRequest {
+                fix,
+                max_requests_per_second: rate,
+                page_size: 0,
+                resume_job_id,
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    // Not `stdout().lock()`: the pass logs to stdout from its own task while
+    // this loop waits, and a lock held across the wait would stall both.
+    let mut out = std::io::stdout();
+    let _ = writeln!(
+        out,
+        "reconciliation {} ({})",
+        progress.borrow().job_id,
+        if fix { "fix" } else { "dry run" }
+    );
+    loop {
+        let snapshot = progress.borrow_and_update().clone();
+        let _ = writeln!(
+            out,
+            "{} Clerk users, {} mappings checked",
+            snapshot.summary.clerk_users_seen, snapshot.summary.mappings_checked
+        );
+        if snapshot.state != storage::BulkJobState::Running {
+            for kind in crate::domain::reconcile::DRIFT_KINDS {
+                let drift = snapshot.summary.drift.get(kind).cloned().unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "{kind}: {} found, {} fixed{}{}",
+                    drift.count,
+                    drift.fixed,
+                    if drift.ids.is_empty() { "" } else { ": " },
+                    drift.ids.join(" ")
+                );
+            }
+            let _ = writeln!(out, "{}: {}", snapshot.state.as_db(), snapshot.message);
+            return Ok(if snapshot.state == storage::BulkJobState::Completed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        if progress.changed().await.is_err() {
+            return Err("the reconciliation stopped without a result".into());
+        }
+    }
 }
 
 fn legacy_token(config: &Config, user: &str, ttl: u64) -> Result<ExitCode, String> {

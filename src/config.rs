@@ -78,6 +78,7 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "IDENTITY_GATEWAY_REMOVE_AUTHORIZATION",
     "IDENTITY_FORWARD_AUTH",
     "IDENTITY_EXT_AUTHZ",
+    "IDENTITY_CLERK_WEBHOOK_SECRET",
 ];
 
 /// The standard OpenTelemetry variables the binary reads (the exporter reads
@@ -101,6 +102,7 @@ const SECRET_VARIABLES: &[&str] = &[
     "IDENTITY_CLERK_SECRET_KEY",
     "IDENTITY_CLERK_JWT_KEY",
     "IDENTITY_SMTP_URL",
+    "IDENTITY_CLERK_WEBHOOK_SECRET",
 ];
 
 /// The seed application's own variable names, accepted when the
@@ -168,6 +170,9 @@ pub struct Config {
     pub gateway: crate::gateway::GatewayConfig,
     /// How often this replica adds its auth figures to the shared buckets.
     pub stats_flush: Duration,
+    /// Clerk's webhook endpoint (`POST /webhooks/clerk` on the HTTP listener),
+    /// when a signing secret is configured.
+    pub clerk_webhook: Option<ClerkWebhookConfig>,
     /// Unknown `IDENTITY_*` names seen at load time (likely typos), to warn about.
     pub unknown_variables: Vec<String>,
 }
@@ -417,6 +422,7 @@ impl Config {
             dashboard: vars.bool("IDENTITY_DASHBOARD", true)?,
             gateway: gateway_config(&vars)?,
             stats_flush: vars.seconds("IDENTITY_STATS_FLUSH_SECONDS", 10, 1..=300)?,
+            clerk_webhook: ClerkWebhookConfig::load(&vars)?,
             unknown_variables,
         })
     }
@@ -552,6 +558,53 @@ impl TraceConfig {
             }
         };
         Ok(Self { otlp, sampler })
+    }
+}
+
+/// Clerk's webhooks: the endpoint's signing secrets (`whsec_...`), several
+/// at once while one is rotated.
+#[derive(Clone)]
+pub struct ClerkWebhookConfig {
+    pub secrets: Vec<SecretString>,
+}
+
+impl fmt::Debug for ClerkWebhookConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClerkWebhookConfig")
+            .field("secrets", &self.secrets.len())
+            .finish()
+    }
+}
+
+impl ClerkWebhookConfig {
+    /// `IDENTITY_CLERK_WEBHOOK_SECRET`: one or more signing secrets, separated by spaces.
+    fn load(vars: &Vars) -> Result<Option<Self>, ConfigError> {
+        let Some(raw) = vars.secret("IDENTITY_CLERK_WEBHOOK_SECRET")? else {
+            return Ok(None);
+        };
+        let secrets: Vec<SecretString> = raw
+            .expose_secret()
+            .split_whitespace()
+            .map(|s| SecretString::from(s.to_owned()))
+            .collect();
+        if secrets.is_empty() {
+            return Ok(None);
+        }
+        for (n, secret) in secrets.iter().enumerate() {
+            // The message never shows the secret, only which one is wrong.
+            if !secret.expose_secret().starts_with("whsec_")
+                || standardwebhooks::Webhook::new(secret.expose_secret()).is_err()
+            {
+                return Err(ConfigError::new(
+                    "IDENTITY_CLERK_WEBHOOK_SECRET",
+                    format!(
+                        "secret {} is not a signing secret: expected whsec_ followed by base64, as Clerk's dashboard shows it",
+                        n + 1
+                    ),
+                ));
+            }
+        }
+        Ok(Some(Self { secrets }))
     }
 }
 

@@ -117,3 +117,8 @@ pub fn parse_jwks(body: &[u8]) -> bool {
 
 /// The API key of an `authorization` value.
 pub use crate::grpc::auth::bearer_key;
+
+/// Reads a Clerk webhook body as the endpoint does (after its signature checked).
+pub fn parse_webhook(body: &[u8]) -> bool {
+    crate::webhooks::parse_event(body).is_ok()
+}

@@ -24,6 +24,7 @@ pub mod server;
 pub mod storage;
 pub mod telemetry;
 pub mod verification;
+pub mod webhooks;
 
 /// Code generated from `proto/identity/v1`.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

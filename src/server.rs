@@ -185,12 +185,39 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
         verifier: verifier.clone(),
         gateway: gateway_recorder,
     };
+    let mut http_app = prometheus::router(exposition);
+    if let Some(webhook) = &config.clerk_webhook {
+        if config.metrics_addr.is_none() || !exporting {
+            return Err(StartError::Config {
+                variable: "IDENTITY_CLERK_WEBHOOK_SECRET",
+                message:
+                    "Clerk's webhook endpoint is served on the HTTP listener, which IDENTITY_METRICS_ADDR=off turns off"
+                        .into(),
+            });
+        }
+        let policy = config
+            .verification
+            .clerk
+            .as_ref()
+            .map_or(crate::config::UnmappedPolicy::Reject, |c| c.unmapped_policy);
+        let hooks = crate::webhooks::ClerkWebhooks::new(webhook, storage.clone(), verifier.clone(), policy).map_err(
+            |message| StartError::Config {
+                variable: "IDENTITY_CLERK_WEBHOOK_SECRET",
+                message,
+            },
+        )?;
+        http_app = http_app.merge(hooks.router());
+        tracing::info!(
+            path = crate::webhooks::PATH,
+            "Clerk webhooks accepted on the HTTP listener"
+        );
+    }
     let metrics_addr = match config.metrics_addr {
         Some(addr) if exporting => Some(
             // Each HTTP feature merges its own router here.
             crate::http::serve(
                 addr,
-                prometheus::router(exposition)
+                http_app
                     .merge(crate::dashboard::router(
                         config.dashboard,
                         crate::dashboard::Dashboard::new(
@@ -217,6 +244,13 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
             .as_ref()
             .map(|secret| crate::clerk::ClerkApi::new(crate::clerk::http_client(), c.api_url.clone(), secret.clone()))
     });
+    let reconcile = crate::domain::Reconciliations::new(
+        storage.clone(),
+        clerk_api.clone(),
+        Some(verifier.clone()),
+        config.bulk.clone(),
+        stop_rx.clone(),
+    );
     let bulk = BulkMigrations::new(
         storage.clone(),
         user_cache,
@@ -238,6 +272,7 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
         audit,
         invitations,
         bulk,
+        reconcile,
         stats: stats.clone(),
         stop: stop_rx.clone(),
     }))

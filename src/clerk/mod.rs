@@ -86,6 +86,9 @@ pub struct ClerkUser {
     primary_email_address_id: Option<String>,
     #[serde(default)]
     email_addresses: Vec<EmailAddress>,
+    /// Milliseconds since the epoch, as Clerk sends it.
+    #[serde(default)]
+    pub updated_at: Option<i64>,
 }
 
 impl ClerkUser {
@@ -275,6 +278,51 @@ impl ClerkApi {
     pub async fn find_users(&self, key: &str, value: &str) -> Result<Vec<ClerkUser>, ClerkApiError> {
         let mut url = self.url("v1/users")?;
         url.query_pairs_mut().append_pair(key, value);
+        self.call(|| async {
+            let response = self
+                .http
+                .get(url.clone())
+                .bearer_auth(self.secret.expose_secret())
+                .send()
+                .await?;
+            if !response.status().is_success() {
+                return Err(Self::error_from(response).await);
+            }
+            match response
+                .json::<UserList>()
+                .await
+                .map_err(|e| ClerkApiError::Decode(e.to_string()))?
+            {
+                UserList::Plain(users) | UserList::Wrapped { data: users } => Ok(users),
+            }
+        })
+        .await
+    }
+
+    /// `GET /v1/users?limit=&offset=&order_by=+created_at`: one page of every user.
+    pub async fn list_users(&self, limit: u32, offset: u64) -> Result<Vec<ClerkUser>, ClerkApiError> {
+        let mut url = self.url("v1/users")?;
+        url.query_pairs_mut()
+            .append_pair("limit", &limit.to_string())
+            .append_pair("offset", &offset.to_string())
+            .append_pair("order_by", "+created_at");
+        self.get_list(url).await
+    }
+
+    /// `GET /v1/users?user_id=...`: which of these users exist.
+    pub async fn users_by_ids(&self, ids: &[&str]) -> Result<Vec<ClerkUser>, ClerkApiError> {
+        let mut url = self.url("v1/users")?;
+        {
+            let mut query = url.query_pairs_mut();
+            query.append_pair("limit", &ids.len().clamp(1, 500).to_string());
+            for id in ids {
+                query.append_pair("user_id", id);
+            }
+        }
+        self.get_list(url).await
+    }
+
+    async fn get_list(&self, url: url::Url) -> Result<Vec<ClerkUser>, ClerkApiError> {
         self.call(|| async {
             let response = self
                 .http

@@ -9,6 +9,7 @@ mod error;
 mod ids;
 pub mod import;
 mod invitations;
+pub mod reconcile;
 mod user_cache;
 mod users;
 
@@ -19,5 +20,6 @@ pub use caller::{ApiKey, ApiKeyRegistry, Caller, Scope, generate_api_key};
 pub use error::{DomainError, error_chain};
 pub use ids::{ClerkUserId, Email, UserId};
 pub use invitations::{INVALID_TOKEN, InvitationSent, Invitations};
+pub use reconcile::{ReconcileProgress, ReconcileRequest, ReconcileSummary, Reconciliations};
 pub use user_cache::UserCache;
 pub use users::{MigrationState, User, UserDirectory};

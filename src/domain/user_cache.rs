@@ -201,6 +201,13 @@ impl UserCache {
 }
 
 impl UserCache {
+    /// Forgets a Clerk user's entry after a change made on this replica.
+    pub async fn forget_clerk(&self, clerk_user_id: &str) {
+        if let Some(tiers) = &self.tiers {
+            tiers.1.invalidate(clerk_user_id).await;
+        }
+    }
+
     /// Forgets everything a link changed: the user, the Clerk id, and the
     /// provisional user merged away.
     pub async fn forget_link(&self, linked: &crate::storage::Linked) {

@@ -203,6 +203,35 @@ pub fn stats(snapshot: crate::metrics::StatsSnapshot) -> pb::MigrationStats {
             legacy_verifications_by_migrated_users: snapshot.readiness.legacy_verifications_by_migrated,
         }),
         auth_mode: auth_mode(snapshot.auth_mode) as i32,
+        last_reconciliation: snapshot
+            .reconciliation
+            .as_ref()
+            .map(|job| reconcile_progress(crate::domain::ReconcileProgress::from_record(job))),
+    }
+}
+
+pub fn reconcile_progress(progress: crate::domain::ReconcileProgress) -> pb::ReconcileProgress {
+    let summary = progress.summary;
+    pb::ReconcileProgress {
+        job_id: progress.job_id.to_string(),
+        state: bulk_state(progress.state) as i32,
+        fix: progress.fix,
+        clerk_users_seen: summary.clerk_users_seen,
+        mappings_checked: summary.mappings_checked,
+        drift: crate::domain::reconcile::DRIFT_KINDS
+            .iter()
+            .map(|kind| {
+                let drift = summary.drift.get(*kind).cloned().unwrap_or_default();
+                pb::DriftReport {
+                    kind: (*kind).to_owned(),
+                    count: drift.count,
+                    fixed: drift.fixed,
+                    clerk_user_ids: drift.ids,
+                }
+            })
+            .collect(),
+        message: progress.message,
+        finished_at: progress.finished_at.map(timestamp),
     }
 }
 

@@ -6,7 +6,7 @@ use super::{caller, convert, to_status};
 use crate::{
     domain::{
         AuditLog, AuditPageRequest, AuthModes, BulkMigrations, BulkRequest, ClerkUserId, DomainError, Email,
-        Invitations, UserDirectory, UserId,
+        Invitations, ReconcileRequest, Reconciliations, UserDirectory, UserId,
     },
     metrics::MigrationStats,
     pb::{self, migration_service_server::MigrationService},
@@ -24,6 +24,7 @@ pub struct MigrationApi {
     audit: AuditLog,
     invitations: Invitations,
     bulk: BulkMigrations,
+    reconcile: Reconciliations,
     stats: MigrationStats,
     stop: tokio::sync::watch::Receiver<bool>,
 }
@@ -36,6 +37,7 @@ pub struct MigrationParts {
     pub audit: AuditLog,
     pub invitations: Invitations,
     pub bulk: BulkMigrations,
+    pub reconcile: Reconciliations,
     pub stats: MigrationStats,
     /// Flips at shutdown: open metric streams end.
     pub stop: tokio::sync::watch::Receiver<bool>,
@@ -49,6 +51,7 @@ impl MigrationApi {
             audit,
             invitations,
             bulk,
+            reconcile,
             stats,
             stop,
         } = parts;
@@ -58,6 +61,7 @@ impl MigrationApi {
             audit,
             invitations,
             bulk,
+            reconcile,
             stats,
             stop,
         }
@@ -188,6 +192,47 @@ impl MigrationService for MigrationApi {
                 let snapshot = progress.borrow_and_update().clone();
                 let done = snapshot.state != crate::storage::BulkJobState::Running;
                 if tx.send(Ok(convert::bulk_progress(snapshot))).await.is_err() || done {
+                    return;
+                }
+                if progress.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    type ReconcileMappingsStream = tokio_stream::wrappers::ReceiverStream<Result<pb::ReconcileProgress, Status>>;
+
+    #[tracing::instrument(name = "MigrationService/ReconcileMappings", skip_all)]
+    async fn reconcile_mappings(
+        &self,
+        request: Request<pb::ReconcileMappingsRequest>,
+    ) -> Result<Response<Self::ReconcileMappingsStream>, Status> {
+        let caller = caller(&request)?;
+        let body = request.into_inner();
+        let reconcile_request = ReconcileRequest {
+            fix: body.fix,
+            max_requests_per_second: body.max_requests_per_second,
+            page_size: u32::try_from(body.page_size)
+                .map_err(|_| to_status(DomainError::invalid("page_size", "must not be negative")))?,
+            resume_job_id: (!body.resume_job_id.is_empty())
+                .then(|| parse_job_id("resume_job_id", &body.resume_job_id))
+                .transpose()
+                .map_err(to_status)?,
+        };
+        let mut progress = self
+            .reconcile
+            .start(&caller, reconcile_request)
+            .await
+            .map_err(to_status)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        // Forwards snapshots until the pass ends or the client goes away (the pass goes on).
+        tokio::spawn(async move {
+            loop {
+                let snapshot = progress.borrow_and_update().clone();
+                let done = snapshot.state != crate::storage::BulkJobState::Running;
+                if tx.send(Ok(convert::reconcile_progress(snapshot))).await.is_err() || done {
                     return;
                 }
                 if progress.changed().await.is_err() {

@@ -62,6 +62,8 @@ pub struct StatsSnapshot {
     pub p99_us: u64,
     pub invitations: InvitationCounts,
     pub bulk_job: Option<BulkJobRecord>,
+    /// The most recent reconciliation pass.
+    pub reconciliation: Option<crate::storage::ReconcileJobRecord>,
     pub readiness_days: u32,
     pub readiness: Readiness,
     pub auth_mode: AuthMode,
@@ -281,11 +283,12 @@ impl MigrationStats {
             start - start.rem_euclid(60)
         });
         let since_day = now.timestamp().div_euclid(86_400) - i64::from(readiness_days) + 1;
-        let (users, totals, invitations, bulk_job, readiness) = tokio::try_join!(
+        let (users, totals, invitations, bulk_job, reconciliation, readiness) = tokio::try_join!(
             self.storage.user_counts(),
             self.storage.auth_totals(since_bucket),
             self.storage.invitation_counts(now),
             self.storage.latest_bulk_job(),
+            self.storage.latest_reconcile_job(),
             async {
                 self.readiness
                     .try_get_with((since_day, readiness_days), self.storage.readiness(since_day))
@@ -342,6 +345,7 @@ impl MigrationStats {
             methods,
             invitations,
             bulk_job,
+            reconciliation,
             readiness_days,
             readiness,
             auth_mode: self.modes.current(),

@@ -36,6 +36,8 @@ pub enum Conflict {
     BulkJobRunning,
     /// An admin unlinked this Clerk user: it stays unmapped until linked again.
     ClerkUserUnlinked,
+    /// Another reconciliation pass is unfinished.
+    ReconcileRunning,
 }
 
 impl fmt::Display for Conflict {
@@ -46,6 +48,7 @@ impl fmt::Display for Conflict {
             Self::ClerkUserTaken => "Clerk user is already linked to another user",
             Self::BulkJobRunning => "a bulk migration job is already running",
             Self::ClerkUserUnlinked => "Clerk user was unlinked by an admin and stays unmapped until linked again",
+            Self::ReconcileRunning => "a reconciliation pass is already running",
         })
     }
 }

@@ -2,6 +2,7 @@
 //! default) and a PostgreSQL one (production). Both pass the same
 //! conformance suite in `tests/integration/storage_conformance.rs`.
 
+mod clerk_events;
 mod error;
 mod postgres;
 mod sqlite;
@@ -12,6 +13,7 @@ use std::{fmt, sync::Arc, time::Duration};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+pub use clerk_events::{ClerkChange, ClerkEvent, ClerkEventOutcome, ClerkEventResult, DELETED_VERSION};
 use error::classify;
 pub use error::{Conflict, StorageError};
 pub use postgres::PostgresStorage;
@@ -154,12 +156,35 @@ pub struct NewRevocation {
     pub expires_at: DateTime<Utc>,
 }
 
-/// An active revocation.
+/// An active revocation: a legacy token (by `jti` or hash), an ended Clerk
+/// session (by `sid`) or a deleted Clerk user (by its id).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RevocationRecord {
     pub jti: Option<String>,
     pub token_hash: Option<String>,
+    pub session_id: Option<String>,
+    pub clerk_user_id: Option<String>,
     pub expires_at: DateTime<Utc>,
+}
+
+/// A reconciliation pass against Clerk's user list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReconcileJobRecord {
+    pub id: uuid::Uuid,
+    pub state: BulkJobState,
+    /// Whether the safe repairs are applied (a dry run otherwise).
+    pub fix: bool,
+    /// The pass's parameters (JSON), so a resumed pass runs as it started.
+    pub params: String,
+    /// Where the pass continues (JSON, the runner's own form).
+    pub cursor: Option<String>,
+    /// The drift found so far (JSON).
+    pub summary: String,
+    pub started_by: String,
+    pub lease_owner: Option<String>,
+    pub lease_until: Option<DateTime<Utc>>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
 }
 
 /// Revocations read from the database, and from when.
@@ -596,6 +621,78 @@ pub trait Storage: Send + Sync + fmt::Debug {
 
     /// Deletes revocations that expired before `now`; returns how many.
     async fn purge_revocations(&self, now: DateTime<Utc>) -> StorageResult<u64>;
+
+    /// Records a Clerk event by its id and applies it, in one transaction
+    /// with its audit event and any refusal it writes: once per id however
+    /// many replicas receive it at the same moment ([`ClerkEventOutcome::Duplicate`]
+    /// for the others), and not when an event of a later version of its
+    /// object was applied before ([`ClerkEventOutcome::Stale`]). An error
+    /// writes nothing, so the delivery can be retried.
+    async fn apply_clerk_event(&self, event: &ClerkEvent) -> StorageResult<ClerkEventResult>;
+
+    /// Whether this user once lost a Clerk link (unlinked by an admin, or
+    /// its Clerk user deleted) and was not linked since.
+    async fn user_was_unlinked(&self, user_id: UserId) -> StorageResult<bool>;
+
+    /// Mappings in Clerk user id order, after `after`.
+    async fn mappings_after(&self, after: Option<&ClerkUserId>, limit: u32) -> StorageResult<Vec<MappingRecord>>;
+
+    /// Creates a running reconciliation pass leased to its `lease_owner`;
+    /// [`Conflict::ReconcileRunning`] while another one is unfinished.
+    async fn create_reconcile_job(
+        &self,
+        job: &ReconcileJobRecord,
+        lease_until: DateTime<Utc>,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<()>;
+
+    async fn get_reconcile_job(&self, id: uuid::Uuid) -> StorageResult<Option<ReconcileJobRecord>>;
+
+    /// The most recently started reconciliation pass.
+    async fn latest_reconcile_job(&self) -> StorageResult<Option<ReconcileJobRecord>>;
+
+    /// The unfinished pass, if any.
+    async fn running_reconcile_job(&self) -> StorageResult<Option<ReconcileJobRecord>>;
+
+    /// Takes over a running or failed pass whose lease expired at `now`;
+    /// false while any runner holds it.
+    async fn claim_reconcile_job(
+        &self,
+        id: uuid::Uuid,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StorageResult<bool>;
+
+    /// Saves the cursor and the summary and renews the lease; false (nothing
+    /// written) when `owner` no longer holds the running pass.
+    async fn save_reconcile_progress(
+        &self,
+        id: uuid::Uuid,
+        owner: &str,
+        cursor: &str,
+        summary: &str,
+        lease_until: DateTime<Utc>,
+    ) -> StorageResult<bool>;
+
+    /// Renews `owner`'s lease on a running pass; false when it is lost.
+    async fn renew_reconcile_lease(
+        &self,
+        id: uuid::Uuid,
+        owner: &str,
+        lease_until: DateTime<Utc>,
+    ) -> StorageResult<bool>;
+
+    /// Ends a running pass `owner` holds, with its summary and audit event;
+    /// false (nothing written) otherwise.
+    async fn finish_reconcile_job(
+        &self,
+        id: uuid::Uuid,
+        owner: &str,
+        state: BulkJobState,
+        summary: &str,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<bool>;
 
     async fn get_setting(&self, key: &str) -> StorageResult<Option<SettingRecord>>;
 

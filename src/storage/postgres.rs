@@ -20,8 +20,11 @@ use super::{
     AuditQuery, AuditRecord, AuthFlush, AuthPoint, AuthTotals, BulkCandidate, BulkCounters, BulkFilter, BulkJobRecord,
     BulkJobState, BulkLease, Conflict, DatabaseOptions, InvitationCounts, Linked, MappingKey, MappingRecord,
     NewAuditEvent, NewInvitation, NewLegacyUser, NewRevocation, OutboxCounts, OutboxMessage, Readiness,
-    RevocationChanges, RevocationRecord, SettingRecord, Storage, StorageError, StorageResult, UserCounts, UserKey,
-    UserKeys, UserRecord, UsersTableConfig,
+    ReconcileJobRecord, RevocationChanges, RevocationRecord, SettingRecord, Storage, StorageError, StorageResult,
+    UserCounts, UserKey, UserKeys, UserRecord, UsersTableConfig,
+    clerk_events::{
+        self, ClerkChange, ClerkEvent, ClerkEventOutcome, ClerkEventResult, DELETED_VERSION, Step, UserSnapshot,
+    },
     error::{classify, classify_mapping_insert},
     log_users_table, migrator,
     users_table::{UserSql, resolve},
@@ -245,6 +248,359 @@ fn merge_event(audit: &NewAuditEvent) -> NewAuditEvent {
     NewAuditEvent {
         action: "user.merge".to_owned(),
         ..audit.clone()
+    }
+}
+
+/// Creates a Clerk-native user linked to `clerk_user_id` (the caller checked
+/// that the Clerk user is free); the email goes with it while nobody has it.
+async fn provision_in_tx(
+    conn: &mut sqlx::PgConnection,
+    sql: &UserSql,
+    clerk_user_id: &ClerkUserId,
+    email: Option<&Email>,
+) -> StorageResult<UserId> {
+    let email = match email {
+        Some(email) => {
+            let key = email.normalized();
+            lock_key(conn, "identity.email", &key).await?;
+            (!email_taken(conn, sql, &key).await?).then_some(email)
+        }
+        None => None,
+    };
+    let id = UserId::new_random();
+    // Writers of this service hold the email's lock, but the unique key is
+    // the final word: a clash stores the user without the email rather than
+    // failing the transaction (PostgreSQL would abort it).
+    let mut stored = false;
+    if let Some(email) = email {
+        stored = sqlx::query(
+            "INSERT INTO identity_users (id, email, email_key, clerk_native) VALUES ($1, $2, $3, true)
+             ON CONFLICT (email_key) WHERE merged_into IS NULL DO NOTHING",
+        )
+        .bind(*id.as_uuid())
+        .bind(email.as_str())
+        .bind(email.normalized())
+        .execute(&mut *conn)
+        .await
+        .map_err(db_err)?
+        .rows_affected()
+            == 1;
+    }
+    if !stored {
+        sqlx::query("INSERT INTO identity_users (id, clerk_native) VALUES ($1, true)")
+            .bind(*id.as_uuid())
+            .execute(&mut *conn)
+            .await
+            .map_err(db_err)?;
+    }
+    sqlx::query("INSERT INTO identity_user_mappings (user_id, clerk_user_id) VALUES ($1, $2)")
+        .bind(*id.as_uuid())
+        .bind(clerk_user_id.as_str())
+        .execute(&mut *conn)
+        .await
+        .map_err(classify_mapping_insert)?;
+    Ok(id)
+}
+
+/// Removes a user's mapping (clearing the mirror column) and remembers its
+/// Clerk user as unlinked; `None` when the user had no mapping.
+async fn unlink_in_tx(
+    conn: &mut sqlx::PgConnection,
+    sql: &UserSql,
+    user_id: UserId,
+) -> StorageResult<Option<MappingRecord>> {
+    lock_key(conn, "identity.user", &user_id.to_string()).await?;
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DELETE FROM identity_user_mappings WHERE user_id = $1 RETURNING {MAPPING_COLUMNS}"
+    )))
+    .bind(*user_id.as_uuid())
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    let Some(removed) = row.as_ref().map(mapping_from_row).transpose()? else {
+        return Ok(None);
+    };
+    sqlx::query(
+        "INSERT INTO identity_unlinked_clerk_users (clerk_user_id, user_id) VALUES ($1, $2)
+         ON CONFLICT (clerk_user_id) DO UPDATE SET user_id = excluded.user_id, unlinked_at = now()",
+    )
+    .bind(removed.clerk_user_id.as_str())
+    .bind(*user_id.as_uuid())
+    .execute(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    if let Some(user) = find_in(conn, sql, user_id).await? {
+        mirror(conn, sql, &user, None).await?;
+    }
+    Ok(Some(removed))
+}
+
+async fn mapping_holder(conn: &mut sqlx::PgConnection, clerk_user_id: &str) -> StorageResult<Option<UserId>> {
+    let holder: Option<Uuid> =
+        sqlx::query_scalar("SELECT user_id FROM identity_user_mappings WHERE clerk_user_id = $1")
+            .bind(clerk_user_id)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db_err)?;
+    Ok(holder.map(UserId::from_uuid))
+}
+
+/// Refuses a Clerk session (`column` = `session_id`) or a Clerk user
+/// (`clerk_user_id`) until `until`; refusing again keeps the later expiry.
+async fn refuse_in_tx(
+    conn: &mut sqlx::PgConnection,
+    column: &'static str,
+    value: &str,
+    until: chrono::DateTime<chrono::Utc>,
+) -> StorageResult<RevocationRecord> {
+    let expires_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO identity_revocations (id, {column}, expires_at, updated_at) VALUES ($1, $2, $3, clock_timestamp())
+         ON CONFLICT ({column}) DO UPDATE SET expires_at = GREATEST(identity_revocations.expires_at, excluded.expires_at),
+             updated_at = clock_timestamp()
+         RETURNING expires_at"
+    )))
+    .bind(Uuid::new_v4())
+    .bind(value)
+    .bind(until)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    Ok(RevocationRecord {
+        jti: None,
+        token_hash: None,
+        session_id: (column == "session_id").then(|| value.to_owned()),
+        clerk_user_id: (column == "clerk_user_id").then(|| value.to_owned()),
+        expires_at,
+    })
+}
+
+/// Copies a Clerk user's email to the service's record of the user: its own
+/// directory row, or what an export added about a user of the application's
+/// table when that table shows no email. The application's own column is
+/// never written; the returned note says so.
+async fn set_email_in_tx(
+    conn: &mut sqlx::PgConnection,
+    sql: &UserSql,
+    user_id: UserId,
+    email: &Email,
+) -> StorageResult<Option<String>> {
+    let updated = sqlx::query(
+        "UPDATE identity_users SET email = $2, email_key = $3, updated_at = now() WHERE id = $1 AND merged_into IS NULL",
+    )
+    .bind(*user_id.as_uuid())
+    .bind(email.as_str())
+    .bind(email.normalized())
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| classify(e, Some(Conflict::UserExists)))?
+    .rows_affected();
+    if updated == 1 {
+        return Ok(None);
+    }
+    if sql.app.as_ref().is_some_and(|app| app.email.is_some()) {
+        return Ok(Some(
+            "the application's table holds this user's email; it is left as it is".into(),
+        ));
+    }
+    sqlx::query(
+        "INSERT INTO identity_user_profiles (user_id, email, email_key) VALUES ($1, $2, $3)
+         ON CONFLICT (user_id) DO UPDATE SET email = excluded.email, email_key = excluded.email_key",
+    )
+    .bind(*user_id.as_uuid())
+    .bind(email.as_str())
+    .bind(email.normalized())
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| classify(e, Some(Conflict::UserExists)))?;
+    Ok(None)
+}
+
+fn revocation_from_row(row: &PgRow) -> StorageResult<RevocationRecord> {
+    Ok(RevocationRecord {
+        jti: row.try_get("jti").map_err(db_err)?,
+        token_hash: row.try_get("token_hash").map_err(db_err)?,
+        session_id: row.try_get("session_id").map_err(db_err)?,
+        clerk_user_id: row.try_get("clerk_user_id").map_err(db_err)?,
+        expires_at: row.try_get("expires_at").map_err(db_err)?,
+    })
+}
+
+const REVOCATION_COLUMNS: &str = "jti, token_hash, session_id, clerk_user_id, expires_at";
+
+const RECONCILE_COLUMNS: &str =
+    "id, state, fix, params, cursor, summary, started_by, lease_owner, lease_until, started_at, finished_at";
+
+fn reconcile_from_row(row: &PgRow) -> StorageResult<ReconcileJobRecord> {
+    let state: String = row.try_get("state").map_err(db_err)?;
+    Ok(ReconcileJobRecord {
+        id: row.try_get("id").map_err(db_err)?,
+        state: BulkJobState::from_db(&state)
+            .ok_or_else(|| StorageError::Other(format!("unknown reconciliation state {state:?}").into()))?,
+        fix: row.try_get("fix").map_err(db_err)?,
+        params: row.try_get("params").map_err(db_err)?,
+        cursor: row.try_get("cursor").map_err(db_err)?,
+        summary: row.try_get("summary").map_err(db_err)?,
+        started_by: row.try_get("started_by").map_err(db_err)?,
+        lease_owner: row.try_get("lease_owner").map_err(db_err)?,
+        lease_until: row.try_get("lease_until").map_err(db_err)?,
+        started_at: row.try_get("started_at").map_err(db_err)?,
+        finished_at: row.try_get("finished_at").map_err(db_err)?,
+    })
+}
+
+/// Applies a claimed, ordered Clerk event inside the caller's transaction.
+async fn apply_change_in_tx(
+    conn: &mut sqlx::PgConnection,
+    sql: &UserSql,
+    event: &ClerkEvent,
+) -> StorageResult<ClerkEventResult> {
+    let audit = |user_id: Option<UserId>, outcome: ClerkEventOutcome, detail: &str| NewAuditEvent {
+        caller: event.caller.clone(),
+        action: clerk_events::audit_action(&event.event_type),
+        user_id,
+        outcome: if outcome == ClerkEventOutcome::Conflict {
+            AuditOutcome::Failure
+        } else {
+            AuditOutcome::Success
+        },
+        detail: format!("event {}: {detail}", event.id),
+    };
+    match &event.change {
+        ClerkChange::Ignored => Ok(ClerkEventResult::only(
+            ClerkEventOutcome::Ignored,
+            format!("{} is not acted on", event.event_type),
+        )),
+        ClerkChange::SessionEnded {
+            session_id,
+            refuse_until,
+        } => {
+            let revocation = refuse_in_tx(conn, "session_id", session_id, *refuse_until).await?;
+            let detail = format!(
+                "session {session_id} refused until {}",
+                revocation.expires_at.to_rfc3339()
+            );
+            insert_audit(conn, &audit(None, ClerkEventOutcome::Applied, &detail)).await?;
+            Ok(ClerkEventResult {
+                revocation: Some(revocation),
+                ..ClerkEventResult::only(ClerkEventOutcome::Applied, detail)
+            })
+        }
+        ClerkChange::UserDeleted {
+            clerk_user_id,
+            refuse_until,
+        } => {
+            let holder = mapping_holder(conn, clerk_user_id.as_str()).await?;
+            let removed = match holder {
+                Some(user_id) => unlink_in_tx(conn, sql, user_id).await?,
+                None => None,
+            };
+            let revocation = refuse_in_tx(conn, "clerk_user_id", clerk_user_id.as_str(), *refuse_until).await?;
+            let detail = match &removed {
+                Some(m) => format!(
+                    "{clerk_user_id} deleted in Clerk: mapping of user {} removed, tokens refused until {}",
+                    m.user_id,
+                    revocation.expires_at.to_rfc3339()
+                ),
+                None => format!(
+                    "{clerk_user_id} deleted in Clerk (no mapping): tokens refused until {}",
+                    revocation.expires_at.to_rfc3339()
+                ),
+            };
+            insert_audit(conn, &audit(holder, ClerkEventOutcome::Applied, &detail)).await?;
+            Ok(ClerkEventResult {
+                outcome: ClerkEventOutcome::Applied,
+                detail,
+                users: holder.into_iter().collect(),
+                clerk_user_ids: vec![clerk_user_id.to_string()],
+                revocation: Some(revocation),
+            })
+        }
+        ClerkChange::User {
+            clerk_user_id,
+            external_id,
+            verified_email,
+            unmapped,
+        } => {
+            if let Some(email) = verified_email {
+                lock_key(conn, "identity.email", &email.normalized()).await?;
+            }
+            let mut snapshot = UserSnapshot::default();
+            if let Some(holder) = mapping_holder(conn, clerk_user_id.as_str()).await? {
+                snapshot.mapped = find_in(conn, sql, holder).await?;
+            }
+            if let Some(named) = external_id
+                .as_deref()
+                .and_then(|e| UserId::parse("external_id", e.trim()).ok())
+            {
+                snapshot.named = find_in(conn, sql, named).await?;
+            }
+            if let Some(email) = verified_email {
+                snapshot.by_email = sqlx::query(sqlx::AssertSqlSafe(sql.by_email.as_str()))
+                    .bind(email.normalized())
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(db_err)?
+                    .as_ref()
+                    .map(user_from_row)
+                    .transpose()?;
+            }
+            if let Some(user) = &snapshot.by_email {
+                let unlinked: Option<i32> =
+                    sqlx::query_scalar("SELECT 1 FROM identity_unlinked_clerk_users WHERE user_id = $1 LIMIT 1")
+                        .bind(*user.id.as_uuid())
+                        .fetch_optional(&mut *conn)
+                        .await
+                        .map_err(db_err)?;
+                snapshot.by_email_unlinked = unlinked.is_some();
+            }
+            let admin_unlinked: Option<i32> =
+                sqlx::query_scalar("SELECT 1 FROM identity_unlinked_clerk_users WHERE clerk_user_id = $1")
+                    .bind(clerk_user_id.as_str())
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(db_err)?;
+            snapshot.admin_unlinked = admin_unlinked.is_some();
+            let plan = clerk_events::plan_user(
+                clerk_user_id,
+                external_id.as_deref(),
+                verified_email.as_ref(),
+                *unmapped,
+                &snapshot,
+            );
+            let mut result = ClerkEventResult::only(plan.outcome, plan.detail.clone());
+            let mut audited_user = plan.user;
+            let mut notes = Vec::new();
+            for step in &plan.steps {
+                match step {
+                    Step::Link(user_id) => {
+                        let event = audit(Some(*user_id), plan.outcome, &plan.detail);
+                        let linked = link_in_tx(conn, sql, *user_id, clerk_user_id, &merge_event(&event)).await?;
+                        result.users.push(*user_id);
+                        result.users.extend(linked.merged_from);
+                    }
+                    Step::Provision(email) => {
+                        let id = provision_in_tx(conn, sql, clerk_user_id, email.as_ref()).await?;
+                        audited_user = Some(id);
+                        result.users.push(id);
+                        result.detail = format!("{} ({id})", plan.detail);
+                    }
+                    Step::SetEmail(user_id, email) => {
+                        notes.extend(set_email_in_tx(conn, sql, *user_id, email).await?);
+                        result.users.push(*user_id);
+                    }
+                }
+            }
+            if !plan.steps.is_empty() {
+                result.clerk_user_ids.push(clerk_user_id.to_string());
+            }
+            for note in notes {
+                result.detail = format!("{}; {note}", result.detail);
+            }
+            if matches!(plan.outcome, ClerkEventOutcome::Applied | ClerkEventOutcome::Conflict) {
+                insert_audit(conn, &audit(audited_user, plan.outcome, &result.detail)).await?;
+            }
+            Ok(result)
+        }
     }
 }
 
@@ -769,31 +1125,9 @@ impl Storage for PostgresStorage {
     async fn unlink_user(&self, user_id: UserId, audit: &NewAuditEvent) -> StorageResult<MappingRecord> {
         let sql = self.sql();
         let mut tx = self.pool.begin().await.map_err(db_err)?;
-        lock_key(&mut tx, "identity.user", &user_id.to_string()).await?;
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DELETE FROM identity_user_mappings WHERE user_id = $1 RETURNING {MAPPING_COLUMNS}"
-        )))
-        .bind(*user_id.as_uuid())
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        let removed = row
-            .as_ref()
-            .map(mapping_from_row)
-            .transpose()?
+        let removed = unlink_in_tx(&mut tx, &sql, user_id)
+            .await?
             .ok_or(StorageError::NotFound("mapping"))?;
-        sqlx::query(
-            "INSERT INTO identity_unlinked_clerk_users (clerk_user_id, user_id) VALUES ($1, $2)
-             ON CONFLICT (clerk_user_id) DO UPDATE SET user_id = excluded.user_id, unlinked_at = now()",
-        )
-        .bind(removed.clerk_user_id.as_str())
-        .bind(*user_id.as_uuid())
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        if let Some(user) = find_in(&mut tx, &sql, user_id).await? {
-            mirror(&mut tx, &sql, &user, None).await?;
-        }
         insert_audit(&mut tx, audit).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(removed)
@@ -864,47 +1198,7 @@ impl Storage for PostgresStorage {
         if unlinked.is_some() {
             return Err(StorageError::Conflict(Conflict::ClerkUserUnlinked));
         }
-        let email = match email {
-            Some(email) => {
-                let key = email.normalized();
-                lock_key(&mut tx, "identity.email", &key).await?;
-                (!email_taken(&mut tx, &sql, &key).await?).then_some(email)
-            }
-            None => None,
-        };
-        let id = UserId::new_random();
-        // The email goes with the user only while nobody has it. Writers of
-        // this service hold the email's lock, but the unique key is the
-        // final word: a clash stores the user without the email rather than
-        // failing the transaction (PostgreSQL would abort it).
-        let mut stored = false;
-        if let Some(email) = email {
-            stored = sqlx::query(
-                "INSERT INTO identity_users (id, email, email_key, clerk_native) VALUES ($1, $2, $3, true)
-                 ON CONFLICT (email_key) WHERE merged_into IS NULL DO NOTHING",
-            )
-            .bind(*id.as_uuid())
-            .bind(email.as_str())
-            .bind(email.normalized())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?
-            .rows_affected()
-                == 1;
-        }
-        if !stored {
-            sqlx::query("INSERT INTO identity_users (id, clerk_native) VALUES ($1, true)")
-                .bind(*id.as_uuid())
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
-        }
-        sqlx::query("INSERT INTO identity_user_mappings (user_id, clerk_user_id) VALUES ($1, $2)")
-            .bind(*id.as_uuid())
-            .bind(clerk_user_id.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(classify_mapping_insert)?;
+        let id = provision_in_tx(&mut tx, &sql, clerk_user_id, email).await?;
         let audit = NewAuditEvent {
             user_id: Some(id),
             ..audit.clone()
@@ -1537,20 +1831,14 @@ impl Storage for PostgresStorage {
     }
 
     async fn active_revocations(&self, now: chrono::DateTime<chrono::Utc>) -> StorageResult<Vec<RevocationRecord>> {
-        let rows = sqlx::query("SELECT jti, token_hash, expires_at FROM identity_revocations WHERE expires_at > $1")
-            .bind(now)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_err)?;
-        rows.iter()
-            .map(|row| {
-                Ok(RevocationRecord {
-                    jti: row.try_get("jti").map_err(db_err)?,
-                    token_hash: row.try_get("token_hash").map_err(db_err)?,
-                    expires_at: row.try_get("expires_at").map_err(db_err)?,
-                })
-            })
-            .collect()
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {REVOCATION_COLUMNS} FROM identity_revocations WHERE expires_at > $1"
+        )))
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(revocation_from_row).collect()
     }
 
     async fn revocations_changed_since(
@@ -1565,30 +1853,26 @@ impl Storage for PostgresStorage {
             .await
             .map_err(db_err)?;
         // Two statements, so that the incremental one always plans on the `updated_at` index.
-        let rows = match since {
-            Some(since) => sqlx::query(
-                "SELECT jti, token_hash, expires_at FROM identity_revocations WHERE updated_at >= $1 AND expires_at > $2",
-            )
-            .bind(since)
-            .bind(now)
-            .fetch_all(&mut *conn)
-            .await,
-            None => sqlx::query("SELECT jti, token_hash, expires_at FROM identity_revocations WHERE expires_at > $1")
+        let rows =
+            match since {
+                Some(since) => sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {REVOCATION_COLUMNS} FROM identity_revocations WHERE updated_at >= $1 AND expires_at > $2"
+                )))
+                .bind(since)
                 .bind(now)
                 .fetch_all(&mut *conn)
                 .await,
-        }
-        .map_err(db_err)?;
-        let records = rows
-            .iter()
-            .map(|row| {
-                Ok(RevocationRecord {
-                    jti: row.try_get("jti").map_err(db_err)?,
-                    token_hash: row.try_get("token_hash").map_err(db_err)?,
-                    expires_at: row.try_get("expires_at").map_err(db_err)?,
-                })
-            })
-            .collect::<StorageResult<_>>()?;
+                None => {
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "SELECT {REVOCATION_COLUMNS} FROM identity_revocations WHERE expires_at > $1"
+                    )))
+                    .bind(now)
+                    .fetch_all(&mut *conn)
+                    .await
+                }
+            }
+            .map_err(db_err)?;
+        let records = rows.iter().map(revocation_from_row).collect::<StorageResult<_>>()?;
         Ok(RevocationChanges { records, as_of })
     }
 
@@ -1599,6 +1883,245 @@ impl Storage for PostgresStorage {
             .await
             .map_err(db_err)?;
         Ok(done.rows_affected())
+    }
+
+    async fn apply_clerk_event(&self, event: &ClerkEvent) -> StorageResult<ClerkEventResult> {
+        let sql = self.sql();
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        let object = event.change.object_id();
+        // The unique key decides: a second delivery of the same id waits here
+        // for the first transaction, then finds the row and changes nothing.
+        let claimed = sqlx::query(
+            "INSERT INTO identity_webhook_events (svix_id, event_type, object_id, object_version, outcome, occurred_at)
+             VALUES ($1, $2, $3, $4, 'processing', $5) ON CONFLICT (svix_id) DO NOTHING",
+        )
+        .bind(&event.id)
+        .bind(&event.event_type)
+        .bind(object)
+        .bind(event.version)
+        .bind(event.occurred_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?
+        .rows_affected()
+            == 1;
+        if !claimed {
+            return Ok(ClerkEventResult::only(
+                ClerkEventOutcome::Duplicate,
+                format!("event {} was processed before", event.id),
+            ));
+        }
+        let mut stale = false;
+        if let Some(object) = object {
+            // One event per Clerk object at a time, in version order.
+            lock_key(&mut tx, "identity.clerk", object).await?;
+            let latest: Option<i64> = sqlx::query_scalar(
+                "SELECT max(object_version) FROM identity_webhook_events WHERE object_id = $1 AND svix_id <> $2",
+            )
+            .bind(object)
+            .bind(&event.id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            stale = clerk_events::is_stale(event.version, latest);
+            if stale && latest == Some(DELETED_VERSION) {
+                tracing::debug!(object, "event after the object's deletion");
+            }
+        }
+        let result = if stale {
+            ClerkEventResult::only(
+                ClerkEventOutcome::Stale,
+                format!(
+                    "event {} is older than what was applied for {}",
+                    event.id,
+                    object.unwrap_or("")
+                ),
+            )
+        } else {
+            apply_change_in_tx(&mut tx, &sql, event).await?
+        };
+        sqlx::query("UPDATE identity_webhook_events SET outcome = $2, detail = $3 WHERE svix_id = $1")
+            .bind(&event.id)
+            .bind(result.outcome.as_str())
+            .bind(&result.detail)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(result)
+    }
+
+    async fn user_was_unlinked(&self, user_id: UserId) -> StorageResult<bool> {
+        let found: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM identity_unlinked_clerk_users WHERE user_id = $1 LIMIT 1")
+                .bind(*user_id.as_uuid())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_err)?;
+        Ok(found.is_some())
+    }
+
+    async fn mappings_after(&self, after: Option<&ClerkUserId>, limit: u32) -> StorageResult<Vec<MappingRecord>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {MAPPING_COLUMNS} FROM identity_user_mappings
+             WHERE ($1::text IS NULL OR clerk_user_id > $1) ORDER BY clerk_user_id LIMIT $2"
+        )))
+        .bind(after.map(ClerkUserId::as_str))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(mapping_from_row).collect()
+    }
+
+    async fn create_reconcile_job(
+        &self,
+        job: &ReconcileJobRecord,
+        lease_until: chrono::DateTime<chrono::Utc>,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<()> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        sqlx::query(
+            "INSERT INTO identity_reconcile_jobs (id, state, fix, params, cursor, summary, started_by, lease_owner, lease_until)
+             VALUES ($1, 'running', $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(job.id)
+        .bind(job.fix)
+        .bind(&job.params)
+        .bind(job.cursor.as_deref())
+        .bind(&job.summary)
+        .bind(&job.started_by)
+        .bind(job.lease_owner.as_deref())
+        .bind(lease_until)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| classify(e, Some(Conflict::ReconcileRunning)))?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn get_reconcile_job(&self, id: Uuid) -> StorageResult<Option<ReconcileJobRecord>> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {RECONCILE_COLUMNS} FROM identity_reconcile_jobs WHERE id = $1"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        row.as_ref().map(reconcile_from_row).transpose()
+    }
+
+    async fn latest_reconcile_job(&self) -> StorageResult<Option<ReconcileJobRecord>> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {RECONCILE_COLUMNS} FROM identity_reconcile_jobs ORDER BY started_at DESC, id LIMIT 1"
+        )))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        row.as_ref().map(reconcile_from_row).transpose()
+    }
+
+    async fn running_reconcile_job(&self) -> StorageResult<Option<ReconcileJobRecord>> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {RECONCILE_COLUMNS} FROM identity_reconcile_jobs WHERE state = 'running' LIMIT 1"
+        )))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        row.as_ref().map(reconcile_from_row).transpose()
+    }
+
+    async fn claim_reconcile_job(
+        &self,
+        id: Uuid,
+        owner: &str,
+        now: chrono::DateTime<chrono::Utc>,
+        lease_until: chrono::DateTime<chrono::Utc>,
+    ) -> StorageResult<bool> {
+        let done = sqlx::query(
+            "UPDATE identity_reconcile_jobs SET state = 'running', lease_owner = $1, lease_until = $2, updated_at = now(),
+                 finished_at = NULL
+             WHERE id = $3 AND state IN ('running', 'failed') AND (lease_until IS NULL OR lease_until < $4)",
+        )
+        .bind(owner)
+        .bind(lease_until)
+        .bind(id)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| classify(e, Some(Conflict::ReconcileRunning)))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn save_reconcile_progress(
+        &self,
+        id: Uuid,
+        owner: &str,
+        cursor: &str,
+        summary: &str,
+        lease_until: chrono::DateTime<chrono::Utc>,
+    ) -> StorageResult<bool> {
+        let done = sqlx::query(
+            "UPDATE identity_reconcile_jobs SET cursor = $1, summary = $2, lease_until = $3, updated_at = now()
+             WHERE id = $4 AND lease_owner = $5 AND state = 'running'",
+        )
+        .bind(cursor)
+        .bind(summary)
+        .bind(lease_until)
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn renew_reconcile_lease(
+        &self,
+        id: Uuid,
+        owner: &str,
+        lease_until: chrono::DateTime<chrono::Utc>,
+    ) -> StorageResult<bool> {
+        let done = sqlx::query(
+            "UPDATE identity_reconcile_jobs SET lease_until = $1, updated_at = now()
+             WHERE id = $2 AND lease_owner = $3 AND state = 'running'",
+        )
+        .bind(lease_until)
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn finish_reconcile_job(
+        &self,
+        id: Uuid,
+        owner: &str,
+        state: BulkJobState,
+        summary: &str,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<bool> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        let done = sqlx::query(
+            "UPDATE identity_reconcile_jobs SET state = $1, summary = $2, lease_owner = NULL, lease_until = NULL,
+                 updated_at = now(), finished_at = now()
+             WHERE id = $3 AND lease_owner = $4 AND state = 'running'",
+        )
+        .bind(state.as_db())
+        .bind(summary)
+        .bind(id)
+        .bind(owner)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        if done.rows_affected() != 1 {
+            return Ok(false);
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(true)
     }
 
     async fn get_setting(&self, key: &str) -> StorageResult<Option<SettingRecord>> {

@@ -20,8 +20,9 @@ use super::{
     AuditQuery, AuditRecord, AuthFlush, AuthPoint, AuthTotals, BulkCandidate, BulkCounters, BulkFilter, BulkJobRecord,
     BulkJobState, BulkLease, Conflict, DatabaseOptions, InvitationCounts, Linked, MappingKey, MappingRecord,
     NewAuditEvent, NewInvitation, NewLegacyUser, NewRevocation, OutboxCounts, OutboxMessage, Readiness,
-    RevocationChanges, RevocationRecord, SettingRecord, Storage, StorageError, StorageResult, UserCounts, UserKey,
-    UserKeys, UserRecord, UsersTableConfig,
+    ReconcileJobRecord, RevocationChanges, RevocationRecord, SettingRecord, Storage, StorageError, StorageResult,
+    UserCounts, UserKey, UserKeys, UserRecord, UsersTableConfig,
+    clerk_events::{self, ClerkChange, ClerkEvent, ClerkEventOutcome, ClerkEventResult, Step, UserSnapshot},
     error::{classify, classify_mapping_insert},
     log_users_table, migrator,
     users_table::{UserSql, parse_sqlite_time, resolve},
@@ -277,6 +278,356 @@ fn merge_event(audit: &NewAuditEvent) -> NewAuditEvent {
     NewAuditEvent {
         action: "user.merge".to_owned(),
         ..audit.clone()
+    }
+}
+
+/// Creates a Clerk-native user linked to `clerk_user_id` (the caller checked
+/// that the Clerk user is free); the email goes with it while nobody has it.
+async fn provision_in_tx(
+    conn: &mut sqlx::SqliteConnection,
+    sql: &UserSql,
+    clerk_user_id: &ClerkUserId,
+    email: Option<&Email>,
+) -> StorageResult<UserId> {
+    let email = match email {
+        Some(email) => (!email_taken(conn, sql, &email.normalized()).await?).then_some(email),
+        None => None,
+    };
+    let id = UserId::new_random();
+    let now = micros(Utc::now());
+    // The email goes with the user only while nobody has it; the unique
+    // key is the final word, and a clash stores the user without it.
+    let mut stored = false;
+    if let Some(email) = email {
+        stored = sqlx::query(
+            "INSERT INTO identity_users (id, email, email_key, clerk_native, created_at, updated_at)
+             VALUES (?, ?, ?, 1, ?, ?)
+             ON CONFLICT (email_key) WHERE merged_into IS NULL DO NOTHING",
+        )
+        .bind(id.to_string())
+        .bind(email.as_str())
+        .bind(email.normalized())
+        .bind(now)
+        .bind(now)
+        .execute(&mut *conn)
+        .await
+        .map_err(db_err)?
+        .rows_affected()
+            == 1;
+    }
+    if !stored {
+        sqlx::query("INSERT INTO identity_users (id, clerk_native, created_at, updated_at) VALUES (?, 1, ?, ?)")
+            .bind(id.to_string())
+            .bind(now)
+            .bind(now)
+            .execute(&mut *conn)
+            .await
+            .map_err(db_err)?;
+    }
+    sqlx::query(
+        "INSERT INTO identity_user_mappings (user_id, clerk_user_id, created_at, updated_at) VALUES (?, ?, ?, ?)",
+    )
+    .bind(id.to_string())
+    .bind(clerk_user_id.as_str())
+    .bind(now)
+    .bind(now)
+    .execute(&mut *conn)
+    .await
+    .map_err(classify_mapping_insert)?;
+    Ok(id)
+}
+
+/// Removes a user's mapping (clearing the mirror column) and remembers its
+/// Clerk user as unlinked; `None` when the user had no mapping.
+async fn unlink_in_tx(
+    conn: &mut sqlx::SqliteConnection,
+    sql: &UserSql,
+    user_id: UserId,
+) -> StorageResult<Option<MappingRecord>> {
+    let row = sqlx::query(
+        "DELETE FROM identity_user_mappings WHERE user_id = ? RETURNING user_id, clerk_user_id, created_at, updated_at",
+    )
+    .bind(user_id.to_string())
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    let Some(removed) = row.as_ref().map(mapping_from_row).transpose()? else {
+        return Ok(None);
+    };
+    sqlx::query(
+        "INSERT INTO identity_unlinked_clerk_users (clerk_user_id, user_id, unlinked_at) VALUES (?, ?, ?)
+         ON CONFLICT (clerk_user_id) DO UPDATE SET user_id = excluded.user_id, unlinked_at = excluded.unlinked_at",
+    )
+    .bind(removed.clerk_user_id.as_str())
+    .bind(user_id.to_string())
+    .bind(micros(Utc::now()))
+    .execute(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    if let Some(user) = find_in(conn, sql, user_id).await? {
+        mirror(conn, sql, &user, None).await?;
+    }
+    Ok(Some(removed))
+}
+
+/// Refuses a Clerk session (`column` = `session_id`) or a Clerk user
+/// (`clerk_user_id`) until `until`; refusing again keeps the later expiry.
+async fn refuse_in_tx(
+    conn: &mut sqlx::SqliteConnection,
+    column: &'static str,
+    value: &str,
+    until: DateTime<Utc>,
+) -> StorageResult<RevocationRecord> {
+    let expires_at: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO identity_revocations (id, {column}, expires_at, revoked_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?4)
+         ON CONFLICT ({column}) DO UPDATE SET expires_at = max(identity_revocations.expires_at, excluded.expires_at),
+             updated_at = excluded.updated_at
+         RETURNING expires_at"
+    )))
+    .bind(Uuid::new_v4().to_string())
+    .bind(value)
+    .bind(micros(until))
+    .bind(micros(Utc::now()))
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    Ok(RevocationRecord {
+        jti: None,
+        token_hash: None,
+        session_id: (column == "session_id").then(|| value.to_owned()),
+        clerk_user_id: (column == "clerk_user_id").then(|| value.to_owned()),
+        expires_at: from_micros(expires_at)?,
+    })
+}
+
+/// Copies a Clerk user's email to the service's record of the user (see
+/// the PostgreSQL twin); the application's own column is never written.
+async fn set_email_in_tx(
+    conn: &mut sqlx::SqliteConnection,
+    sql: &UserSql,
+    user_id: UserId,
+    email: &Email,
+) -> StorageResult<Option<String>> {
+    let updated = sqlx::query(
+        "UPDATE identity_users SET email = ?, email_key = ?, updated_at = ? WHERE id = ? AND merged_into IS NULL",
+    )
+    .bind(email.as_str())
+    .bind(email.normalized())
+    .bind(micros(Utc::now()))
+    .bind(user_id.to_string())
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| classify(e, Some(Conflict::UserExists)))?
+    .rows_affected();
+    if updated == 1 {
+        return Ok(None);
+    }
+    if sql.app.as_ref().is_some_and(|app| app.email.is_some()) {
+        return Ok(Some(
+            "the application's table holds this user's email; it is left as it is".into(),
+        ));
+    }
+    sqlx::query(
+        "INSERT INTO identity_user_profiles (user_id, email, email_key, imported_at) VALUES (?, ?, ?, ?)
+         ON CONFLICT (user_id) DO UPDATE SET email = excluded.email, email_key = excluded.email_key",
+    )
+    .bind(user_id.to_string())
+    .bind(email.as_str())
+    .bind(email.normalized())
+    .bind(micros(Utc::now()))
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| classify(e, Some(Conflict::UserExists)))?;
+    Ok(None)
+}
+
+fn revocation_from_row(row: &SqliteRow) -> StorageResult<RevocationRecord> {
+    Ok(RevocationRecord {
+        jti: row.try_get("jti").map_err(db_err)?,
+        token_hash: row.try_get("token_hash").map_err(db_err)?,
+        session_id: row.try_get("session_id").map_err(db_err)?,
+        clerk_user_id: row.try_get("clerk_user_id").map_err(db_err)?,
+        expires_at: from_micros(row.try_get("expires_at").map_err(db_err)?)?,
+    })
+}
+
+const REVOCATION_COLUMNS: &str = "jti, token_hash, session_id, clerk_user_id, expires_at";
+
+const RECONCILE_COLUMNS: &str =
+    "id, state, fix, params, cursor, summary, started_by, lease_owner, lease_until, started_at, finished_at";
+
+fn reconcile_from_row(row: &SqliteRow) -> StorageResult<ReconcileJobRecord> {
+    let id: String = row.try_get("id").map_err(db_err)?;
+    let state: String = row.try_get("state").map_err(db_err)?;
+    let lease_until: Option<i64> = row.try_get("lease_until").map_err(db_err)?;
+    let finished_at: Option<i64> = row.try_get("finished_at").map_err(db_err)?;
+    Ok(ReconcileJobRecord {
+        id: Uuid::parse_str(&id).map_err(|e| StorageError::Other(Box::new(e)))?,
+        state: BulkJobState::from_db(&state)
+            .ok_or_else(|| StorageError::Other(format!("unknown reconciliation state {state:?}").into()))?,
+        fix: row.try_get("fix").map_err(db_err)?,
+        params: row.try_get("params").map_err(db_err)?,
+        cursor: row.try_get("cursor").map_err(db_err)?,
+        summary: row.try_get("summary").map_err(db_err)?,
+        started_by: row.try_get("started_by").map_err(db_err)?,
+        lease_owner: row.try_get("lease_owner").map_err(db_err)?,
+        lease_until: lease_until.map(from_micros).transpose()?,
+        started_at: from_micros(row.try_get("started_at").map_err(db_err)?)?,
+        finished_at: finished_at.map(from_micros).transpose()?,
+    })
+}
+
+/// Applies a claimed, ordered Clerk event inside the caller's (write)
+/// transaction; see the PostgreSQL twin.
+async fn apply_change_in_tx(
+    conn: &mut sqlx::SqliteConnection,
+    sql: &UserSql,
+    event: &ClerkEvent,
+) -> StorageResult<ClerkEventResult> {
+    let audit = |user_id: Option<UserId>, outcome: ClerkEventOutcome, detail: &str| NewAuditEvent {
+        caller: event.caller.clone(),
+        action: clerk_events::audit_action(&event.event_type),
+        user_id,
+        outcome: if outcome == ClerkEventOutcome::Conflict {
+            AuditOutcome::Failure
+        } else {
+            AuditOutcome::Success
+        },
+        detail: format!("event {}: {detail}", event.id),
+    };
+    match &event.change {
+        ClerkChange::Ignored => Ok(ClerkEventResult::only(
+            ClerkEventOutcome::Ignored,
+            format!("{} is not acted on", event.event_type),
+        )),
+        ClerkChange::SessionEnded {
+            session_id,
+            refuse_until,
+        } => {
+            let revocation = refuse_in_tx(conn, "session_id", session_id, *refuse_until).await?;
+            let detail = format!(
+                "session {session_id} refused until {}",
+                revocation.expires_at.to_rfc3339()
+            );
+            insert_audit(conn, &audit(None, ClerkEventOutcome::Applied, &detail)).await?;
+            Ok(ClerkEventResult {
+                revocation: Some(revocation),
+                ..ClerkEventResult::only(ClerkEventOutcome::Applied, detail)
+            })
+        }
+        ClerkChange::UserDeleted {
+            clerk_user_id,
+            refuse_until,
+        } => {
+            let holder = mapping_holder(conn, clerk_user_id).await?;
+            let removed = match holder {
+                Some(user_id) => unlink_in_tx(conn, sql, user_id).await?,
+                None => None,
+            };
+            let revocation = refuse_in_tx(conn, "clerk_user_id", clerk_user_id.as_str(), *refuse_until).await?;
+            let detail = match &removed {
+                Some(m) => format!(
+                    "{clerk_user_id} deleted in Clerk: mapping of user {} removed, tokens refused until {}",
+                    m.user_id,
+                    revocation.expires_at.to_rfc3339()
+                ),
+                None => format!(
+                    "{clerk_user_id} deleted in Clerk (no mapping): tokens refused until {}",
+                    revocation.expires_at.to_rfc3339()
+                ),
+            };
+            insert_audit(conn, &audit(holder, ClerkEventOutcome::Applied, &detail)).await?;
+            Ok(ClerkEventResult {
+                outcome: ClerkEventOutcome::Applied,
+                detail,
+                users: holder.into_iter().collect(),
+                clerk_user_ids: vec![clerk_user_id.to_string()],
+                revocation: Some(revocation),
+            })
+        }
+        ClerkChange::User {
+            clerk_user_id,
+            external_id,
+            verified_email,
+            unmapped,
+        } => {
+            let mut snapshot = UserSnapshot::default();
+            if let Some(holder) = mapping_holder(conn, clerk_user_id).await? {
+                snapshot.mapped = find_in(conn, sql, holder).await?;
+            }
+            if let Some(named) = external_id
+                .as_deref()
+                .and_then(|e| UserId::parse("external_id", e.trim()).ok())
+            {
+                snapshot.named = find_in(conn, sql, named).await?;
+            }
+            if let Some(email) = verified_email {
+                snapshot.by_email = sqlx::query(sqlx::AssertSqlSafe(sql.by_email.as_str()))
+                    .bind(email.normalized())
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(db_err)?
+                    .as_ref()
+                    .map(user_from_row)
+                    .transpose()?;
+            }
+            if let Some(user) = &snapshot.by_email {
+                let unlinked: Option<i64> =
+                    sqlx::query_scalar("SELECT 1 FROM identity_unlinked_clerk_users WHERE user_id = ? LIMIT 1")
+                        .bind(user.id.to_string())
+                        .fetch_optional(&mut *conn)
+                        .await
+                        .map_err(db_err)?;
+                snapshot.by_email_unlinked = unlinked.is_some();
+            }
+            let admin_unlinked: Option<i64> =
+                sqlx::query_scalar("SELECT 1 FROM identity_unlinked_clerk_users WHERE clerk_user_id = ?")
+                    .bind(clerk_user_id.as_str())
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(db_err)?;
+            snapshot.admin_unlinked = admin_unlinked.is_some();
+            let plan = clerk_events::plan_user(
+                clerk_user_id,
+                external_id.as_deref(),
+                verified_email.as_ref(),
+                *unmapped,
+                &snapshot,
+            );
+            let mut result = ClerkEventResult::only(plan.outcome, plan.detail.clone());
+            let mut audited_user = plan.user;
+            let mut notes = Vec::new();
+            for step in &plan.steps {
+                match step {
+                    Step::Link(user_id) => {
+                        let event = audit(Some(*user_id), plan.outcome, &plan.detail);
+                        let linked = link_in_tx(conn, sql, *user_id, clerk_user_id, &merge_event(&event)).await?;
+                        result.users.push(*user_id);
+                        result.users.extend(linked.merged_from);
+                    }
+                    Step::Provision(email) => {
+                        let id = provision_in_tx(conn, sql, clerk_user_id, email.as_ref()).await?;
+                        audited_user = Some(id);
+                        result.users.push(id);
+                        result.detail = format!("{} ({id})", plan.detail);
+                    }
+                    Step::SetEmail(user_id, email) => {
+                        notes.extend(set_email_in_tx(conn, sql, *user_id, email).await?);
+                        result.users.push(*user_id);
+                    }
+                }
+            }
+            if !plan.steps.is_empty() {
+                result.clerk_user_ids.push(clerk_user_id.to_string());
+            }
+            for note in notes {
+                result.detail = format!("{}; {note}", result.detail);
+            }
+            if matches!(plan.outcome, ClerkEventOutcome::Applied | ClerkEventOutcome::Conflict) {
+                insert_audit(conn, &audit(audited_user, plan.outcome, &result.detail)).await?;
+            }
+            Ok(result)
+        }
     }
 }
 
@@ -651,31 +1002,9 @@ impl Storage for SqliteStorage {
     async fn unlink_user(&self, user_id: UserId, audit: &NewAuditEvent) -> StorageResult<MappingRecord> {
         let sql = self.sql();
         let mut tx = self.begin_write().await?;
-        let row = sqlx::query(
-            "DELETE FROM identity_user_mappings WHERE user_id = ? RETURNING user_id, clerk_user_id, created_at, updated_at",
-        )
-        .bind(user_id.to_string())
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        let removed = row
-            .as_ref()
-            .map(mapping_from_row)
-            .transpose()?
+        let removed = unlink_in_tx(&mut tx, &sql, user_id)
+            .await?
             .ok_or(StorageError::NotFound("mapping"))?;
-        sqlx::query(
-            "INSERT INTO identity_unlinked_clerk_users (clerk_user_id, user_id, unlinked_at) VALUES (?, ?, ?)
-             ON CONFLICT (clerk_user_id) DO UPDATE SET user_id = excluded.user_id, unlinked_at = excluded.unlinked_at",
-        )
-        .bind(removed.clerk_user_id.as_str())
-        .bind(user_id.to_string())
-        .bind(micros(Utc::now()))
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        if let Some(user) = find_in(&mut tx, &sql, user_id).await? {
-            mirror(&mut tx, &sql, &user, None).await?;
-        }
         insert_audit(&mut tx, audit).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(removed)
@@ -730,51 +1059,7 @@ impl Storage for SqliteStorage {
         if unlinked.is_some() {
             return Err(StorageError::Conflict(Conflict::ClerkUserUnlinked));
         }
-        let email = match email {
-            Some(email) => (!email_taken(&mut tx, &sql, &email.normalized()).await?).then_some(email),
-            None => None,
-        };
-        let id = UserId::new_random();
-        let now = micros(Utc::now());
-        // The email goes with the user only while nobody has it; the unique
-        // key is the final word, and a clash stores the user without it.
-        let mut stored = false;
-        if let Some(email) = email {
-            stored = sqlx::query(
-                "INSERT INTO identity_users (id, email, email_key, clerk_native, created_at, updated_at)
-                 VALUES (?, ?, ?, 1, ?, ?)
-                 ON CONFLICT (email_key) WHERE merged_into IS NULL DO NOTHING",
-            )
-            .bind(id.to_string())
-            .bind(email.as_str())
-            .bind(email.normalized())
-            .bind(now)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?
-            .rows_affected()
-                == 1;
-        }
-        if !stored {
-            sqlx::query("INSERT INTO identity_users (id, clerk_native, created_at, updated_at) VALUES (?, 1, ?, ?)")
-                .bind(id.to_string())
-                .bind(now)
-                .bind(now)
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
-        }
-        sqlx::query(
-            "INSERT INTO identity_user_mappings (user_id, clerk_user_id, created_at, updated_at) VALUES (?, ?, ?, ?)",
-        )
-        .bind(id.to_string())
-        .bind(clerk_user_id.as_str())
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(classify_mapping_insert)?;
+        let id = provision_in_tx(&mut tx, &sql, clerk_user_id, email).await?;
         let audit = NewAuditEvent {
             user_id: Some(id),
             ..audit.clone()
@@ -1397,20 +1682,14 @@ impl Storage for SqliteStorage {
     }
 
     async fn active_revocations(&self, now: DateTime<Utc>) -> StorageResult<Vec<RevocationRecord>> {
-        let rows = sqlx::query("SELECT jti, token_hash, expires_at FROM identity_revocations WHERE expires_at > ?")
-            .bind(micros(now))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_err)?;
-        rows.iter()
-            .map(|row| {
-                Ok(RevocationRecord {
-                    jti: row.try_get("jti").map_err(db_err)?,
-                    token_hash: row.try_get("token_hash").map_err(db_err)?,
-                    expires_at: from_micros(row.try_get("expires_at").map_err(db_err)?)?,
-                })
-            })
-            .collect()
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {REVOCATION_COLUMNS} FROM identity_revocations WHERE expires_at > ?"
+        )))
+        .bind(micros(now))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(revocation_from_row).collect()
     }
 
     async fn revocations_changed_since(
@@ -1422,30 +1701,27 @@ impl Storage for SqliteStorage {
         let as_of = Utc::now();
         // Two statements, so that the incremental one always plans on the `updated_at` index.
         let rows = match since {
-            Some(since) => sqlx::query(
-                "SELECT jti, token_hash, expires_at FROM identity_revocations INDEXED BY idx_identity_revocations_updated_at
-                 WHERE updated_at >= ? AND expires_at > ?",
-            )
-            .bind(micros(since))
-            .bind(micros(now))
-            .fetch_all(&self.pool)
-            .await,
-            None => sqlx::query("SELECT jti, token_hash, expires_at FROM identity_revocations WHERE expires_at > ?")
+            Some(since) => {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {REVOCATION_COLUMNS} FROM identity_revocations INDEXED BY idx_identity_revocations_updated_at
+                 WHERE updated_at >= ? AND expires_at > ?"
+            )))
+                .bind(micros(since))
                 .bind(micros(now))
                 .fetch_all(&self.pool)
-                .await,
+                .await
+            }
+            None => {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {REVOCATION_COLUMNS} FROM identity_revocations WHERE expires_at > ?"
+                )))
+                .bind(micros(now))
+                .fetch_all(&self.pool)
+                .await
+            }
         }
         .map_err(db_err)?;
-        let records = rows
-            .iter()
-            .map(|row| {
-                Ok(RevocationRecord {
-                    jti: row.try_get("jti").map_err(db_err)?,
-                    token_hash: row.try_get("token_hash").map_err(db_err)?,
-                    expires_at: from_micros(row.try_get("expires_at").map_err(db_err)?)?,
-                })
-            })
-            .collect::<StorageResult<_>>()?;
+        let records = rows.iter().map(revocation_from_row).collect::<StorageResult<_>>()?;
         Ok(RevocationChanges { records, as_of })
     }
 
@@ -1456,6 +1732,247 @@ impl Storage for SqliteStorage {
             .await
             .map_err(db_err)?;
         Ok(done.rows_affected())
+    }
+
+    async fn apply_clerk_event(&self, event: &ClerkEvent) -> StorageResult<ClerkEventResult> {
+        let sql = self.sql();
+        // One writer at a time: a second delivery of the same id finds the row.
+        let mut tx = self.begin_write().await?;
+        let object = event.change.object_id();
+        let claimed = sqlx::query(
+            "INSERT INTO identity_webhook_events (svix_id, event_type, object_id, object_version, outcome, occurred_at, received_at)
+             VALUES (?, ?, ?, ?, 'processing', ?, ?) ON CONFLICT (svix_id) DO NOTHING",
+        )
+        .bind(&event.id)
+        .bind(&event.event_type)
+        .bind(object)
+        .bind(event.version)
+        .bind(event.occurred_at.map(micros))
+        .bind(micros(Utc::now()))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?
+        .rows_affected()
+            == 1;
+        if !claimed {
+            return Ok(ClerkEventResult::only(
+                ClerkEventOutcome::Duplicate,
+                format!("event {} was processed before", event.id),
+            ));
+        }
+        let mut stale = false;
+        if let Some(object) = object {
+            let latest: Option<i64> = sqlx::query_scalar(
+                "SELECT max(object_version) FROM identity_webhook_events WHERE object_id = ? AND svix_id <> ?",
+            )
+            .bind(object)
+            .bind(&event.id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            stale = clerk_events::is_stale(event.version, latest);
+        }
+        let result = if stale {
+            ClerkEventResult::only(
+                ClerkEventOutcome::Stale,
+                format!(
+                    "event {} is older than what was applied for {}",
+                    event.id,
+                    object.unwrap_or("")
+                ),
+            )
+        } else {
+            apply_change_in_tx(&mut tx, &sql, event).await?
+        };
+        sqlx::query("UPDATE identity_webhook_events SET outcome = ?, detail = ? WHERE svix_id = ?")
+            .bind(result.outcome.as_str())
+            .bind(&result.detail)
+            .bind(&event.id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(result)
+    }
+
+    async fn user_was_unlinked(&self, user_id: UserId) -> StorageResult<bool> {
+        let found: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM identity_unlinked_clerk_users WHERE user_id = ? LIMIT 1")
+                .bind(user_id.to_string())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_err)?;
+        Ok(found.is_some())
+    }
+
+    async fn mappings_after(&self, after: Option<&ClerkUserId>, limit: u32) -> StorageResult<Vec<MappingRecord>> {
+        let rows = sqlx::query(
+            "SELECT user_id, clerk_user_id, created_at, updated_at FROM identity_user_mappings
+             WHERE (?1 IS NULL OR clerk_user_id > ?1) ORDER BY clerk_user_id LIMIT ?2",
+        )
+        .bind(after.map(ClerkUserId::as_str))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(mapping_from_row).collect()
+    }
+
+    async fn create_reconcile_job(
+        &self,
+        job: &ReconcileJobRecord,
+        lease_until: DateTime<Utc>,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<()> {
+        let now = micros(Utc::now());
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO identity_reconcile_jobs (id, state, fix, params, cursor, summary, started_by, lease_owner,
+                 lease_until, started_at, updated_at)
+             VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(job.id.to_string())
+        .bind(job.fix)
+        .bind(&job.params)
+        .bind(job.cursor.as_deref())
+        .bind(&job.summary)
+        .bind(&job.started_by)
+        .bind(job.lease_owner.as_deref())
+        .bind(micros(lease_until))
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| classify(e, Some(Conflict::ReconcileRunning)))?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn get_reconcile_job(&self, id: Uuid) -> StorageResult<Option<ReconcileJobRecord>> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {RECONCILE_COLUMNS} FROM identity_reconcile_jobs WHERE id = ?"
+        )))
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        row.as_ref().map(reconcile_from_row).transpose()
+    }
+
+    async fn latest_reconcile_job(&self) -> StorageResult<Option<ReconcileJobRecord>> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {RECONCILE_COLUMNS} FROM identity_reconcile_jobs ORDER BY started_at DESC, id LIMIT 1"
+        )))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        row.as_ref().map(reconcile_from_row).transpose()
+    }
+
+    async fn running_reconcile_job(&self) -> StorageResult<Option<ReconcileJobRecord>> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {RECONCILE_COLUMNS} FROM identity_reconcile_jobs WHERE state = 'running' LIMIT 1"
+        )))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        row.as_ref().map(reconcile_from_row).transpose()
+    }
+
+    async fn claim_reconcile_job(
+        &self,
+        id: Uuid,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StorageResult<bool> {
+        let mut tx = self.begin_write().await?;
+        let done = sqlx::query(
+            "UPDATE identity_reconcile_jobs SET state = 'running', lease_owner = ?, lease_until = ?, updated_at = ?,
+                 finished_at = NULL
+             WHERE id = ? AND state IN ('running', 'failed') AND (lease_until IS NULL OR lease_until < ?)",
+        )
+        .bind(owner)
+        .bind(micros(lease_until))
+        .bind(micros(Utc::now()))
+        .bind(id.to_string())
+        .bind(micros(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| classify(e, Some(Conflict::ReconcileRunning)))?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn save_reconcile_progress(
+        &self,
+        id: Uuid,
+        owner: &str,
+        cursor: &str,
+        summary: &str,
+        lease_until: DateTime<Utc>,
+    ) -> StorageResult<bool> {
+        let done = sqlx::query(
+            "UPDATE identity_reconcile_jobs SET cursor = ?, summary = ?, lease_until = ?, updated_at = ?
+             WHERE id = ? AND lease_owner = ? AND state = 'running'",
+        )
+        .bind(cursor)
+        .bind(summary)
+        .bind(micros(lease_until))
+        .bind(micros(Utc::now()))
+        .bind(id.to_string())
+        .bind(owner)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn renew_reconcile_lease(&self, id: Uuid, owner: &str, lease_until: DateTime<Utc>) -> StorageResult<bool> {
+        let done = sqlx::query(
+            "UPDATE identity_reconcile_jobs SET lease_until = ?, updated_at = ?
+             WHERE id = ? AND lease_owner = ? AND state = 'running'",
+        )
+        .bind(micros(lease_until))
+        .bind(micros(Utc::now()))
+        .bind(id.to_string())
+        .bind(owner)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn finish_reconcile_job(
+        &self,
+        id: Uuid,
+        owner: &str,
+        state: BulkJobState,
+        summary: &str,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<bool> {
+        let now = micros(Utc::now());
+        let mut tx = self.begin_write().await?;
+        let done = sqlx::query(
+            "UPDATE identity_reconcile_jobs SET state = ?, summary = ?, lease_owner = NULL, lease_until = NULL,
+                 updated_at = ?, finished_at = ?
+             WHERE id = ? AND lease_owner = ? AND state = 'running'",
+        )
+        .bind(state.as_db())
+        .bind(summary)
+        .bind(now)
+        .bind(now)
+        .bind(id.to_string())
+        .bind(owner)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        if done.rows_affected() != 1 {
+            return Ok(false);
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(true)
     }
 
     async fn get_setting(&self, key: &str) -> StorageResult<Option<SettingRecord>> {

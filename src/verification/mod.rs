@@ -458,6 +458,9 @@ impl Verifier {
         if let Some(rejection) = self.clerk_time_and_mode(token) {
             return Ok(Err(rejection));
         }
+        if let Some(rejection) = self.clerk_refusal(token) {
+            return Ok(Err(rejection));
+        }
         Ok(Ok(token.clerk_user_id.clone()))
     }
 
@@ -565,6 +568,25 @@ impl Verifier {
         }
         let leeway = inner.clerk.as_ref().map(|c| c.leeway).unwrap_or(5);
         outside_validity(token.expires_at, token.not_before, leeway, Utc::now().timestamp())
+    }
+
+    /// Refuses a token whose session ended or whose user was deleted in Clerk.
+    fn clerk_refusal(&self, token: &ClerkToken) -> Option<Rejection> {
+        self.inner
+            .revocations
+            .is_clerk_refused(token.session_id.as_deref(), token.clerk_user_id.as_str())
+            .then(|| {
+                Rejection::new(
+                    RejectReason::Revoked,
+                    "the Clerk session has ended or its user was deleted",
+                )
+            })
+    }
+
+    /// Applies a refusal written on this replica (a Clerk webhook) at once;
+    /// the other replicas read it within their revocation reload interval.
+    pub fn apply_revocation(&self, record: &crate::storage::RevocationRecord) {
+        self.inner.revocations.add_record(record);
     }
 
     /// Routes by header and `iss` (never by anything the token points to)
@@ -682,6 +704,11 @@ impl Verifier {
             }
             Verified::Clerk(token) => {
                 if let Some(rejection) = self.clerk_time_and_mode(token) {
+                    return Ok(Verdict::Rejected(rejection));
+                }
+                // Checked on every call, cache hits included: a session
+                // ended or a user deleted in Clerk stops at once.
+                if let Some(rejection) = self.clerk_refusal(token) {
                     return Ok(Verdict::Rejected(rejection));
                 }
                 if let Some(expected) = expected

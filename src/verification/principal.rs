@@ -186,8 +186,18 @@ impl PrincipalResolver {
             return self.provision(caller, clerk_user_id, None).await;
         };
         let storage = self.users.storage();
-        let candidate = storage.find_user(&UserKey::Email(email.clone())).await?;
-        match candidate {
+        let mut candidate = storage.find_user(&UserKey::Email(email.clone())).await?;
+        // A user whose Clerk link was removed (an admin's unlink, its Clerk
+        // account deleted) is not handed to another Clerk account by email.
+        if let Some(user) = &candidate
+            && user.clerk_user_id.is_none()
+            && storage.user_was_unlinked(user.id).await?
+        {
+            tracing::info!(user_id = %user.id, clerk_user_id = %clerk_user_id,
+                "not linking by email: the user lost a Clerk link before; provisioning instead");
+            return self.provision(caller, clerk_user_id, None).await;
+        }
+        match candidate.take() {
             Some(user) if user.clerk_user_id.is_none() && !user.clerk_native => {
                 let event = audit::event(
                     caller,

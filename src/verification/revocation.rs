@@ -1,6 +1,8 @@
 //! Revoked legacy tokens: stored in `identity_revocations` (by `jti`, or by
 //! the token's SHA-256 when it has none) until the token expires, and held in
-//! memory by every replica.
+//! memory by every replica. Ended Clerk sessions (by `sid`) and deleted Clerk
+//! users (by user id), from Clerk's webhooks, are rows of the same table and
+//! travel the same way.
 //!
 //! A replica reads every active revocation once at start (and again, as a
 //! backstop, every [`FULL_RELOAD_EVERY`]); each reload in between reads only
@@ -22,7 +24,10 @@ use std::{
 use chrono::{DateTime, Utc};
 use dashmap::{DashMap, mapref::entry::Entry};
 
-use crate::{domain::DomainError, storage::Storage};
+use crate::{
+    domain::DomainError,
+    storage::{RevocationRecord, Storage},
+};
 
 /// How far before the previous read's start an incremental read begins: a
 /// revocation stamped just before a read and committed just after it is read
@@ -113,6 +118,8 @@ struct Inner {
     storage: Arc<dyn Storage>,
     jtis: Entries,
     hashes: Entries,
+    sessions: Entries,
+    clerk_users: Entries,
     watermark: Mutex<Watermark>,
     overlap: chrono::Duration,
     /// One reload at a time: a watermark must not move backwards.
@@ -143,6 +150,8 @@ impl RevocationList {
                 storage,
                 jtis: Entries::default(),
                 hashes: Entries::default(),
+                sessions: Entries::default(),
+                clerk_users: Entries::default(),
                 watermark: Mutex::new(Watermark::default()),
                 overlap: chrono::Duration::from_std(overlap).unwrap_or(chrono::Duration::zero()),
                 reloading: tokio::sync::Mutex::new(()),
@@ -152,7 +161,8 @@ impl RevocationList {
 
     /// Entries held in memory.
     pub fn len(&self) -> usize {
-        self.inner.jtis.len() + self.inner.hashes.len()
+        let inner = &self.inner;
+        inner.jtis.len() + inner.hashes.len() + inner.sessions.len() + inner.clerk_users.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -167,6 +177,27 @@ impl RevocationList {
         let inner = &self.inner;
         jti.is_some_and(|j| inner.jtis.contains(j))
             || (inner.hashes.len() > 0 && inner.hashes.contains(&hex::encode(digest)))
+    }
+
+    /// Whether a Clerk token of this session, or of this Clerk user, is refused.
+    pub fn is_clerk_refused(&self, session_id: Option<&str>, clerk_user_id: &str) -> bool {
+        let inner = &self.inner;
+        inner.clerk_users.contains(clerk_user_id) || session_id.is_some_and(|sid| inner.sessions.contains(sid))
+    }
+
+    /// Applies a stored revocation of any kind on this replica at once.
+    pub fn add_record(&self, record: &RevocationRecord) {
+        let inner = &self.inner;
+        for (entries, key) in [
+            (&inner.jtis, &record.jti),
+            (&inner.hashes, &record.token_hash),
+            (&inner.sessions, &record.session_id),
+            (&inner.clerk_users, &record.clerk_user_id),
+        ] {
+            if let Some(key) = key {
+                entries.put(key, record.expires_at);
+            }
+        }
     }
 
     /// Applies a revocation made on this replica at once.
@@ -204,12 +235,7 @@ impl RevocationList {
     async fn read(&self, since: Option<DateTime<Utc>>) -> Result<ReloadStats, DomainError> {
         let changes = self.inner.storage.revocations_changed_since(since, Utc::now()).await?;
         for record in &changes.records {
-            if let Some(jti) = &record.jti {
-                self.inner.jtis.put(jti, record.expires_at);
-            }
-            if let Some(hash) = &record.token_hash {
-                self.inner.hashes.put(hash, record.expires_at);
-            }
+            self.add_record(record);
         }
         let mut mark = self.inner.watermark.lock().unwrap_or_else(|p| p.into_inner());
         mark.as_of = Some(changes.as_of);
@@ -226,7 +252,8 @@ impl RevocationList {
     /// Drops from memory the entries whose token has expired at `now` (the
     /// token is refused as expired anyway); returns how many.
     pub fn prune(&self, now: DateTime<Utc>) -> usize {
-        self.inner.jtis.prune(now) + self.inner.hashes.prune(now)
+        let inner = &self.inner;
+        inner.jtis.prune(now) + inner.hashes.prune(now) + inner.sessions.prune(now) + inner.clerk_users.prune(now)
     }
 
     /// Deletes expired entries from the database so the table stays small.

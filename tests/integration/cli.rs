@@ -314,3 +314,68 @@ async fn legacy_token_command_mints_a_verifiable_token() {
         .unwrap();
     assert!(!bad.status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_command_reports_drift_then_fixes_it() {
+    use crate::common::fake_clerk::{FakeClerk, SECRET_KEY, fake_user};
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let Some(db) = TestDb::new(backend).await else { continue };
+        let storage = db.storage().await;
+        let dan = UserId::new_random();
+        storage
+            .insert_legacy_user(&identity::storage::NewLegacyUser {
+                id: dan,
+                email: Email::parse("email", "dan@example.com").unwrap(),
+                password_hash: None,
+            })
+            .await
+            .unwrap();
+        let fake = FakeClerk::start(&["clerk_a"]).await;
+        fake.state
+            .directory
+            .lock()
+            .unwrap()
+            .push(fake_user("user_dan", Some(&dan.to_string()), "dan@example.com"));
+        let run = |fix: bool| {
+            let mut cmd = command(&db.url);
+            cmd.env("IDENTITY_CLERK_SECRET_KEY", SECRET_KEY)
+                .env("IDENTITY_CLERK_ISSUER", fake.url())
+                .env("IDENTITY_CLERK_API_URL", fake.url())
+                .arg("reconcile");
+            if fix {
+                cmd.arg("--fix");
+            }
+            tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        };
+        let dry = run(false).await.unwrap();
+        let stdout = String::from_utf8_lossy(&dry.stdout);
+        assert!(dry.status.success(), "{stdout}{}", String::from_utf8_lossy(&dry.stderr));
+        assert!(
+            stdout.contains("missing_mapping: 1 found, 0 fixed: user_dan"),
+            "{stdout}"
+        );
+        assert!(stdout.contains("completed"), "{stdout}");
+        assert!(
+            storage
+                .find_user(&UserKey::Id(dan))
+                .await
+                .unwrap()
+                .unwrap()
+                .clerk_user_id
+                .is_none()
+        );
+        let fixed = run(true).await.unwrap();
+        let stdout = String::from_utf8_lossy(&fixed.stdout);
+        assert!(
+            fixed.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&fixed.stderr)
+        );
+        assert!(
+            stdout.contains("missing_mapping: 1 found, 1 fixed: user_dan"),
+            "{stdout}"
+        );
+        let linked = storage.find_user(&UserKey::Id(dan)).await.unwrap().unwrap();
+        assert_eq!(linked.clerk_user_id.as_deref(), Some("user_dan"));
+    }
+}

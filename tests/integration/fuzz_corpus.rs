@@ -7,7 +7,7 @@ use identity::{
         ApiKeyRegistry,
         import::{ImportFormat, parse},
     },
-    fuzzing::{KNOWN_USER, TokenHarness, bearer_key, parse_jwks},
+    fuzzing::{KNOWN_USER, TokenHarness, bearer_key, parse_jwks, parse_webhook},
 };
 
 fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
@@ -44,6 +44,9 @@ fn the_fuzz_corpus_replays_without_a_panic() {
         let _ = parse(&input[..], ImportFormat::Csv);
         let _ = parse(&input[..], ImportFormat::JsonLines);
     }
+    for (_, input) in corpus("webhook") {
+        parse_webhook(&input);
+    }
     for (_, input) in corpus("api_key") {
         if let Ok(text) = std::str::from_utf8(&input) {
             let _ = bearer_key(text);
@@ -79,4 +82,9 @@ fn the_fuzzing_verifier_accepts_and_refuses_like_the_server() {
     assert!(!parse_jwks(b"{\"keys\":[]}"));
     assert_eq!(bearer_key("Bearer  idk_x "), Some("idk_x"));
     assert_eq!(bearer_key("Basic abc"), None);
+    // The webhook seeds: the events the endpoint acts on read, garbage does not.
+    for (name, input) in corpus("webhook") {
+        let expected = !name.ends_with("bad_email.json");
+        assert_eq!(parse_webhook(&input), expected, "{name}");
+    }
 }

@@ -1480,9 +1480,384 @@ async fn revoking_again_keeps_the_later_expiry(db: TestDb) {
     );
 }
 
+fn clerk_event(
+    id: &str,
+    event_type: &str,
+    version: Option<i64>,
+    change: identity::storage::ClerkChange,
+) -> identity::storage::ClerkEvent {
+    identity::storage::ClerkEvent {
+        id: id.into(),
+        event_type: event_type.into(),
+        occurred_at: Some(Utc::now()),
+        version,
+        change,
+        caller: "suite".into(),
+    }
+}
+
+fn clerk_user_change(
+    id: &str,
+    external_id: Option<String>,
+    email: Option<&str>,
+    unmapped: identity::config::UnmappedPolicy,
+) -> identity::storage::ClerkChange {
+    identity::storage::ClerkChange::User {
+        clerk_user_id: clerk(id),
+        external_id,
+        verified_email: email.map(|e| Email::parse("email", e).unwrap()),
+        unmapped,
+    }
+}
+
+async fn clerk_events_apply_once_in_order_with_their_audit(db: TestDb) {
+    use identity::{
+        config::UnmappedPolicy::{Provision, Reject},
+        storage::{ClerkChange, ClerkEventOutcome as O},
+    };
+    let storage = db.storage().await;
+    let ann = insert(storage.as_ref(), "ann@example.com", None).await;
+    let bob = insert(storage.as_ref(), "bob@example.com", None).await;
+    let apply = |event| {
+        let storage = storage.clone();
+        async move { storage.apply_clerk_event(&event).await.unwrap() }
+    };
+    // external_id names a known user: linked, audited with the event id.
+    let created = clerk_event(
+        "msg_1",
+        "user.created",
+        Some(100),
+        clerk_user_change("user_a", Some(ann.to_string()), None, Reject),
+    );
+    let result = apply(created.clone()).await;
+    assert_eq!(result.outcome, O::Applied, "{result:?}");
+    assert_eq!(result.clerk_user_ids, vec!["user_a".to_owned()]);
+    let mapped = storage
+        .find_user(&UserKey::ClerkUserId(clerk("user_a")))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(mapped.id, ann);
+    let events = storage
+        .list_audit(&AuditQuery {
+            action: Some("clerk.user.created".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 1);
+    assert!(events[0].detail.contains("msg_1"), "{:?}", events[0]);
+    // The same delivery again changes nothing.
+    assert_eq!(apply(created).await.outcome, O::Duplicate);
+    assert_eq!(audit_count(storage.as_ref(), "clerk.user.created").await, 1);
+
+    // A newer email reaches the directory; an older event does not overwrite it.
+    let newer = clerk_event(
+        "msg_2",
+        "user.updated",
+        Some(300),
+        clerk_user_change("user_a", Some(ann.to_string()), Some("ann.new@example.com"), Reject),
+    );
+    assert_eq!(apply(newer).await.outcome, O::Applied);
+    let older = clerk_event(
+        "msg_3",
+        "user.updated",
+        Some(200),
+        clerk_user_change("user_a", Some(ann.to_string()), Some("ann.old@example.com"), Reject),
+    );
+    assert_eq!(apply(older).await.outcome, O::Stale);
+    let ann_now = storage.find_user(&UserKey::Id(ann)).await.unwrap().unwrap();
+    assert_eq!(ann_now.email.as_deref(), Some("ann.new@example.com"));
+
+    // An external_id that would move the mapping is a recorded conflict.
+    let moved = clerk_event(
+        "msg_4",
+        "user.updated",
+        Some(400),
+        clerk_user_change("user_a", Some(bob.to_string()), None, Reject),
+    );
+    assert_eq!(apply(moved).await.outcome, O::Conflict);
+    let conflicts = storage
+        .list_audit(&AuditQuery {
+            action: Some("clerk.user.updated".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(
+        conflicts
+            .iter()
+            .any(|e| e.outcome == AuditOutcome::Failure && e.detail.contains("msg_4"))
+    );
+    assert_eq!(
+        storage
+            .find_user(&UserKey::ClerkUserId(clerk("user_a")))
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        ann
+    );
+
+    // The unmapped policy: provision, or leave it.
+    let provisioned = apply(clerk_event(
+        "msg_5",
+        "user.created",
+        Some(1),
+        clerk_user_change("user_new", None, Some("new@example.com"), Provision),
+    ))
+    .await;
+    assert_eq!(provisioned.outcome, O::Applied);
+    let native = storage
+        .find_user(&UserKey::ClerkUserId(clerk("user_new")))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(native.clerk_native);
+    assert_eq!(native.email.as_deref(), Some("new@example.com"));
+    assert_eq!(
+        apply(clerk_event(
+            "msg_6",
+            "user.created",
+            Some(1),
+            clerk_user_change("user_rej", Some("not-a-user".into()), None, Reject)
+        ))
+        .await
+        .outcome,
+        O::Unchanged
+    );
+    assert!(
+        storage
+            .find_user(&UserKey::ClerkUserId(clerk("user_rej")))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        apply(clerk_event("msg_7", "organization.created", None, ClerkChange::Ignored))
+            .await
+            .outcome,
+        O::Ignored
+    );
+
+    // A deletion removes the mapping, refuses the Clerk user, and is final.
+    let until = Utc::now() + ChronoDuration::hours(24);
+    let deleted = apply(clerk_event(
+        "msg_8",
+        "user.deleted",
+        Some(identity::storage::DELETED_VERSION),
+        ClerkChange::UserDeleted {
+            clerk_user_id: clerk("user_a"),
+            refuse_until: until,
+        },
+    ))
+    .await;
+    assert_eq!(deleted.outcome, O::Applied);
+    assert_eq!(deleted.users, vec![ann]);
+    assert_eq!(
+        deleted.revocation.as_ref().unwrap().clerk_user_id.as_deref(),
+        Some("user_a")
+    );
+    assert!(storage.find_mapping(&MappingKey::UserId(ann)).await.unwrap().is_none());
+    assert!(storage.user_was_unlinked(ann).await.unwrap());
+    assert!(!storage.user_was_unlinked(bob).await.unwrap());
+    let late = clerk_event(
+        "msg_9",
+        "user.updated",
+        Some(500),
+        clerk_user_change("user_a", Some(ann.to_string()), None, Reject),
+    );
+    assert_eq!(apply(late).await.outcome, O::Stale);
+    assert!(storage.find_mapping(&MappingKey::UserId(ann)).await.unwrap().is_none());
+
+    // An ended session is refused like a revoked token, read incrementally too.
+    let ended = apply(clerk_event(
+        "msg_10",
+        "session.revoked",
+        None,
+        ClerkChange::SessionEnded {
+            session_id: "sess_1".into(),
+            refuse_until: until,
+        },
+    ))
+    .await;
+    assert_eq!(ended.outcome, O::Applied);
+    let changes = storage.revocations_changed_since(None, Utc::now()).await.unwrap();
+    assert!(
+        changes
+            .records
+            .iter()
+            .any(|r| r.session_id.as_deref() == Some("sess_1") && r.jti.is_none())
+    );
+    assert!(
+        changes
+            .records
+            .iter()
+            .any(|r| r.clerk_user_id.as_deref() == Some("user_a"))
+    );
+    assert_eq!(audit_count(storage.as_ref(), "clerk.session.revoked").await, 1);
+}
+
+async fn concurrent_deliveries_of_one_event_apply_once(db: TestDb) {
+    use identity::storage::{ClerkChange, ClerkEventOutcome as O};
+    let replicas = [db.storage().await, db.storage().await];
+    let until = Utc::now() + ChronoDuration::hours(1);
+    let event = clerk_event(
+        "msg_once",
+        "session.ended",
+        None,
+        ClerkChange::SessionEnded {
+            session_id: "sess_once".into(),
+            refuse_until: until,
+        },
+    );
+    let tasks: Vec<_> = (0..8)
+        .map(|n| {
+            let storage = replicas[n % 2].clone();
+            let event = event.clone();
+            tokio::spawn(async move { storage.apply_clerk_event(&event).await.unwrap().outcome })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.unwrap());
+    }
+    assert_eq!(outcomes.iter().filter(|o| **o == O::Applied).count(), 1, "{outcomes:?}");
+    assert_eq!(
+        outcomes.iter().filter(|o| **o == O::Duplicate).count(),
+        7,
+        "{outcomes:?}"
+    );
+    assert_eq!(audit_count(replicas[0].as_ref(), "clerk.session.ended").await, 1);
+}
+
+async fn a_reconcile_job_is_leased_and_one_runs_at_a_time(db: TestDb) {
+    use identity::storage::ReconcileJobRecord;
+    let storage = db.storage().await;
+    let job = |owner: &str| ReconcileJobRecord {
+        id: uuid::Uuid::new_v4(),
+        state: BulkJobState::Running,
+        fix: true,
+        params: "{}".into(),
+        cursor: None,
+        summary: "{}".into(),
+        started_by: "suite".into(),
+        lease_owner: Some(owner.into()),
+        lease_until: None,
+        started_at: Utc::now(),
+        finished_at: None,
+    };
+    let first = job("a");
+    let lease = Utc::now() + ChronoDuration::seconds(30);
+    storage
+        .create_reconcile_job(&first, lease, &audit("reconcile.start", None))
+        .await
+        .unwrap();
+    match storage
+        .create_reconcile_job(&job("b"), lease, &audit("reconcile.start", None))
+        .await
+    {
+        Err(StorageError::Conflict(Conflict::ReconcileRunning)) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(storage.running_reconcile_job().await.unwrap().unwrap().id, first.id);
+    // Held: nobody else claims it, and only its owner writes.
+    assert!(
+        !storage
+            .claim_reconcile_job(first.id, "b", Utc::now(), lease)
+            .await
+            .unwrap()
+    );
+    assert!(
+        storage
+            .save_reconcile_progress(first.id, "a", "{\"offset\":500}", "{\"x\":1}", lease)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !storage
+            .save_reconcile_progress(first.id, "b", "{}", "{}", lease)
+            .await
+            .unwrap()
+    );
+    // Its lease lapses: another runner takes it over, the first is out.
+    let later = Utc::now() + ChronoDuration::seconds(60);
+    assert!(
+        storage
+            .claim_reconcile_job(first.id, "b", later, later + ChronoDuration::seconds(30))
+            .await
+            .unwrap()
+    );
+    assert!(!storage.renew_reconcile_lease(first.id, "a", later).await.unwrap());
+    assert!(
+        storage
+            .renew_reconcile_lease(first.id, "b", later + ChronoDuration::seconds(30))
+            .await
+            .unwrap()
+    );
+    let stored = storage.get_reconcile_job(first.id).await.unwrap().unwrap();
+    assert_eq!(stored.cursor.as_deref(), Some("{\"offset\":500}"));
+    assert_eq!(stored.lease_owner.as_deref(), Some("b"));
+    assert!(
+        !storage
+            .finish_reconcile_job(
+                first.id,
+                "a",
+                BulkJobState::Completed,
+                "{}",
+                &audit("reconcile.finish", None)
+            )
+            .await
+            .unwrap()
+    );
+    assert!(
+        storage
+            .finish_reconcile_job(
+                first.id,
+                "b",
+                BulkJobState::Completed,
+                "{\"done\":true}",
+                &audit("reconcile.finish", None)
+            )
+            .await
+            .unwrap()
+    );
+    let latest = storage.latest_reconcile_job().await.unwrap().unwrap();
+    assert_eq!(
+        (latest.id, latest.state, latest.summary.as_str()),
+        (first.id, BulkJobState::Completed, "{\"done\":true}")
+    );
+    assert!(latest.finished_at.is_some());
+    assert!(storage.running_reconcile_job().await.unwrap().is_none());
+    assert_eq!(audit_count(storage.as_ref(), "reconcile.finish").await, 1);
+
+    // Mappings page in Clerk id order.
+    for (n, id) in ["user_c", "user_a", "user_b"].iter().enumerate() {
+        let user = insert(storage.as_ref(), &format!("m{n}@example.com"), None).await;
+        storage
+            .link_user(user, &clerk(id), &audit("user.link", Some(user)))
+            .await
+            .unwrap();
+    }
+    let first_page = storage.mappings_after(None, 2).await.unwrap();
+    let ids: Vec<_> = first_page.iter().map(|m| m.clerk_user_id.to_string()).collect();
+    assert_eq!(ids, ["user_a", "user_b"]);
+    let rest = storage
+        .mappings_after(Some(&first_page[1].clerk_user_id), 2)
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].clerk_user_id.as_str(), "user_c");
+}
+
 crate::backend_tests!(
     users_are_found_many_at_a_time,
     concurrent_cache_misses_each_get_their_own_user,
+    clerk_events_apply_once_in_order_with_their_audit,
+    concurrent_deliveries_of_one_event_apply_once,
+    a_reconcile_job_is_leased_and_one_runs_at_a_time,
     outbox_and_invitation_counts_stay_exact,
     a_bulk_job_is_claimed_by_one_runner_at_a_time,
     only_the_lease_owner_writes_to_a_bulk_job,

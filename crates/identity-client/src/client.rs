@@ -531,6 +531,17 @@ impl IdentityClient {
             .await
     }
 
+    /// Starts (or resumes) a reconciliation with Clerk and streams its
+    /// progress and drift (`ReconcileMappings`).
+    pub async fn reconcile_mappings(
+        &self,
+        request: pb::ReconcileMappingsRequest,
+    ) -> Result<ResponseStream<pb::ReconcileProgress>, Error> {
+        let mut client = self.migration.clone();
+        self.stream(request, |r| async move { client.reconcile_mappings(r).await })
+            .await
+    }
+
     /// Cancels a running bulk migration (`CancelBulkMigration`).
     pub async fn cancel_bulk_migration(&self, job_id: &str) -> Result<pb::CancelBulkMigrationResponse, Error> {
         let request = pb::CancelBulkMigrationRequest {

@@ -90,6 +90,7 @@ values.yaml and values.schema.json, and a row in README.md.
 - {value: clerkSecretKey, env: IDENTITY_CLERK_SECRET_KEY, key: clerk-secret-key, required: false, job: false}
 - {value: clerkJwtKey, env: IDENTITY_CLERK_JWT_KEY, key: clerk-jwt-key, required: false, job: false}
 - {value: smtpUrl, env: IDENTITY_SMTP_URL, key: smtp-url, required: false, job: false}
+- {value: clerkWebhookSecret, env: IDENTITY_CLERK_WEBHOOK_SECRET, key: clerk-webhook-secret, required: false, job: false}
 {{- end }}
 
 {{/* The value of a secret variable as a string (apiKeys may be a list). Arguments: root, value. */}}

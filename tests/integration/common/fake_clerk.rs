@@ -13,7 +13,7 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::{Path, Query, State},
+    extract::{Path, RawQuery, State},
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::get,
@@ -33,6 +33,8 @@ pub struct FakeState {
     /// Users of the Backend API's user management (bulk import).
     pub directory: Mutex<Vec<Value>>,
     pub creates: AtomicUsize,
+    /// `GET /v1/users` lists answered (faults excluded).
+    pub list_requests: AtomicUsize,
     /// Backend API requests seen (user management), for fault injection.
     pub api_requests: AtomicUsize,
     /// Request numbers answered with 429 (Retry-After: `retry_after`, 1 s when 0) and with 500.
@@ -120,8 +122,18 @@ async fn user(State(state): State<Arc<FakeState>>, headers: HeaderMap, Path(id):
     if let Some(raw) = state.user_answer.lock().unwrap().clone() {
         return raw.respond();
     }
-    match state.users.lock().unwrap().get(&id) {
-        Some(user) => Json(user.clone()).into_response(),
+    let in_directory = || {
+        state
+            .directory
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|u| u["id"].as_str() == Some(id.as_str()))
+            .cloned()
+    };
+    let known = state.users.lock().unwrap().get(&id).cloned();
+    match known.or_else(in_directory) {
+        Some(user) => Json(user).into_response(),
         None => (
             StatusCode::NOT_FOUND,
             Json(json!({"errors":[{"code":"resource_not_found"}]})),
@@ -143,30 +155,41 @@ fn injected_fault(state: &FakeState) -> Option<Response> {
     None
 }
 
-async fn list_users(
-    State(state): State<Arc<FakeState>>,
-    headers: HeaderMap,
-    Query(query): Query<HashMap<String, String>>,
-) -> Response {
+async fn list_users(State(state): State<Arc<FakeState>>, headers: HeaderMap, RawQuery(raw): RawQuery) -> Response {
     if !authorized(&headers) {
         return StatusCode::UNAUTHORIZED.into_response();
     }
     if let Some(fault) = injected_fault(&state) {
         return fault;
     }
+    state.list_requests.fetch_add(1, Ordering::SeqCst);
+    let pairs: Vec<(String, String)> = url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+        .into_owned()
+        .collect();
+    let get = |key: &str| pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+    let ids: Vec<&str> = pairs
+        .iter()
+        .filter(|(k, _)| k == "user_id")
+        .map(|(_, v)| v.as_str())
+        .collect();
     let directory = state.directory.lock().unwrap();
     let found: Vec<Value> = directory
         .iter()
-        .filter(|u| match (query.get("external_id"), query.get("email_address")) {
+        .filter(|u| match (get("external_id"), get("email_address")) {
             (Some(external), _) => u["external_id"].as_str() == Some(external.as_str()),
             (None, Some(email)) => {
                 u["email_addresses"][0]["email_address"].as_str().map(str::to_lowercase) == Some(email.to_lowercase())
             }
             (None, None) => true,
         })
+        .filter(|u| ids.is_empty() || ids.contains(&u["id"].as_str().unwrap_or_default()))
         .cloned()
         .collect();
-    Json(Value::Array(found)).into_response()
+    // Paging as Clerk's: `offset` then at most `limit` (Clerk caps it at 500).
+    let offset = get("offset").and_then(|o| o.parse().ok()).unwrap_or(0usize);
+    let limit = get("limit").and_then(|l| l.parse().ok()).unwrap_or(usize::MAX).min(500);
+    let page: Vec<Value> = found.into_iter().skip(offset).take(limit).collect();
+    Json(Value::Array(page)).into_response()
 }
 
 async fn create_user(State(state): State<Arc<FakeState>>, headers: HeaderMap, Json(body): Json<Value>) -> Response {

@@ -117,6 +117,15 @@ async fn migration_service_rpcs() {
         matches!(&bulk, Error::Conflict { code: tonic::Code::FailedPrecondition, message } if message.contains("Backend API")),
         "{bulk:?}"
     );
+    // So does a reconciliation with Clerk.
+    let reconcile = client
+        .reconcile_mappings(pb::ReconcileMappingsRequest::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&reconcile, Error::Conflict { code: tonic::Code::FailedPrecondition, message } if message.contains("Backend API")),
+        "{reconcile:?}"
+    );
     let cancel = client
         .cancel_bulk_migration("00000000-0000-4000-8000-000000000000")
         .await;
