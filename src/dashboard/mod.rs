@@ -315,6 +315,8 @@ struct View {
     bulk_job: Option<BulkView>,
     readiness: ReadinessView,
     auth_mode: ModeView,
+    /// The last reconciliation pass with Clerk: counts only (no Clerk ids).
+    clerk_sync: Option<std::collections::BTreeMap<&'static str, std::collections::BTreeMap<String, String>>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -486,8 +488,38 @@ impl View {
                 set_by: set.then(|| extras.mode.updated_by.clone()),
                 set_at: extras.mode.updated_at,
             },
+            clerk_sync: s.reconciliation.as_ref().map(clerk_sync),
         }
     }
+}
+
+/// The page's "Clerk sync" card: the last reconciliation pass, by counts.
+fn clerk_sync(
+    job: &crate::storage::ReconcileJobRecord,
+) -> std::collections::BTreeMap<&'static str, std::collections::BTreeMap<String, String>> {
+    let pass = crate::domain::ReconcileProgress::from_record(job);
+    let mut figures = std::collections::BTreeMap::new();
+    figures.insert("1 state".to_owned(), pass.state.as_db().to_owned());
+    figures.insert("2 mode".to_owned(), if pass.fix { "fix" } else { "dry run" }.to_owned());
+    figures.insert(
+        "3 Clerk users seen".to_owned(),
+        pass.summary.clerk_users_seen.to_string(),
+    );
+    figures.insert(
+        "4 mappings checked".to_owned(),
+        pass.summary.mappings_checked.to_string(),
+    );
+    for kind in crate::domain::reconcile::DRIFT_KINDS {
+        let drift = pass.summary.drift.get(kind).cloned().unwrap_or_default();
+        figures.insert(
+            format!("5 {kind}"),
+            format!("{} found, {} fixed", drift.count, drift.fixed),
+        );
+    }
+    if let Some(finished) = pass.finished_at {
+        figures.insert("6 finished".to_owned(), finished.to_rfc3339());
+    }
+    std::collections::BTreeMap::from([("reconciliation", figures)])
 }
 
 fn series(points: &[AuthPoint], from: i64) -> SeriesView {

@@ -182,6 +182,44 @@ async fn every_drift_kind_is_found_through_faults_and_a_restart(db: TestDb) {
     assert_eq!(summary.state(), BulkJobState::Completed);
     assert_eq!(drift(&summary), found);
 
+    // The dashboard shows the same pass, by counts only.
+    let origin = format!("http://{}", app.metrics_addr.expect("HTTP listener"));
+    let mut events = reqwest::get(format!("{origin}/dashboard/events?window=1h"))
+        .await
+        .unwrap();
+    let mut buffer = String::new();
+    let snapshot: serde_json::Value = loop {
+        if let Some(data) = buffer
+            .split("\n\n")
+            .filter(|_| buffer.contains("\n\n"))
+            .find_map(|block| block.lines().find_map(|l| l.strip_prefix("data:")))
+        {
+            break serde_json::from_str(data.trim()).unwrap();
+        }
+        let chunk = tokio::time::timeout(Duration::from_secs(30), events.chunk())
+            .await
+            .expect("a dashboard event within 30 s")
+            .unwrap()
+            .expect("the stream stays open");
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+    };
+    let shown = &snapshot["clerk_sync"]["reconciliation"];
+    assert_eq!(shown["1 state"], "completed", "{snapshot}");
+    let found_missing = &found["missing_mapping"];
+    assert_eq!(
+        shown["5 missing_mapping"],
+        format!("{} found, {} fixed", found_missing.0, found_missing.1),
+        "{snapshot}"
+    );
+    assert!(
+        shown
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|v| !v.to_string().contains("user_")),
+        "no Clerk ids on the dashboard: {shown}"
+    );
+
     // A dry run finds what is left and changes nothing.
     let mut stream = app
         .admin()

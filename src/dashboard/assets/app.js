@@ -207,8 +207,8 @@
 
   // --- Clerk sync (issue 17: reconciliation and webhooks) -----------------
   // Shown only when a snapshot carries `clerk_sync`, an object of sections
-  // (e.g. reconciliation, webhooks), each an object of figures; the server
-  // sends none yet, and the card stays hidden rather than show made-up data.
+  // (the last reconciliation pass), each an object of figures; without a
+  // pass the card stays hidden rather than show made-up data.
   function renderClerkSync(sync) {
     const card = $('card-clerk-sync');
     card.hidden = !sync;
@@ -219,7 +219,8 @@
       const entries = figures && typeof figures === 'object' ? Object.entries(figures) : [['', figures]];
       for (const [key, value] of entries) {
         const dt = document.createElement('dt');
-        dt.textContent = (section + (key ? ' ' + key : '')).replace(/_/g, ' ');
+        // Keys may start with an order ("1 state"): sorted by the server, not shown.
+        dt.textContent = (section + (key ? ' ' + key.replace(/^\d+ /, '') : '')).replace(/_/g, ' ');
         const dd = document.createElement('dd');
         dd.textContent = value === null || value === undefined ? '–' : String(value);
         list.appendChild(dt);
