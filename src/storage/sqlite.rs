@@ -18,8 +18,8 @@ use uuid::Uuid;
 
 use super::{
     AuditQuery, AuditRecord, AuthFlush, AuthPoint, AuthTotals, BulkCandidate, BulkCounters, BulkFilter, BulkJobRecord,
-    BulkJobState, BulkLease, Conflict, DatabaseOptions, InvitationCounts, Linked, MappingKey, MappingRecord,
-    NewAuditEvent, NewInvitation, NewLegacyUser, NewRevocation, OutboxCounts, OutboxMessage, Readiness,
+    BulkJobState, Conflict, DatabaseOptions, InvitationCounts, JobLease, JobRow, LeasedJob, Linked, MappingKey,
+    MappingRecord, NewAuditEvent, NewInvitation, NewLegacyUser, NewRevocation, OutboxCounts, OutboxMessage, Readiness,
     ReconcileJobRecord, RevocationChanges, RevocationRecord, SettingRecord, Storage, StorageError, StorageResult,
     UserCounts, UserKey, UserKeys, UserRecord, UsersTableConfig,
     clerk_events::{self, ClerkChange, ClerkEvent, ClerkEventOutcome, ClerkEventResult, Step, UserSnapshot},
@@ -453,9 +453,6 @@ fn revocation_from_row(row: &SqliteRow) -> StorageResult<RevocationRecord> {
 
 const REVOCATION_COLUMNS: &str = "jti, token_hash, session_id, clerk_user_id, expires_at";
 
-const RECONCILE_COLUMNS: &str =
-    "id, state, fix, params, cursor, summary, started_by, lease_owner, lease_until, started_at, finished_at";
-
 fn reconcile_from_row(row: &SqliteRow) -> StorageResult<ReconcileJobRecord> {
     let id: String = row.try_get("id").map_err(db_err)?;
     let state: String = row.try_get("state").map_err(db_err)?;
@@ -631,9 +628,42 @@ async fn apply_change_in_tx(
     }
 }
 
-const JOB_COLUMNS: &str =
-    "id, state, params, cursor_user_id, total, processed, created, linked_existing, skipped, failed,
-    started_by, cancel_requested, lease_owner, lease_until, started_at";
+/// An `UPDATE` of leased job `?1` that applies only while `?2` holds its
+/// lease and the job is running. `set` names the columns written, its
+/// parameters numbered from `?3`. It returns the job's cancellation flag: no
+/// row when the lease is lost (see [`JobLease::from_returned`]).
+fn guarded_update(job: LeasedJob, set: &str) -> String {
+    format!(
+        "UPDATE {} SET {set} WHERE id = ?1 AND lease_owner = ?2 AND state = 'running' RETURNING {}",
+        job.table(),
+        job.cancel_flag()
+    )
+}
+
+/// The [`guarded_update`] that ends a leased job and releases its lease:
+/// `?3` the final state, `?4` the time; `set` writes the kind's own
+/// columns, its parameters numbered from `?5`.
+fn finish_update(job: LeasedJob, set: &str) -> String {
+    guarded_update(
+        job,
+        &format!("state = ?3, lease_owner = NULL, lease_until = NULL, updated_at = ?4, finished_at = ?4, {set}"),
+    )
+}
+
+/// Appends the audit event of a job's end and commits, when the guarded end
+/// applied (`ended`); false, and nothing written, otherwise.
+async fn commit_end(
+    mut tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+    ended: bool,
+    audit: &NewAuditEvent,
+) -> StorageResult<bool> {
+    if !ended {
+        return Ok(false);
+    }
+    insert_audit(&mut tx, audit).await?;
+    tx.commit().await.map_err(db_err)?;
+    Ok(true)
+}
 
 fn job_from_row(row: &SqliteRow) -> StorageResult<BulkJobRecord> {
     let id: String = row.try_get("id").map_err(db_err)?;
@@ -805,6 +835,24 @@ impl SqliteStorage {
 
     async fn begin_write(&self) -> StorageResult<sqlx::Transaction<'static, sqlx::Sqlite>> {
         self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)
+    }
+
+    /// Reads one leased job's row.
+    async fn job_row(&self, job: LeasedJob, which: JobRow) -> StorageResult<Option<SqliteRow>> {
+        let filter = match which {
+            JobRow::Id(_) => "WHERE id = ?",
+            JobRow::Running => "WHERE state = 'running' LIMIT 1",
+            JobRow::Latest => "ORDER BY started_at DESC, id LIMIT 1",
+        };
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {} FROM {} {filter}",
+            job.columns(),
+            job.table()
+        )));
+        if let JobRow::Id(id) = which {
+            query = query.bind(id.to_string());
+        }
+        query.fetch_optional(&self.pool).await.map_err(db_err)
     }
 
     async fn find_user_once(&self, key: &UserKey) -> StorageResult<Option<UserRecord>> {
@@ -1306,48 +1354,58 @@ impl Storage for SqliteStorage {
     }
 
     async fn get_bulk_job(&self, id: Uuid) -> StorageResult<Option<BulkJobRecord>> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {JOB_COLUMNS} FROM identity_bulk_jobs WHERE id = ?"
-        )))
-        .bind(id.to_string())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err)?;
+        let row = self.job_row(LeasedJob::Bulk, JobRow::Id(id)).await?;
         row.as_ref().map(job_from_row).transpose()
     }
 
     async fn running_bulk_job(&self) -> StorageResult<Option<BulkJobRecord>> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {JOB_COLUMNS} FROM identity_bulk_jobs WHERE state = 'running' LIMIT 1"
-        )))
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err)?;
+        let row = self.job_row(LeasedJob::Bulk, JobRow::Running).await?;
         row.as_ref().map(job_from_row).transpose()
     }
 
-    async fn claim_bulk_job(
+    async fn claim_job(
         &self,
+        job: LeasedJob,
         id: Uuid,
         owner: &str,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
     ) -> StorageResult<bool> {
-        let done = sqlx::query(
-            "UPDATE identity_bulk_jobs SET state = 'running', lease_owner = ?, lease_until = ?, updated_at = ?,
-                 finished_at = NULL
-             WHERE id = ? AND state IN ('running', 'failed')
-               AND (lease_until IS NULL OR lease_until < ?)",
-        )
+        let done = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE {} SET state = 'running', lease_owner = ?1, lease_until = ?2, updated_at = ?3, finished_at = NULL
+             WHERE id = ?4 AND state IN ('running', 'failed') AND (lease_until IS NULL OR lease_until < ?5)",
+            job.table()
+        )))
         .bind(owner)
         .bind(micros(lease_until))
-        .bind(micros(now))
+        .bind(micros(Utc::now()))
         .bind(id.to_string())
         .bind(micros(now))
         .execute(&self.pool)
         .await
-        .map_err(|e| classify(e, Some(Conflict::BulkJobRunning)))?;
+        .map_err(|e| classify(e, Some(job.conflict())))?;
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn renew_lease(
+        &self,
+        job: LeasedJob,
+        id: Uuid,
+        owner: &str,
+        lease_until: DateTime<Utc>,
+    ) -> StorageResult<JobLease> {
+        let cancel: Option<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(guarded_update(
+            job,
+            "lease_until = ?3, updated_at = ?4",
+        )))
+        .bind(id.to_string())
+        .bind(owner)
+        .bind(micros(lease_until))
+        .bind(micros(Utc::now()))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(JobLease::from_returned(cancel))
     }
 
     async fn save_bulk_progress(
@@ -1357,43 +1415,26 @@ impl Storage for SqliteStorage {
         cursor: Option<UserId>,
         counters: &BulkCounters,
         lease_until: DateTime<Utc>,
-    ) -> StorageResult<BulkLease> {
-        let cancel: Option<bool> = sqlx::query_scalar(
-            "UPDATE identity_bulk_jobs SET cursor_user_id = ?, processed = ?, created = ?, linked_existing = ?,
-                 skipped = ?, failed = ?, lease_until = ?, updated_at = ?
-             WHERE id = ? AND lease_owner = ? AND state = 'running'
-             RETURNING cancel_requested",
-        )
+    ) -> StorageResult<JobLease> {
+        let cancel: Option<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(guarded_update(
+            LeasedJob::Bulk,
+            "lease_until = ?3, updated_at = ?4, cursor_user_id = ?5, processed = ?6, created = ?7,
+             linked_existing = ?8, skipped = ?9, failed = ?10",
+        )))
+        .bind(id.to_string())
+        .bind(owner)
+        .bind(micros(lease_until))
+        .bind(micros(Utc::now()))
         .bind(cursor.map(|c| c.to_string()))
         .bind(counters.processed)
         .bind(counters.created)
         .bind(counters.linked_existing)
         .bind(counters.skipped)
         .bind(counters.failed)
-        .bind(micros(lease_until))
-        .bind(micros(Utc::now()))
-        .bind(id.to_string())
-        .bind(owner)
         .fetch_optional(&self.pool)
         .await
         .map_err(db_err)?;
-        Ok(BulkLease::from_returned(cancel))
-    }
-
-    async fn renew_bulk_lease(&self, id: Uuid, owner: &str, lease_until: DateTime<Utc>) -> StorageResult<BulkLease> {
-        let cancel: Option<bool> = sqlx::query_scalar(
-            "UPDATE identity_bulk_jobs SET lease_until = ?, updated_at = ?
-             WHERE id = ? AND lease_owner = ? AND state = 'running'
-             RETURNING cancel_requested",
-        )
-        .bind(micros(lease_until))
-        .bind(micros(Utc::now()))
-        .bind(id.to_string())
-        .bind(owner)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err)?;
-        Ok(BulkLease::from_returned(cancel))
+        Ok(JobLease::from_returned(cancel))
     }
 
     async fn record_bulk_failure(&self, id: Uuid, owner: &str, user_id: UserId, reason: &str) -> StorageResult<bool> {
@@ -1435,32 +1476,24 @@ impl Storage for SqliteStorage {
         counters: &BulkCounters,
         audit: &NewAuditEvent,
     ) -> StorageResult<bool> {
-        let now = micros(Utc::now());
         let mut tx = self.begin_write().await?;
-        let done = sqlx::query(
-            "UPDATE identity_bulk_jobs SET state = ?, processed = ?, created = ?, linked_existing = ?, skipped = ?,
-                 failed = ?, lease_owner = NULL, lease_until = NULL, updated_at = ?, finished_at = ?
-             WHERE id = ? AND lease_owner = ? AND state = 'running'",
-        )
+        let ended: Option<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(finish_update(
+            LeasedJob::Bulk,
+            "processed = ?5, created = ?6, linked_existing = ?7, skipped = ?8, failed = ?9",
+        )))
+        .bind(id.to_string())
+        .bind(owner)
         .bind(state.as_db())
+        .bind(micros(Utc::now()))
         .bind(counters.processed)
         .bind(counters.created)
         .bind(counters.linked_existing)
         .bind(counters.skipped)
         .bind(counters.failed)
-        .bind(now)
-        .bind(now)
-        .bind(id.to_string())
-        .bind(owner)
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(db_err)?;
-        if done.rows_affected() != 1 {
-            return Ok(false);
-        }
-        insert_audit(&mut tx, audit).await?;
-        tx.commit().await.map_err(db_err)?;
-        Ok(true)
+        commit_end(tx, ended.is_some(), audit).await
     }
 
     async fn request_bulk_cancel(
@@ -1479,7 +1512,8 @@ impl Storage for SqliteStorage {
                  lease_owner = CASE WHEN {ended} THEN NULL ELSE lease_owner END,
                  lease_until = CASE WHEN {ended} THEN NULL ELSE lease_until END,
                  updated_at = ?1
-             WHERE id = ?2 AND state IN ('running', 'failed') RETURNING {JOB_COLUMNS}"
+             WHERE id = ?2 AND state IN ('running', 'failed') RETURNING {}",
+            LeasedJob::Bulk.columns()
         )))
         .bind(micros(now))
         .bind(id.to_string())
@@ -1628,12 +1662,7 @@ impl Storage for SqliteStorage {
     }
 
     async fn latest_bulk_job(&self) -> StorageResult<Option<BulkJobRecord>> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {JOB_COLUMNS} FROM identity_bulk_jobs ORDER BY started_at DESC LIMIT 1"
-        )))
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err)?;
+        let row = self.job_row(LeasedJob::Bulk, JobRow::Latest).await?;
         row.as_ref().map(job_from_row).transpose()
     }
 
@@ -1849,59 +1878,18 @@ impl Storage for SqliteStorage {
     }
 
     async fn get_reconcile_job(&self, id: Uuid) -> StorageResult<Option<ReconcileJobRecord>> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {RECONCILE_COLUMNS} FROM identity_reconcile_jobs WHERE id = ?"
-        )))
-        .bind(id.to_string())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err)?;
+        let row = self.job_row(LeasedJob::Reconcile, JobRow::Id(id)).await?;
         row.as_ref().map(reconcile_from_row).transpose()
     }
 
     async fn latest_reconcile_job(&self) -> StorageResult<Option<ReconcileJobRecord>> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {RECONCILE_COLUMNS} FROM identity_reconcile_jobs ORDER BY started_at DESC, id LIMIT 1"
-        )))
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err)?;
+        let row = self.job_row(LeasedJob::Reconcile, JobRow::Latest).await?;
         row.as_ref().map(reconcile_from_row).transpose()
     }
 
     async fn running_reconcile_job(&self) -> StorageResult<Option<ReconcileJobRecord>> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {RECONCILE_COLUMNS} FROM identity_reconcile_jobs WHERE state = 'running' LIMIT 1"
-        )))
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err)?;
+        let row = self.job_row(LeasedJob::Reconcile, JobRow::Running).await?;
         row.as_ref().map(reconcile_from_row).transpose()
-    }
-
-    async fn claim_reconcile_job(
-        &self,
-        id: Uuid,
-        owner: &str,
-        now: DateTime<Utc>,
-        lease_until: DateTime<Utc>,
-    ) -> StorageResult<bool> {
-        let mut tx = self.begin_write().await?;
-        let done = sqlx::query(
-            "UPDATE identity_reconcile_jobs SET state = 'running', lease_owner = ?, lease_until = ?, updated_at = ?,
-                 finished_at = NULL
-             WHERE id = ? AND state IN ('running', 'failed') AND (lease_until IS NULL OR lease_until < ?)",
-        )
-        .bind(owner)
-        .bind(micros(lease_until))
-        .bind(micros(Utc::now()))
-        .bind(id.to_string())
-        .bind(micros(now))
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| classify(e, Some(Conflict::ReconcileRunning)))?;
-        tx.commit().await.map_err(db_err)?;
-        Ok(done.rows_affected() == 1)
     }
 
     async fn save_reconcile_progress(
@@ -1912,35 +1900,20 @@ impl Storage for SqliteStorage {
         summary: &str,
         lease_until: DateTime<Utc>,
     ) -> StorageResult<bool> {
-        let done = sqlx::query(
-            "UPDATE identity_reconcile_jobs SET cursor = ?, summary = ?, lease_until = ?, updated_at = ?
-             WHERE id = ? AND lease_owner = ? AND state = 'running'",
-        )
+        let held: Option<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(guarded_update(
+            LeasedJob::Reconcile,
+            "lease_until = ?3, updated_at = ?4, cursor = ?5, summary = ?6",
+        )))
+        .bind(id.to_string())
+        .bind(owner)
+        .bind(micros(lease_until))
+        .bind(micros(Utc::now()))
         .bind(cursor)
         .bind(summary)
-        .bind(micros(lease_until))
-        .bind(micros(Utc::now()))
-        .bind(id.to_string())
-        .bind(owner)
-        .execute(&self.pool)
+        .fetch_optional(&self.pool)
         .await
         .map_err(db_err)?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn renew_reconcile_lease(&self, id: Uuid, owner: &str, lease_until: DateTime<Utc>) -> StorageResult<bool> {
-        let done = sqlx::query(
-            "UPDATE identity_reconcile_jobs SET lease_until = ?, updated_at = ?
-             WHERE id = ? AND lease_owner = ? AND state = 'running'",
-        )
-        .bind(micros(lease_until))
-        .bind(micros(Utc::now()))
-        .bind(id.to_string())
-        .bind(owner)
-        .execute(&self.pool)
-        .await
-        .map_err(db_err)?;
-        Ok(done.rows_affected() == 1)
+        Ok(held.is_some())
     }
 
     async fn finish_reconcile_job(
@@ -1951,28 +1924,18 @@ impl Storage for SqliteStorage {
         summary: &str,
         audit: &NewAuditEvent,
     ) -> StorageResult<bool> {
-        let now = micros(Utc::now());
         let mut tx = self.begin_write().await?;
-        let done = sqlx::query(
-            "UPDATE identity_reconcile_jobs SET state = ?, summary = ?, lease_owner = NULL, lease_until = NULL,
-                 updated_at = ?, finished_at = ?
-             WHERE id = ? AND lease_owner = ? AND state = 'running'",
-        )
-        .bind(state.as_db())
-        .bind(summary)
-        .bind(now)
-        .bind(now)
-        .bind(id.to_string())
-        .bind(owner)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        if done.rows_affected() != 1 {
-            return Ok(false);
-        }
-        insert_audit(&mut tx, audit).await?;
-        tx.commit().await.map_err(db_err)?;
-        Ok(true)
+        let ended: Option<bool> =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(finish_update(LeasedJob::Reconcile, "summary = ?5")))
+                .bind(id.to_string())
+                .bind(owner)
+                .bind(state.as_db())
+                .bind(micros(Utc::now()))
+                .bind(summary)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        commit_end(tx, ended.is_some(), audit).await
     }
 
     async fn get_setting(&self, key: &str) -> StorageResult<Option<SettingRecord>> {

@@ -1733,6 +1733,62 @@ async fn concurrent_deliveries_of_one_event_apply_once(db: TestDb) {
     assert_eq!(audit_count(replicas[0].as_ref(), "clerk.session.ended").await, 1);
 }
 
+/// Both kinds of job share one lease, through the kind-generic calls.
+async fn every_kind_of_job_is_leased_alike(db: TestDb) {
+    use identity::storage::{JobLease, LeasedJob, ReconcileJobRecord};
+    let storage = db.storage().await;
+    let now = Utc::now();
+    let lease = now + ChronoDuration::seconds(30);
+    let bulk = bulk_job(storage.as_ref(), "runner-a", lease).await;
+    let reconcile = ReconcileJobRecord {
+        id: uuid::Uuid::new_v4(),
+        state: BulkJobState::Running,
+        fix: false,
+        params: "{}".into(),
+        cursor: None,
+        summary: "{}".into(),
+        started_by: "suite".into(),
+        lease_owner: Some("runner-a".into()),
+        lease_until: None,
+        started_at: now,
+        finished_at: None,
+    };
+    storage
+        .create_reconcile_job(&reconcile, lease, &audit("reconcile.start", None))
+        .await
+        .unwrap();
+    let held = JobLease {
+        held: true,
+        cancel_requested: false,
+    };
+    let later = now + ChronoDuration::seconds(31);
+    let relet = later + ChronoDuration::seconds(30);
+    for (job, id) in [(LeasedJob::Bulk, bulk), (LeasedJob::Reconcile, reconcile.id)] {
+        assert_eq!(
+            storage.renew_lease(job, id, "runner-a", lease).await.unwrap(),
+            held,
+            "{job:?}"
+        );
+        assert!(
+            !storage.claim_job(job, id, "runner-b", now, lease).await.unwrap(),
+            "{job:?}"
+        );
+        assert!(
+            storage.claim_job(job, id, "runner-b", later, relet).await.unwrap(),
+            "{job:?}"
+        );
+        assert!(
+            !storage.renew_lease(job, id, "runner-a", relet).await.unwrap().held,
+            "{job:?}"
+        );
+        assert_eq!(
+            storage.renew_lease(job, id, "runner-b", relet).await.unwrap(),
+            held,
+            "{job:?}"
+        );
+    }
+}
+
 async fn a_reconcile_job_is_leased_and_one_runs_at_a_time(db: TestDb) {
     use identity::storage::ReconcileJobRecord;
     let storage = db.storage().await;
@@ -1858,6 +1914,7 @@ crate::backend_tests!(
     clerk_events_apply_once_in_order_with_their_audit,
     concurrent_deliveries_of_one_event_apply_once,
     a_reconcile_job_is_leased_and_one_runs_at_a_time,
+    every_kind_of_job_is_leased_alike,
     outbox_and_invitation_counts_stay_exact,
     a_bulk_job_is_claimed_by_one_runner_at_a_time,
     only_the_lease_owner_writes_to_a_bulk_job,
