@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use governor::{Quota, RateLimiter};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -190,10 +190,6 @@ impl BulkMigrations {
         }
     }
 
-    fn lease_until(&self) -> DateTime<Utc> {
-        lease_until(self.config.lease)
-    }
-
     /// Starts (or resumes) a job in the background; the receiver follows its progress.
     pub async fn start(
         &self,
@@ -355,7 +351,11 @@ impl BulkMigrations {
             AuditOutcome::Success,
             format!("job {id} for {total} users"),
         );
-        match self.storage.create_bulk_job(&job, self.lease_until(), &event).await {
+        match self
+            .storage
+            .create_bulk_job(&job, lease_until(self.config.lease), &event)
+            .await
+        {
             Ok(()) => Ok((id, params, None, BulkCounters::default(), total)),
             Err(StorageError::Conflict(Conflict::BulkJobRunning)) => {
                 let running = self
@@ -408,7 +408,7 @@ impl BulkMigrations {
         }
         let claimed = match self
             .storage
-            .claim_bulk_job(id, owner, Utc::now(), self.lease_until())
+            .claim_bulk_job(id, owner, Utc::now(), lease_until(self.config.lease))
             .await
         {
             Ok(claimed) => claimed,
@@ -566,7 +566,7 @@ impl Runner {
                             &self.owner,
                             self.cursor,
                             &self.progress.counters,
-                            self.jobs.lease_until(),
+                            lease_until(self.jobs.config.lease),
                         )
                         .await
                         .map_err(|e| Abort(format!("database unavailable: {e}")))?;

@@ -185,10 +185,6 @@ impl Reconciliations {
         }
     }
 
-    fn lease_until(&self) -> DateTime<Utc> {
-        lease_until(self.config.lease)
-    }
-
     /// Starts (or resumes) a pass in the background; the receiver follows it.
     pub async fn start(
         &self,
@@ -297,7 +293,7 @@ impl Reconciliations {
         );
         match self
             .storage
-            .create_reconcile_job(&job, self.lease_until(), &event)
+            .create_reconcile_job(&job, lease_until(self.config.lease), &event)
             .await
         {
             Ok(()) => Ok((job, params, cursor)),
@@ -335,7 +331,7 @@ impl Reconciliations {
         }
         let claimed = match self
             .storage
-            .claim_reconcile_job(id, owner, Utc::now(), self.lease_until())
+            .claim_reconcile_job(id, owner, Utc::now(), lease_until(self.config.lease))
             .await
         {
             Ok(claimed) => claimed,
@@ -462,7 +458,7 @@ impl Runner {
                 &self.owner,
                 &cursor,
                 &summary,
-                self.jobs.lease_until(),
+                lease_until(self.jobs.config.lease),
             )
             .await
             .map_err(|e| Abort(format!("database unavailable: {e}")))?;

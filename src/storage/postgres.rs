@@ -623,21 +623,6 @@ fn finish_update(job: LeasedJob, set: &str) -> String {
     )
 }
 
-/// Appends the audit event of a job's end and commits, when the guarded end
-/// applied (`ended`); false, and nothing written, otherwise.
-async fn commit_end(
-    mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
-    ended: bool,
-    audit: &NewAuditEvent,
-) -> StorageResult<bool> {
-    if !ended {
-        return Ok(false);
-    }
-    insert_audit(&mut tx, audit).await?;
-    tx.commit().await.map_err(db_err)?;
-    Ok(true)
-}
-
 fn job_from_row(row: &PgRow) -> StorageResult<BulkJobRecord> {
     let state: String = row.try_get("state").map_err(db_err)?;
     let cursor: Option<Uuid> = row.try_get("cursor_user_id").map_err(db_err)?;
@@ -835,8 +820,13 @@ impl PostgresStorage {
         Ok(false)
     }
 
-    /// Reads one leased job's row.
-    async fn job_row(&self, job: LeasedJob, which: JobRow) -> StorageResult<Option<PgRow>> {
+    /// Reads one leased job, as `from_row` makes it.
+    async fn job<T>(
+        &self,
+        job: LeasedJob,
+        which: JobRow,
+        from_row: fn(&PgRow) -> StorageResult<T>,
+    ) -> StorageResult<Option<T>> {
         let filter = match which {
             JobRow::Id(_) => "WHERE id = $1",
             JobRow::Running => "WHERE state = 'running' LIMIT 1",
@@ -850,7 +840,43 @@ impl PostgresStorage {
         if let JobRow::Id(id) = which {
             query = query.bind(id);
         }
-        query.fetch_optional(&self.pool).await.map_err(db_err)
+        let row = query.fetch_optional(&self.pool).await.map_err(db_err)?;
+        row.as_ref().map(from_row).transpose()
+    }
+
+    /// Creates a job with `insert` (the row, leased to its runner) and its
+    /// audit event, in one transaction; the kind's [`Conflict`] while
+    /// another job of the kind is unfinished.
+    async fn create_job(
+        &self,
+        job: LeasedJob,
+        insert: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<()> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        insert
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| classify(e, Some(job.conflict())))?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    /// Ends a job with `end` (a [`finish_update`]) and appends its audit
+    /// event, in one transaction; false, and nothing written, when the
+    /// runner no longer holds the job.
+    async fn end_job(
+        &self,
+        end: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<bool> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        if end.execute(&mut *tx).await.map_err(db_err)?.rows_affected() != 1 {
+            return Ok(false);
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(true)
     }
 
     async fn find_user_once(&self, key: &UserKey) -> StorageResult<Option<UserRecord>> {
@@ -1459,8 +1485,7 @@ impl Storage for PostgresStorage {
         lease_until: chrono::DateTime<chrono::Utc>,
         audit: &NewAuditEvent,
     ) -> StorageResult<()> {
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
-        sqlx::query(
+        let insert = sqlx::query(
             "INSERT INTO identity_bulk_jobs (id, state, params, total, started_by, lease_owner, lease_until)
              VALUES ($1, 'running', $2, $3, $4, $5, $6)",
         )
@@ -1469,22 +1494,16 @@ impl Storage for PostgresStorage {
         .bind(job.total)
         .bind(&job.started_by)
         .bind(job.lease_owner.as_deref())
-        .bind(lease_until)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| classify(e, Some(Conflict::BulkJobRunning)))?;
-        insert_audit(&mut tx, audit).await?;
-        tx.commit().await.map_err(db_err)
+        .bind(lease_until);
+        self.create_job(LeasedJob::Bulk, insert, audit).await
     }
 
     async fn get_bulk_job(&self, id: Uuid) -> StorageResult<Option<BulkJobRecord>> {
-        let row = self.job_row(LeasedJob::Bulk, JobRow::Id(id)).await?;
-        row.as_ref().map(job_from_row).transpose()
+        self.job(LeasedJob::Bulk, JobRow::Id(id), job_from_row).await
     }
 
     async fn running_bulk_job(&self) -> StorageResult<Option<BulkJobRecord>> {
-        let row = self.job_row(LeasedJob::Bulk, JobRow::Running).await?;
-        row.as_ref().map(job_from_row).transpose()
+        self.job(LeasedJob::Bulk, JobRow::Running, job_from_row).await
     }
 
     async fn claim_job(
@@ -1598,8 +1617,7 @@ impl Storage for PostgresStorage {
         counters: &BulkCounters,
         audit: &NewAuditEvent,
     ) -> StorageResult<bool> {
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
-        let ended: Option<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(finish_update(
+        let end = sqlx::query(sqlx::AssertSqlSafe(finish_update(
             LeasedJob::Bulk,
             "processed = $4, created = $5, linked_existing = $6, skipped = $7, failed = $8",
         )))
@@ -1610,11 +1628,8 @@ impl Storage for PostgresStorage {
         .bind(counters.created)
         .bind(counters.linked_existing)
         .bind(counters.skipped)
-        .bind(counters.failed)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        commit_end(tx, ended.is_some(), audit).await
+        .bind(counters.failed);
+        self.end_job(end, audit).await
     }
 
     async fn request_bulk_cancel(
@@ -1802,8 +1817,7 @@ impl Storage for PostgresStorage {
     }
 
     async fn latest_bulk_job(&self) -> StorageResult<Option<BulkJobRecord>> {
-        let row = self.job_row(LeasedJob::Bulk, JobRow::Latest).await?;
-        row.as_ref().map(job_from_row).transpose()
+        self.job(LeasedJob::Bulk, JobRow::Latest, job_from_row).await
     }
 
     async fn readiness(&self, since_day: i64) -> StorageResult<Readiness> {
@@ -2006,8 +2020,7 @@ impl Storage for PostgresStorage {
         lease_until: chrono::DateTime<chrono::Utc>,
         audit: &NewAuditEvent,
     ) -> StorageResult<()> {
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
-        sqlx::query(
+        let insert = sqlx::query(
             "INSERT INTO identity_reconcile_jobs (id, state, fix, params, cursor, summary, started_by, lease_owner, lease_until)
              VALUES ($1, 'running', $2, $3, $4, $5, $6, $7, $8)",
         )
@@ -2018,27 +2031,21 @@ impl Storage for PostgresStorage {
         .bind(&job.summary)
         .bind(&job.started_by)
         .bind(job.lease_owner.as_deref())
-        .bind(lease_until)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| classify(e, Some(Conflict::ReconcileRunning)))?;
-        insert_audit(&mut tx, audit).await?;
-        tx.commit().await.map_err(db_err)
+        .bind(lease_until);
+        self.create_job(LeasedJob::Reconcile, insert, audit).await
     }
 
     async fn get_reconcile_job(&self, id: Uuid) -> StorageResult<Option<ReconcileJobRecord>> {
-        let row = self.job_row(LeasedJob::Reconcile, JobRow::Id(id)).await?;
-        row.as_ref().map(reconcile_from_row).transpose()
+        self.job(LeasedJob::Reconcile, JobRow::Id(id), reconcile_from_row).await
     }
 
     async fn latest_reconcile_job(&self) -> StorageResult<Option<ReconcileJobRecord>> {
-        let row = self.job_row(LeasedJob::Reconcile, JobRow::Latest).await?;
-        row.as_ref().map(reconcile_from_row).transpose()
+        self.job(LeasedJob::Reconcile, JobRow::Latest, reconcile_from_row).await
     }
 
     async fn running_reconcile_job(&self) -> StorageResult<Option<ReconcileJobRecord>> {
-        let row = self.job_row(LeasedJob::Reconcile, JobRow::Running).await?;
-        row.as_ref().map(reconcile_from_row).transpose()
+        self.job(LeasedJob::Reconcile, JobRow::Running, reconcile_from_row)
+            .await
     }
 
     async fn save_reconcile_progress(
@@ -2072,17 +2079,12 @@ impl Storage for PostgresStorage {
         summary: &str,
         audit: &NewAuditEvent,
     ) -> StorageResult<bool> {
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
-        let ended: Option<bool> =
-            sqlx::query_scalar(sqlx::AssertSqlSafe(finish_update(LeasedJob::Reconcile, "summary = $4")))
-                .bind(id)
-                .bind(owner)
-                .bind(state.as_db())
-                .bind(summary)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db_err)?;
-        commit_end(tx, ended.is_some(), audit).await
+        let end = sqlx::query(sqlx::AssertSqlSafe(finish_update(LeasedJob::Reconcile, "summary = $4")))
+            .bind(id)
+            .bind(owner)
+            .bind(state.as_db())
+            .bind(summary);
+        self.end_job(end, audit).await
     }
 
     async fn get_setting(&self, key: &str) -> StorageResult<Option<SettingRecord>> {

@@ -650,21 +650,6 @@ fn finish_update(job: LeasedJob, set: &str) -> String {
     )
 }
 
-/// Appends the audit event of a job's end and commits, when the guarded end
-/// applied (`ended`); false, and nothing written, otherwise.
-async fn commit_end(
-    mut tx: sqlx::Transaction<'static, sqlx::Sqlite>,
-    ended: bool,
-    audit: &NewAuditEvent,
-) -> StorageResult<bool> {
-    if !ended {
-        return Ok(false);
-    }
-    insert_audit(&mut tx, audit).await?;
-    tx.commit().await.map_err(db_err)?;
-    Ok(true)
-}
-
 fn job_from_row(row: &SqliteRow) -> StorageResult<BulkJobRecord> {
     let id: String = row.try_get("id").map_err(db_err)?;
     let state: String = row.try_get("state").map_err(db_err)?;
@@ -837,8 +822,13 @@ impl SqliteStorage {
         self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)
     }
 
-    /// Reads one leased job's row.
-    async fn job_row(&self, job: LeasedJob, which: JobRow) -> StorageResult<Option<SqliteRow>> {
+    /// Reads one leased job, as `from_row` makes it.
+    async fn job<T>(
+        &self,
+        job: LeasedJob,
+        which: JobRow,
+        from_row: fn(&SqliteRow) -> StorageResult<T>,
+    ) -> StorageResult<Option<T>> {
         let filter = match which {
             JobRow::Id(_) => "WHERE id = ?",
             JobRow::Running => "WHERE state = 'running' LIMIT 1",
@@ -852,7 +842,43 @@ impl SqliteStorage {
         if let JobRow::Id(id) = which {
             query = query.bind(id.to_string());
         }
-        query.fetch_optional(&self.pool).await.map_err(db_err)
+        let row = query.fetch_optional(&self.pool).await.map_err(db_err)?;
+        row.as_ref().map(from_row).transpose()
+    }
+
+    /// Creates a job with `insert` (the row, leased to its runner) and its
+    /// audit event, in one transaction; the kind's [`Conflict`] while
+    /// another job of the kind is unfinished.
+    async fn create_job(
+        &self,
+        job: LeasedJob,
+        insert: sqlx::query::Query<'_, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<()> {
+        let mut tx = self.begin_write().await?;
+        insert
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| classify(e, Some(job.conflict())))?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    /// Ends a job with `end` (a [`finish_update`]) and appends its audit
+    /// event, in one transaction; false, and nothing written, when the
+    /// runner no longer holds the job.
+    async fn end_job(
+        &self,
+        end: sqlx::query::Query<'_, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<bool> {
+        let mut tx = self.begin_write().await?;
+        if end.execute(&mut *tx).await.map_err(db_err)?.rows_affected() != 1 {
+            return Ok(false);
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(true)
     }
 
     async fn find_user_once(&self, key: &UserKey) -> StorageResult<Option<UserRecord>> {
@@ -1333,8 +1359,7 @@ impl Storage for SqliteStorage {
         audit: &NewAuditEvent,
     ) -> StorageResult<()> {
         let now = micros(Utc::now());
-        let mut tx = self.begin_write().await?;
-        sqlx::query(
+        let insert = sqlx::query(
             "INSERT INTO identity_bulk_jobs (id, state, params, total, started_by, lease_owner, lease_until, started_at, updated_at)
              VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?)",
         )
@@ -1345,22 +1370,16 @@ impl Storage for SqliteStorage {
         .bind(job.lease_owner.as_deref())
         .bind(micros(lease_until))
         .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| classify(e, Some(Conflict::BulkJobRunning)))?;
-        insert_audit(&mut tx, audit).await?;
-        tx.commit().await.map_err(db_err)
+        .bind(now);
+        self.create_job(LeasedJob::Bulk, insert, audit).await
     }
 
     async fn get_bulk_job(&self, id: Uuid) -> StorageResult<Option<BulkJobRecord>> {
-        let row = self.job_row(LeasedJob::Bulk, JobRow::Id(id)).await?;
-        row.as_ref().map(job_from_row).transpose()
+        self.job(LeasedJob::Bulk, JobRow::Id(id), job_from_row).await
     }
 
     async fn running_bulk_job(&self) -> StorageResult<Option<BulkJobRecord>> {
-        let row = self.job_row(LeasedJob::Bulk, JobRow::Running).await?;
-        row.as_ref().map(job_from_row).transpose()
+        self.job(LeasedJob::Bulk, JobRow::Running, job_from_row).await
     }
 
     async fn claim_job(
@@ -1476,8 +1495,7 @@ impl Storage for SqliteStorage {
         counters: &BulkCounters,
         audit: &NewAuditEvent,
     ) -> StorageResult<bool> {
-        let mut tx = self.begin_write().await?;
-        let ended: Option<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(finish_update(
+        let end = sqlx::query(sqlx::AssertSqlSafe(finish_update(
             LeasedJob::Bulk,
             "processed = ?5, created = ?6, linked_existing = ?7, skipped = ?8, failed = ?9",
         )))
@@ -1489,11 +1507,8 @@ impl Storage for SqliteStorage {
         .bind(counters.created)
         .bind(counters.linked_existing)
         .bind(counters.skipped)
-        .bind(counters.failed)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        commit_end(tx, ended.is_some(), audit).await
+        .bind(counters.failed);
+        self.end_job(end, audit).await
     }
 
     async fn request_bulk_cancel(
@@ -1662,8 +1677,7 @@ impl Storage for SqliteStorage {
     }
 
     async fn latest_bulk_job(&self) -> StorageResult<Option<BulkJobRecord>> {
-        let row = self.job_row(LeasedJob::Bulk, JobRow::Latest).await?;
-        row.as_ref().map(job_from_row).transpose()
+        self.job(LeasedJob::Bulk, JobRow::Latest, job_from_row).await
     }
 
     async fn readiness(&self, since_day: i64) -> StorageResult<Readiness> {
@@ -1854,8 +1868,7 @@ impl Storage for SqliteStorage {
         audit: &NewAuditEvent,
     ) -> StorageResult<()> {
         let now = micros(Utc::now());
-        let mut tx = self.begin_write().await?;
-        sqlx::query(
+        let insert = sqlx::query(
             "INSERT INTO identity_reconcile_jobs (id, state, fix, params, cursor, summary, started_by, lease_owner,
                  lease_until, started_at, updated_at)
              VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -1869,27 +1882,21 @@ impl Storage for SqliteStorage {
         .bind(job.lease_owner.as_deref())
         .bind(micros(lease_until))
         .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| classify(e, Some(Conflict::ReconcileRunning)))?;
-        insert_audit(&mut tx, audit).await?;
-        tx.commit().await.map_err(db_err)
+        .bind(now);
+        self.create_job(LeasedJob::Reconcile, insert, audit).await
     }
 
     async fn get_reconcile_job(&self, id: Uuid) -> StorageResult<Option<ReconcileJobRecord>> {
-        let row = self.job_row(LeasedJob::Reconcile, JobRow::Id(id)).await?;
-        row.as_ref().map(reconcile_from_row).transpose()
+        self.job(LeasedJob::Reconcile, JobRow::Id(id), reconcile_from_row).await
     }
 
     async fn latest_reconcile_job(&self) -> StorageResult<Option<ReconcileJobRecord>> {
-        let row = self.job_row(LeasedJob::Reconcile, JobRow::Latest).await?;
-        row.as_ref().map(reconcile_from_row).transpose()
+        self.job(LeasedJob::Reconcile, JobRow::Latest, reconcile_from_row).await
     }
 
     async fn running_reconcile_job(&self) -> StorageResult<Option<ReconcileJobRecord>> {
-        let row = self.job_row(LeasedJob::Reconcile, JobRow::Running).await?;
-        row.as_ref().map(reconcile_from_row).transpose()
+        self.job(LeasedJob::Reconcile, JobRow::Running, reconcile_from_row)
+            .await
     }
 
     async fn save_reconcile_progress(
@@ -1924,18 +1931,13 @@ impl Storage for SqliteStorage {
         summary: &str,
         audit: &NewAuditEvent,
     ) -> StorageResult<bool> {
-        let mut tx = self.begin_write().await?;
-        let ended: Option<bool> =
-            sqlx::query_scalar(sqlx::AssertSqlSafe(finish_update(LeasedJob::Reconcile, "summary = ?5")))
-                .bind(id.to_string())
-                .bind(owner)
-                .bind(state.as_db())
-                .bind(micros(Utc::now()))
-                .bind(summary)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db_err)?;
-        commit_end(tx, ended.is_some(), audit).await
+        let end = sqlx::query(sqlx::AssertSqlSafe(finish_update(LeasedJob::Reconcile, "summary = ?5")))
+            .bind(id.to_string())
+            .bind(owner)
+            .bind(state.as_db())
+            .bind(micros(Utc::now()))
+            .bind(summary);
+        self.end_job(end, audit).await
     }
 
     async fn get_setting(&self, key: &str) -> StorageResult<Option<SettingRecord>> {

@@ -1733,26 +1733,31 @@ async fn concurrent_deliveries_of_one_event_apply_once(db: TestDb) {
     assert_eq!(audit_count(replicas[0].as_ref(), "clerk.session.ended").await, 1);
 }
 
-/// Both kinds of job share one lease, through the kind-generic calls.
-async fn every_kind_of_job_is_leased_alike(db: TestDb) {
-    use identity::storage::{JobLease, LeasedJob, ReconcileJobRecord};
-    let storage = db.storage().await;
-    let now = Utc::now();
-    let lease = now + ChronoDuration::seconds(30);
-    let bulk = bulk_job(storage.as_ref(), "runner-a", lease).await;
-    let reconcile = ReconcileJobRecord {
+/// A new reconciliation pass (fixing) leased to `owner`.
+fn reconcile_job(owner: &str) -> identity::storage::ReconcileJobRecord {
+    identity::storage::ReconcileJobRecord {
         id: uuid::Uuid::new_v4(),
         state: BulkJobState::Running,
-        fix: false,
+        fix: true,
         params: "{}".into(),
         cursor: None,
         summary: "{}".into(),
         started_by: "suite".into(),
-        lease_owner: Some("runner-a".into()),
+        lease_owner: Some(owner.into()),
         lease_until: None,
-        started_at: now,
+        started_at: Utc::now(),
         finished_at: None,
-    };
+    }
+}
+
+/// Both kinds of job share one lease, through the kind-generic calls.
+async fn every_kind_of_job_is_leased_alike(db: TestDb) {
+    use identity::storage::{JobLease, LeasedJob};
+    let storage = db.storage().await;
+    let now = Utc::now();
+    let lease = now + ChronoDuration::seconds(30);
+    let bulk = bulk_job(storage.as_ref(), "runner-a", lease).await;
+    let reconcile = reconcile_job("runner-a");
     storage
         .create_reconcile_job(&reconcile, lease, &audit("reconcile.start", None))
         .await
@@ -1790,29 +1795,15 @@ async fn every_kind_of_job_is_leased_alike(db: TestDb) {
 }
 
 async fn a_reconcile_job_is_leased_and_one_runs_at_a_time(db: TestDb) {
-    use identity::storage::ReconcileJobRecord;
     let storage = db.storage().await;
-    let job = |owner: &str| ReconcileJobRecord {
-        id: uuid::Uuid::new_v4(),
-        state: BulkJobState::Running,
-        fix: true,
-        params: "{}".into(),
-        cursor: None,
-        summary: "{}".into(),
-        started_by: "suite".into(),
-        lease_owner: Some(owner.into()),
-        lease_until: None,
-        started_at: Utc::now(),
-        finished_at: None,
-    };
-    let first = job("a");
+    let first = reconcile_job("a");
     let lease = Utc::now() + ChronoDuration::seconds(30);
     storage
         .create_reconcile_job(&first, lease, &audit("reconcile.start", None))
         .await
         .unwrap();
     match storage
-        .create_reconcile_job(&job("b"), lease, &audit("reconcile.start", None))
+        .create_reconcile_job(&reconcile_job("b"), lease, &audit("reconcile.start", None))
         .await
     {
         Err(StorageError::Conflict(Conflict::ReconcileRunning)) => {}
