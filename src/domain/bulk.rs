@@ -18,16 +18,22 @@ use std::{
     time::{Duration, Instant},
 };
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use governor::{Quota, RateLimiter};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::{AuditOutcome, Caller, ClerkUserId, DomainError, Scope, UserCache, audit};
+use super::{
+    AuditOutcome, Caller, ClerkUserId, DomainError, Scope, UserCache, audit,
+    lease::{LeaseKeeper, LeaseLost, lease_until},
+};
 use crate::{
     clerk::{ClerkApi, ClerkApiError, NewClerkUser},
-    storage::{BulkCandidate, BulkCounters, BulkFilter, BulkJobRecord, BulkJobState, Conflict, Storage, StorageError},
+    storage::{
+        BulkCandidate, BulkCounters, BulkFilter, BulkJobRecord, BulkJobState, Conflict, LeasedJob, Storage,
+        StorageError,
+    },
 };
 
 /// Settings of bulk jobs.
@@ -182,10 +188,6 @@ impl BulkMigrations {
             stop,
             running: Arc::new(Mutex::new(HashMap::new())),
         }
-    }
-
-    fn lease_until(&self) -> DateTime<Utc> {
-        Utc::now() + chrono::Duration::from_std(self.config.lease).unwrap_or_else(|_| chrono::Duration::seconds(30))
     }
 
     /// Starts (or resumes) a job in the background; the receiver follows its progress.
@@ -349,7 +351,11 @@ impl BulkMigrations {
             AuditOutcome::Success,
             format!("job {id} for {total} users"),
         );
-        match self.storage.create_bulk_job(&job, self.lease_until(), &event).await {
+        match self
+            .storage
+            .create_bulk_job(&job, lease_until(self.config.lease), &event)
+            .await
+        {
             Ok(()) => Ok((id, params, None, BulkCounters::default(), total)),
             Err(StorageError::Conflict(Conflict::BulkJobRunning)) => {
                 let running = self
@@ -402,7 +408,7 @@ impl BulkMigrations {
         }
         let claimed = match self
             .storage
-            .claim_bulk_job(id, owner, Utc::now(), self.lease_until())
+            .claim_bulk_job(id, owner, Utc::now(), lease_until(self.config.lease))
             .await
         {
             Ok(claimed) => claimed,
@@ -501,62 +507,25 @@ impl Runner {
         let end = if self.progress.dry_run {
             self.work().await
         } else {
-            // The lease is renewed on its own timer: one Clerk call may wait
-            // minutes (Retry-After) without the lease lapsing. Once it is
-            // lost, the work stops where it is, mid-call included.
-            let keeper = self.keep_lease();
-            tokio::select! {
-                end = self.work() => end,
-                () = keeper => Err(Abort(LEASE_LOST.into())),
-            }
+            let keeper = LeaseKeeper {
+                storage: self.jobs.storage.clone(),
+                job: LeasedJob::Bulk,
+                id: self.progress.job_id,
+                owner: self.owner.clone(),
+                lease: self.jobs.config.lease,
+                leased_at: self.leased_at,
+                cancel: Some(self.cancel.clone()),
+            };
+            keeper
+                .hold_while(self.work())
+                .await
+                .unwrap_or_else(|LeaseLost| Err(Abort(LEASE_LOST.into())))
         };
         let (state, message) = match end {
             Ok(state) => (state, state.as_db().to_owned()),
             Err(Abort(reason)) => (BulkJobState::Failed, reason),
         };
         self.finish(state, message).await;
-    }
-
-    /// Renews the lease every third of its length; returns once it is lost:
-    /// another runner holds the job, the job ended (cancelled with no runner
-    /// seen), or no renewal succeeded before it expired.
-    fn keep_lease(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let jobs = self.jobs.clone();
-        let job_id = self.progress.job_id;
-        let owner = self.owner.clone();
-        let cancel = self.cancel.clone();
-        let lease = jobs.config.lease;
-        let mut held_until = self.leased_at + lease;
-        async move {
-            loop {
-                tokio::time::sleep(lease / 3).await;
-                let asked = Instant::now();
-                let renewal = tokio::time::timeout_at(
-                    held_until.into(),
-                    jobs.storage.renew_bulk_lease(job_id, &owner, jobs.lease_until()),
-                )
-                .await;
-                match renewal {
-                    Ok(Ok(lease_now)) if lease_now.held => {
-                        held_until = asked + lease;
-                        if lease_now.cancel_requested {
-                            cancel.store(true, Ordering::SeqCst);
-                        }
-                    }
-                    Ok(Ok(_)) => {
-                        tracing::warn!(%job_id, "bulk job taken over or ended elsewhere; this runner stops");
-                        return;
-                    }
-                    Ok(Err(err)) if Instant::now() < held_until => {
-                        tracing::warn!(%job_id, error = %err, "cannot renew the bulk job's lease; retrying");
-                    }
-                    Ok(Err(_)) | Err(_) => {
-                        tracing::warn!(%job_id, "the bulk job's lease expired before it could be renewed; this runner stops");
-                        return;
-                    }
-                }
-            }
-        }
     }
 
     async fn work(&mut self) -> Result<BulkJobState, Abort> {
@@ -597,7 +566,7 @@ impl Runner {
                             &self.owner,
                             self.cursor,
                             &self.progress.counters,
-                            self.jobs.lease_until(),
+                            lease_until(self.jobs.config.lease),
                         )
                         .await
                         .map_err(|e| Abort(format!("database unavailable: {e}")))?;

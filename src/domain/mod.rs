@@ -9,6 +9,7 @@ mod error;
 mod ids;
 pub mod import;
 mod invitations;
+mod lease;
 pub mod reconcile;
 mod user_cache;
 mod users;

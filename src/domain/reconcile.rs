@@ -21,11 +21,8 @@
 use std::{
     collections::{BTreeMap, HashSet},
     num::NonZeroU32,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
 use chrono::{DateTime, Utc};
@@ -34,13 +31,16 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::{AuditOutcome, Caller, ClerkUserId, DomainError, Email, Scope, UserCache, UserId, audit};
+use super::{
+    AuditOutcome, Caller, ClerkUserId, DomainError, Email, Scope, UserCache, UserId, audit,
+    lease::{LeaseKeeper, LeaseLost, lease_until},
+};
 use crate::{
     clerk::{ClerkApi, ClerkUser},
     config::UnmappedPolicy,
     storage::{
-        BulkJobState, ClerkChange, ClerkEvent, ClerkEventOutcome, Conflict, DELETED_VERSION, ReconcileJobRecord,
-        Storage, StorageError, UserKey,
+        BulkJobState, ClerkChange, ClerkEvent, ClerkEventOutcome, Conflict, DELETED_VERSION, LeasedJob,
+        ReconcileJobRecord, Storage, StorageError, UserKey,
     },
     verification::Verifier,
 };
@@ -59,6 +59,8 @@ const MAX_IDS: usize = 1000;
 /// Mappings checked per request in the second phase.
 const MAPPING_BATCH: u32 = 100;
 const DEFAULT_PAGE: u32 = 500;
+/// Why a runner stopped when its lease was lost.
+const LEASE_LOST: &str = "this runner lost the reconciliation's lease";
 
 /// What the caller asks for.
 #[derive(Debug, Clone, Default)]
@@ -183,10 +185,6 @@ impl Reconciliations {
         }
     }
 
-    fn lease_until(&self) -> DateTime<Utc> {
-        Utc::now() + chrono::Duration::from_std(self.config.lease).unwrap_or_else(|_| chrono::Duration::seconds(30))
-    }
-
     /// Starts (or resumes) a pass in the background; the receiver follows it.
     pub async fn start(
         &self,
@@ -200,6 +198,8 @@ impl Reconciliations {
             )
         })?;
         let owner = format!("reconcile-{}", Uuid::new_v4().simple());
+        // The lease runs from before the claim, never from after it.
+        let leased_at = Instant::now();
         let (job, params, cursor) = match request.resume_job_id {
             Some(id) => self.resume(caller, id, &owner).await?,
             None => self.create(caller, &request, &owner).await?,
@@ -229,7 +229,8 @@ impl Reconciliations {
             params,
             cursor,
             progress: initial,
-            lost: Arc::new(AtomicBool::new(false)),
+            leased_at,
+            lost: false,
             tx,
         };
         let mut stop = self.stop.clone();
@@ -292,7 +293,7 @@ impl Reconciliations {
         );
         match self
             .storage
-            .create_reconcile_job(&job, self.lease_until(), &event)
+            .create_reconcile_job(&job, lease_until(self.config.lease), &event)
             .await
         {
             Ok(()) => Ok((job, params, cursor)),
@@ -330,7 +331,7 @@ impl Reconciliations {
         }
         let claimed = match self
             .storage
-            .claim_reconcile_job(id, owner, Utc::now(), self.lease_until())
+            .claim_reconcile_job(id, owner, Utc::now(), lease_until(self.config.lease))
             .await
         {
             Ok(claimed) => claimed,
@@ -373,22 +374,36 @@ struct Runner {
     params: Params,
     cursor: Cursor,
     progress: ReconcileProgress,
-    lost: Arc<AtomicBool>,
+    /// When the lease this runner starts with was taken.
+    leased_at: Instant,
+    /// The lease was lost: the pass is someone else's, its end is not written here.
+    lost: bool,
     tx: watch::Sender<ReconcileProgress>,
 }
 
 impl Runner {
     async fn run(mut self) {
-        let keeper = self.keep_lease();
-        let end = tokio::select! {
-            end = self.work() => end,
-            () = keeper => Err(Abort("this runner lost the reconciliation's lease".into())),
+        let keeper = LeaseKeeper {
+            storage: self.jobs.storage.clone(),
+            job: LeasedJob::Reconcile,
+            id: self.progress.job_id,
+            owner: self.owner.clone(),
+            lease: self.jobs.config.lease,
+            leased_at: self.leased_at,
+            cancel: None,
+        };
+        let end = match keeper.hold_while(self.work()).await {
+            Ok(end) => end,
+            Err(LeaseLost) => {
+                self.lost = true;
+                Err(Abort(LEASE_LOST.into()))
+            }
         };
         let (state, message) = match end {
             Ok(()) => (BulkJobState::Completed, "completed".to_owned()),
             Err(Abort(reason)) => (BulkJobState::Failed, reason),
         };
-        if !self.lost.load(Ordering::SeqCst) {
+        if !self.lost {
             let summary = serde_json::to_string(&self.progress.summary).unwrap_or_else(|_| "{}".into());
             let counts: Vec<String> = DRIFT_KINDS
                 .iter()
@@ -432,31 +447,6 @@ impl Runner {
         self.tx.send_replace(self.progress.clone());
     }
 
-    /// Renews the lease every third of its length; returns once it is lost.
-    fn keep_lease(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let storage = self.jobs.storage.clone();
-        let jobs = self.jobs.clone();
-        let id = self.progress.job_id;
-        let owner = self.owner.clone();
-        let lost = self.lost.clone();
-        let lease = self.jobs.config.lease;
-        async move {
-            loop {
-                tokio::time::sleep(lease / 3).await;
-                match storage.renew_reconcile_lease(id, &owner, jobs.lease_until()).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        lost.store(true, Ordering::SeqCst);
-                        return;
-                    }
-                    Err(err) => {
-                        tracing::warn!(job_id = %id, error = %err, "cannot renew the reconciliation's lease; retrying")
-                    }
-                }
-            }
-        }
-    }
-
     async fn save(&mut self) -> Result<(), Abort> {
         let cursor = serde_json::to_string(&self.cursor).map_err(|e| Abort(e.to_string()))?;
         let summary = serde_json::to_string(&self.progress.summary).map_err(|e| Abort(e.to_string()))?;
@@ -468,13 +458,13 @@ impl Runner {
                 &self.owner,
                 &cursor,
                 &summary,
-                self.jobs.lease_until(),
+                lease_until(self.jobs.config.lease),
             )
             .await
             .map_err(|e| Abort(format!("database unavailable: {e}")))?;
         if !held {
-            self.lost.store(true, Ordering::SeqCst);
-            return Err(Abort("this runner lost the reconciliation's lease".into()));
+            self.lost = true;
+            return Err(Abort(LEASE_LOST.into()));
         }
         self.tx.send_replace(self.progress.clone());
         Ok(())

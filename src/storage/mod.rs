@@ -4,6 +4,7 @@
 
 mod clerk_events;
 mod error;
+mod lease;
 mod postgres;
 mod sqlite;
 mod users_table;
@@ -16,6 +17,8 @@ use chrono::{DateTime, Utc};
 pub use clerk_events::{ClerkChange, ClerkEvent, ClerkEventOutcome, ClerkEventResult, DELETED_VERSION};
 use error::classify;
 pub use error::{Conflict, StorageError};
+use lease::JobRow;
+pub use lease::{JobLease, LeasedJob};
 pub use postgres::PostgresStorage;
 pub use sqlite::SqliteStorage;
 pub use users_table::{ColumnSetting, Ident, UsersTableConfig};
@@ -317,24 +320,6 @@ pub struct BulkCandidate {
     pub password_hash: Option<String>,
 }
 
-/// What saving progress learned about the job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BulkLease {
-    /// False when another runner took the job over (this one must stop).
-    pub held: bool,
-    pub cancel_requested: bool,
-}
-
-impl BulkLease {
-    /// From a guarded write's `RETURNING cancel_requested`: no row means the lease is lost.
-    pub(crate) fn from_returned(cancel_requested: Option<bool>) -> Self {
-        Self {
-            held: cancel_requested.is_some(),
-            cancel_requested: cancel_requested.unwrap_or(false),
-        }
-    }
-}
-
 /// Users by migration state, kept exact by database triggers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UserCounts {
@@ -519,16 +504,41 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// The unfinished job, if any.
     async fn running_bulk_job(&self) -> StorageResult<Option<BulkJobRecord>>;
 
-    /// Takes over a running or failed job whose lease has expired; false
-    /// while any runner holds it, `owner` included (one runner per job).
-    /// A requested cancellation is kept.
+    /// Takes over a running or failed job of the kind (what a lease
+    /// guarantees: see [`LeasedJob`]) whose lease expired at `now`; false
+    /// while any runner holds it, `owner` included (one runner per job). A
+    /// requested cancellation is kept. The kind's [`Conflict`] when another
+    /// job of the kind is unfinished.
+    async fn claim_job(
+        &self,
+        job: LeasedJob,
+        id: uuid::Uuid,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StorageResult<bool>;
+
+    /// Renews `owner`'s lease on a running job of the kind, whatever its
+    /// progress; tells whether the lease is still held, and of a requested
+    /// cancellation.
+    async fn renew_lease(
+        &self,
+        job: LeasedJob,
+        id: uuid::Uuid,
+        owner: &str,
+        lease_until: DateTime<Utc>,
+    ) -> StorageResult<JobLease>;
+
+    /// [`Storage::claim_job`] of a bulk job.
     async fn claim_bulk_job(
         &self,
         id: uuid::Uuid,
         owner: &str,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
-    ) -> StorageResult<bool>;
+    ) -> StorageResult<bool> {
+        self.claim_job(LeasedJob::Bulk, id, owner, now, lease_until).await
+    }
 
     /// Saves the cursor and counters and renews the lease.
     async fn save_bulk_progress(
@@ -538,15 +548,17 @@ pub trait Storage: Send + Sync + fmt::Debug {
         cursor: Option<UserId>,
         counters: &BulkCounters,
         lease_until: DateTime<Utc>,
-    ) -> StorageResult<BulkLease>;
+    ) -> StorageResult<JobLease>;
 
-    /// Renews `owner`'s lease on a running job, whatever its progress.
+    /// [`Storage::renew_lease`] of a bulk job.
     async fn renew_bulk_lease(
         &self,
         id: uuid::Uuid,
         owner: &str,
         lease_until: DateTime<Utc>,
-    ) -> StorageResult<BulkLease>;
+    ) -> StorageResult<JobLease> {
+        self.renew_lease(LeasedJob::Bulk, id, owner, lease_until).await
+    }
 
     /// Records why one user failed (the latest reason wins), while `owner`
     /// holds the running job; false (nothing written) otherwise.
@@ -654,15 +666,16 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// The unfinished pass, if any.
     async fn running_reconcile_job(&self) -> StorageResult<Option<ReconcileJobRecord>>;
 
-    /// Takes over a running or failed pass whose lease expired at `now`;
-    /// false while any runner holds it.
+    /// [`Storage::claim_job`] of a reconciliation pass.
     async fn claim_reconcile_job(
         &self,
         id: uuid::Uuid,
         owner: &str,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
-    ) -> StorageResult<bool>;
+    ) -> StorageResult<bool> {
+        self.claim_job(LeasedJob::Reconcile, id, owner, now, lease_until).await
+    }
 
     /// Saves the cursor and the summary and renews the lease; false (nothing
     /// written) when `owner` no longer holds the running pass.
@@ -675,13 +688,18 @@ pub trait Storage: Send + Sync + fmt::Debug {
         lease_until: DateTime<Utc>,
     ) -> StorageResult<bool>;
 
-    /// Renews `owner`'s lease on a running pass; false when it is lost.
+    /// [`Storage::renew_lease`] of a reconciliation pass; false when it is lost.
     async fn renew_reconcile_lease(
         &self,
         id: uuid::Uuid,
         owner: &str,
         lease_until: DateTime<Utc>,
-    ) -> StorageResult<bool>;
+    ) -> StorageResult<bool> {
+        Ok(self
+            .renew_lease(LeasedJob::Reconcile, id, owner, lease_until)
+            .await?
+            .held)
+    }
 
     /// Ends a running pass `owner` holds, with its summary and audit event;
     /// false (nothing written) otherwise.

@@ -18,8 +18,8 @@ use uuid::Uuid;
 
 use super::{
     AuditQuery, AuditRecord, AuthFlush, AuthPoint, AuthTotals, BulkCandidate, BulkCounters, BulkFilter, BulkJobRecord,
-    BulkJobState, BulkLease, Conflict, DatabaseOptions, InvitationCounts, Linked, MappingKey, MappingRecord,
-    NewAuditEvent, NewInvitation, NewLegacyUser, NewRevocation, OutboxCounts, OutboxMessage, Readiness,
+    BulkJobState, Conflict, DatabaseOptions, InvitationCounts, JobLease, JobRow, LeasedJob, Linked, MappingKey,
+    MappingRecord, NewAuditEvent, NewInvitation, NewLegacyUser, NewRevocation, OutboxCounts, OutboxMessage, Readiness,
     ReconcileJobRecord, RevocationChanges, RevocationRecord, SettingRecord, Storage, StorageError, StorageResult,
     UserCounts, UserKey, UserKeys, UserRecord, UsersTableConfig,
     clerk_events::{
@@ -427,9 +427,6 @@ fn revocation_from_row(row: &PgRow) -> StorageResult<RevocationRecord> {
 
 const REVOCATION_COLUMNS: &str = "jti, token_hash, session_id, clerk_user_id, expires_at";
 
-const RECONCILE_COLUMNS: &str =
-    "id, state, fix, params, cursor, summary, started_by, lease_owner, lease_until, started_at, finished_at";
-
 fn reconcile_from_row(row: &PgRow) -> StorageResult<ReconcileJobRecord> {
     let state: String = row.try_get("state").map_err(db_err)?;
     Ok(ReconcileJobRecord {
@@ -604,9 +601,27 @@ async fn apply_change_in_tx(
     }
 }
 
-const JOB_COLUMNS: &str =
-    "id, state, params, cursor_user_id, total, processed, created, linked_existing, skipped, failed,
-    started_by, cancel_requested, lease_owner, lease_until, started_at";
+/// An `UPDATE` of leased job `$1` that applies only while `$2` holds its
+/// lease and the job is running. `set` names the columns written, its
+/// parameters numbered from `$3`. It returns the job's cancellation flag: no
+/// row when the lease is lost (see [`JobLease::from_returned`]).
+fn guarded_update(job: LeasedJob, set: &str) -> String {
+    format!(
+        "UPDATE {} SET {set} WHERE id = $1 AND lease_owner = $2 AND state = 'running' RETURNING {}",
+        job.table(),
+        job.cancel_flag()
+    )
+}
+
+/// The [`guarded_update`] that ends a leased job and releases its lease:
+/// `$3` the final state; `set` writes the kind's own columns, its
+/// parameters numbered from `$4`.
+fn finish_update(job: LeasedJob, set: &str) -> String {
+    guarded_update(
+        job,
+        &format!("state = $3, lease_owner = NULL, lease_until = NULL, updated_at = now(), finished_at = now(), {set}"),
+    )
+}
 
 fn job_from_row(row: &PgRow) -> StorageResult<BulkJobRecord> {
     let state: String = row.try_get("state").map_err(db_err)?;
@@ -803,6 +818,65 @@ impl PostgresStorage {
             return Ok(true);
         }
         Ok(false)
+    }
+
+    /// Reads one leased job, as `from_row` makes it.
+    async fn job<T>(
+        &self,
+        job: LeasedJob,
+        which: JobRow,
+        from_row: fn(&PgRow) -> StorageResult<T>,
+    ) -> StorageResult<Option<T>> {
+        let filter = match which {
+            JobRow::Id(_) => "WHERE id = $1",
+            JobRow::Running => "WHERE state = 'running' LIMIT 1",
+            JobRow::Latest => "ORDER BY started_at DESC, id LIMIT 1",
+        };
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {} FROM {} {filter}",
+            job.columns(),
+            job.table()
+        )));
+        if let JobRow::Id(id) = which {
+            query = query.bind(id);
+        }
+        let row = query.fetch_optional(&self.pool).await.map_err(db_err)?;
+        row.as_ref().map(from_row).transpose()
+    }
+
+    /// Creates a job with `insert` (the row, leased to its runner) and its
+    /// audit event, in one transaction; the kind's [`Conflict`] while
+    /// another job of the kind is unfinished.
+    async fn create_job(
+        &self,
+        job: LeasedJob,
+        insert: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<()> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        insert
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| classify(e, Some(job.conflict())))?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    /// Ends a job with `end` (a [`finish_update`]) and appends its audit
+    /// event, in one transaction; false, and nothing written, when the
+    /// runner no longer holds the job.
+    async fn end_job(
+        &self,
+        end: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<bool> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        if end.execute(&mut *tx).await.map_err(db_err)?.rows_affected() != 1 {
+            return Ok(false);
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(true)
     }
 
     async fn find_user_once(&self, key: &UserKey) -> StorageResult<Option<UserRecord>> {
@@ -1411,8 +1485,7 @@ impl Storage for PostgresStorage {
         lease_until: chrono::DateTime<chrono::Utc>,
         audit: &NewAuditEvent,
     ) -> StorageResult<()> {
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
-        sqlx::query(
+        let insert = sqlx::query(
             "INSERT INTO identity_bulk_jobs (id, state, params, total, started_by, lease_owner, lease_until)
              VALUES ($1, 'running', $2, $3, $4, $5, $6)",
         )
@@ -1421,56 +1494,59 @@ impl Storage for PostgresStorage {
         .bind(job.total)
         .bind(&job.started_by)
         .bind(job.lease_owner.as_deref())
-        .bind(lease_until)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| classify(e, Some(Conflict::BulkJobRunning)))?;
-        insert_audit(&mut tx, audit).await?;
-        tx.commit().await.map_err(db_err)
+        .bind(lease_until);
+        self.create_job(LeasedJob::Bulk, insert, audit).await
     }
 
     async fn get_bulk_job(&self, id: Uuid) -> StorageResult<Option<BulkJobRecord>> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {JOB_COLUMNS} FROM identity_bulk_jobs WHERE id = $1"
-        )))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err)?;
-        row.as_ref().map(job_from_row).transpose()
+        self.job(LeasedJob::Bulk, JobRow::Id(id), job_from_row).await
     }
 
     async fn running_bulk_job(&self) -> StorageResult<Option<BulkJobRecord>> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {JOB_COLUMNS} FROM identity_bulk_jobs WHERE state = 'running' LIMIT 1"
-        )))
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err)?;
-        row.as_ref().map(job_from_row).transpose()
+        self.job(LeasedJob::Bulk, JobRow::Running, job_from_row).await
     }
 
-    async fn claim_bulk_job(
+    async fn claim_job(
         &self,
+        job: LeasedJob,
         id: Uuid,
         owner: &str,
         now: chrono::DateTime<chrono::Utc>,
         lease_until: chrono::DateTime<chrono::Utc>,
     ) -> StorageResult<bool> {
-        let done = sqlx::query(
-            "UPDATE identity_bulk_jobs SET state = 'running', lease_owner = $1, lease_until = $2, updated_at = now(),
-                 finished_at = NULL
-             WHERE id = $3 AND state IN ('running', 'failed')
-               AND (lease_until IS NULL OR lease_until < $4)",
-        )
+        let done = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE {} SET state = 'running', lease_owner = $1, lease_until = $2, updated_at = now(), finished_at = NULL
+             WHERE id = $3 AND state IN ('running', 'failed') AND (lease_until IS NULL OR lease_until < $4)",
+            job.table()
+        )))
         .bind(owner)
         .bind(lease_until)
         .bind(id)
         .bind(now)
         .execute(&self.pool)
         .await
-        .map_err(|e| classify(e, Some(Conflict::BulkJobRunning)))?;
+        .map_err(|e| classify(e, Some(job.conflict())))?;
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn renew_lease(
+        &self,
+        job: LeasedJob,
+        id: Uuid,
+        owner: &str,
+        lease_until: chrono::DateTime<chrono::Utc>,
+    ) -> StorageResult<JobLease> {
+        let cancel: Option<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(guarded_update(
+            job,
+            "lease_until = $3, updated_at = now()",
+        )))
+        .bind(id)
+        .bind(owner)
+        .bind(lease_until)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(JobLease::from_returned(cancel))
     }
 
     async fn save_bulk_progress(
@@ -1480,46 +1556,25 @@ impl Storage for PostgresStorage {
         cursor: Option<UserId>,
         counters: &BulkCounters,
         lease_until: chrono::DateTime<chrono::Utc>,
-    ) -> StorageResult<BulkLease> {
-        let cancel: Option<bool> = sqlx::query_scalar(
-            "UPDATE identity_bulk_jobs SET cursor_user_id = $1, processed = $2, created = $3, linked_existing = $4,
-                 skipped = $5, failed = $6, lease_until = $7, updated_at = now()
-             WHERE id = $8 AND lease_owner = $9 AND state = 'running'
-             RETURNING cancel_requested",
-        )
+    ) -> StorageResult<JobLease> {
+        let cancel: Option<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(guarded_update(
+            LeasedJob::Bulk,
+            "lease_until = $3, updated_at = now(), cursor_user_id = $4, processed = $5, created = $6,
+             linked_existing = $7, skipped = $8, failed = $9",
+        )))
+        .bind(id)
+        .bind(owner)
+        .bind(lease_until)
         .bind(cursor.map(|c| *c.as_uuid()))
         .bind(counters.processed)
         .bind(counters.created)
         .bind(counters.linked_existing)
         .bind(counters.skipped)
         .bind(counters.failed)
-        .bind(lease_until)
-        .bind(id)
-        .bind(owner)
         .fetch_optional(&self.pool)
         .await
         .map_err(db_err)?;
-        Ok(BulkLease::from_returned(cancel))
-    }
-
-    async fn renew_bulk_lease(
-        &self,
-        id: Uuid,
-        owner: &str,
-        lease_until: chrono::DateTime<chrono::Utc>,
-    ) -> StorageResult<BulkLease> {
-        let cancel: Option<bool> = sqlx::query_scalar(
-            "UPDATE identity_bulk_jobs SET lease_until = $1, updated_at = now()
-             WHERE id = $2 AND lease_owner = $3 AND state = 'running'
-             RETURNING cancel_requested",
-        )
-        .bind(lease_until)
-        .bind(id)
-        .bind(owner)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err)?;
-        Ok(BulkLease::from_returned(cancel))
+        Ok(JobLease::from_returned(cancel))
     }
 
     async fn record_bulk_failure(&self, id: Uuid, owner: &str, user_id: UserId, reason: &str) -> StorageResult<bool> {
@@ -1562,29 +1617,19 @@ impl Storage for PostgresStorage {
         counters: &BulkCounters,
         audit: &NewAuditEvent,
     ) -> StorageResult<bool> {
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
-        let done = sqlx::query(
-            "UPDATE identity_bulk_jobs SET state = $1, processed = $2, created = $3, linked_existing = $4, skipped = $5,
-                 failed = $6, lease_owner = NULL, lease_until = NULL, updated_at = now(), finished_at = now()
-             WHERE id = $7 AND lease_owner = $8 AND state = 'running'",
-        )
+        let end = sqlx::query(sqlx::AssertSqlSafe(finish_update(
+            LeasedJob::Bulk,
+            "processed = $4, created = $5, linked_existing = $6, skipped = $7, failed = $8",
+        )))
+        .bind(id)
+        .bind(owner)
         .bind(state.as_db())
         .bind(counters.processed)
         .bind(counters.created)
         .bind(counters.linked_existing)
         .bind(counters.skipped)
-        .bind(counters.failed)
-        .bind(id)
-        .bind(owner)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        if done.rows_affected() != 1 {
-            return Ok(false);
-        }
-        insert_audit(&mut tx, audit).await?;
-        tx.commit().await.map_err(db_err)?;
-        Ok(true)
+        .bind(counters.failed);
+        self.end_job(end, audit).await
     }
 
     async fn request_bulk_cancel(
@@ -1603,7 +1648,8 @@ impl Storage for PostgresStorage {
                  lease_owner = CASE WHEN {ended} THEN NULL ELSE lease_owner END,
                  lease_until = CASE WHEN {ended} THEN NULL ELSE lease_until END,
                  updated_at = now()
-             WHERE id = $1 AND state IN ('running', 'failed') RETURNING {JOB_COLUMNS}"
+             WHERE id = $1 AND state IN ('running', 'failed') RETURNING {}",
+            LeasedJob::Bulk.columns()
         )))
         .bind(id)
         .bind(now)
@@ -1771,13 +1817,7 @@ impl Storage for PostgresStorage {
     }
 
     async fn latest_bulk_job(&self) -> StorageResult<Option<BulkJobRecord>> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {JOB_COLUMNS} FROM identity_bulk_jobs ORDER BY started_at DESC LIMIT 1"
-        )))
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err)?;
-        row.as_ref().map(job_from_row).transpose()
+        self.job(LeasedJob::Bulk, JobRow::Latest, job_from_row).await
     }
 
     async fn readiness(&self, since_day: i64) -> StorageResult<Readiness> {
@@ -1980,8 +2020,7 @@ impl Storage for PostgresStorage {
         lease_until: chrono::DateTime<chrono::Utc>,
         audit: &NewAuditEvent,
     ) -> StorageResult<()> {
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
-        sqlx::query(
+        let insert = sqlx::query(
             "INSERT INTO identity_reconcile_jobs (id, state, fix, params, cursor, summary, started_by, lease_owner, lease_until)
              VALUES ($1, 'running', $2, $3, $4, $5, $6, $7, $8)",
         )
@@ -1992,65 +2031,21 @@ impl Storage for PostgresStorage {
         .bind(&job.summary)
         .bind(&job.started_by)
         .bind(job.lease_owner.as_deref())
-        .bind(lease_until)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| classify(e, Some(Conflict::ReconcileRunning)))?;
-        insert_audit(&mut tx, audit).await?;
-        tx.commit().await.map_err(db_err)
+        .bind(lease_until);
+        self.create_job(LeasedJob::Reconcile, insert, audit).await
     }
 
     async fn get_reconcile_job(&self, id: Uuid) -> StorageResult<Option<ReconcileJobRecord>> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {RECONCILE_COLUMNS} FROM identity_reconcile_jobs WHERE id = $1"
-        )))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err)?;
-        row.as_ref().map(reconcile_from_row).transpose()
+        self.job(LeasedJob::Reconcile, JobRow::Id(id), reconcile_from_row).await
     }
 
     async fn latest_reconcile_job(&self) -> StorageResult<Option<ReconcileJobRecord>> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {RECONCILE_COLUMNS} FROM identity_reconcile_jobs ORDER BY started_at DESC, id LIMIT 1"
-        )))
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err)?;
-        row.as_ref().map(reconcile_from_row).transpose()
+        self.job(LeasedJob::Reconcile, JobRow::Latest, reconcile_from_row).await
     }
 
     async fn running_reconcile_job(&self) -> StorageResult<Option<ReconcileJobRecord>> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {RECONCILE_COLUMNS} FROM identity_reconcile_jobs WHERE state = 'running' LIMIT 1"
-        )))
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err)?;
-        row.as_ref().map(reconcile_from_row).transpose()
-    }
-
-    async fn claim_reconcile_job(
-        &self,
-        id: Uuid,
-        owner: &str,
-        now: chrono::DateTime<chrono::Utc>,
-        lease_until: chrono::DateTime<chrono::Utc>,
-    ) -> StorageResult<bool> {
-        let done = sqlx::query(
-            "UPDATE identity_reconcile_jobs SET state = 'running', lease_owner = $1, lease_until = $2, updated_at = now(),
-                 finished_at = NULL
-             WHERE id = $3 AND state IN ('running', 'failed') AND (lease_until IS NULL OR lease_until < $4)",
-        )
-        .bind(owner)
-        .bind(lease_until)
-        .bind(id)
-        .bind(now)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| classify(e, Some(Conflict::ReconcileRunning)))?;
-        Ok(done.rows_affected() == 1)
+        self.job(LeasedJob::Reconcile, JobRow::Running, reconcile_from_row)
+            .await
     }
 
     async fn save_reconcile_progress(
@@ -2061,38 +2056,19 @@ impl Storage for PostgresStorage {
         summary: &str,
         lease_until: chrono::DateTime<chrono::Utc>,
     ) -> StorageResult<bool> {
-        let done = sqlx::query(
-            "UPDATE identity_reconcile_jobs SET cursor = $1, summary = $2, lease_until = $3, updated_at = now()
-             WHERE id = $4 AND lease_owner = $5 AND state = 'running'",
-        )
+        let held: Option<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(guarded_update(
+            LeasedJob::Reconcile,
+            "lease_until = $3, updated_at = now(), cursor = $4, summary = $5",
+        )))
+        .bind(id)
+        .bind(owner)
+        .bind(lease_until)
         .bind(cursor)
         .bind(summary)
-        .bind(lease_until)
-        .bind(id)
-        .bind(owner)
-        .execute(&self.pool)
+        .fetch_optional(&self.pool)
         .await
         .map_err(db_err)?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn renew_reconcile_lease(
-        &self,
-        id: Uuid,
-        owner: &str,
-        lease_until: chrono::DateTime<chrono::Utc>,
-    ) -> StorageResult<bool> {
-        let done = sqlx::query(
-            "UPDATE identity_reconcile_jobs SET lease_until = $1, updated_at = now()
-             WHERE id = $2 AND lease_owner = $3 AND state = 'running'",
-        )
-        .bind(lease_until)
-        .bind(id)
-        .bind(owner)
-        .execute(&self.pool)
-        .await
-        .map_err(db_err)?;
-        Ok(done.rows_affected() == 1)
+        Ok(held.is_some())
     }
 
     async fn finish_reconcile_job(
@@ -2103,25 +2079,12 @@ impl Storage for PostgresStorage {
         summary: &str,
         audit: &NewAuditEvent,
     ) -> StorageResult<bool> {
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
-        let done = sqlx::query(
-            "UPDATE identity_reconcile_jobs SET state = $1, summary = $2, lease_owner = NULL, lease_until = NULL,
-                 updated_at = now(), finished_at = now()
-             WHERE id = $3 AND lease_owner = $4 AND state = 'running'",
-        )
-        .bind(state.as_db())
-        .bind(summary)
-        .bind(id)
-        .bind(owner)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        if done.rows_affected() != 1 {
-            return Ok(false);
-        }
-        insert_audit(&mut tx, audit).await?;
-        tx.commit().await.map_err(db_err)?;
-        Ok(true)
+        let end = sqlx::query(sqlx::AssertSqlSafe(finish_update(LeasedJob::Reconcile, "summary = $4")))
+            .bind(id)
+            .bind(owner)
+            .bind(state.as_db())
+            .bind(summary);
+        self.end_job(end, audit).await
     }
 
     async fn get_setting(&self, key: &str) -> StorageResult<Option<SettingRecord>> {

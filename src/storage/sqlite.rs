@@ -18,8 +18,8 @@ use uuid::Uuid;
 
 use super::{
     AuditQuery, AuditRecord, AuthFlush, AuthPoint, AuthTotals, BulkCandidate, BulkCounters, BulkFilter, BulkJobRecord,
-    BulkJobState, BulkLease, Conflict, DatabaseOptions, InvitationCounts, Linked, MappingKey, MappingRecord,
-    NewAuditEvent, NewInvitation, NewLegacyUser, NewRevocation, OutboxCounts, OutboxMessage, Readiness,
+    BulkJobState, Conflict, DatabaseOptions, InvitationCounts, JobLease, JobRow, LeasedJob, Linked, MappingKey,
+    MappingRecord, NewAuditEvent, NewInvitation, NewLegacyUser, NewRevocation, OutboxCounts, OutboxMessage, Readiness,
     ReconcileJobRecord, RevocationChanges, RevocationRecord, SettingRecord, Storage, StorageError, StorageResult,
     UserCounts, UserKey, UserKeys, UserRecord, UsersTableConfig,
     clerk_events::{self, ClerkChange, ClerkEvent, ClerkEventOutcome, ClerkEventResult, Step, UserSnapshot},
@@ -453,9 +453,6 @@ fn revocation_from_row(row: &SqliteRow) -> StorageResult<RevocationRecord> {
 
 const REVOCATION_COLUMNS: &str = "jti, token_hash, session_id, clerk_user_id, expires_at";
 
-const RECONCILE_COLUMNS: &str =
-    "id, state, fix, params, cursor, summary, started_by, lease_owner, lease_until, started_at, finished_at";
-
 fn reconcile_from_row(row: &SqliteRow) -> StorageResult<ReconcileJobRecord> {
     let id: String = row.try_get("id").map_err(db_err)?;
     let state: String = row.try_get("state").map_err(db_err)?;
@@ -631,9 +628,27 @@ async fn apply_change_in_tx(
     }
 }
 
-const JOB_COLUMNS: &str =
-    "id, state, params, cursor_user_id, total, processed, created, linked_existing, skipped, failed,
-    started_by, cancel_requested, lease_owner, lease_until, started_at";
+/// An `UPDATE` of leased job `?1` that applies only while `?2` holds its
+/// lease and the job is running. `set` names the columns written, its
+/// parameters numbered from `?3`. It returns the job's cancellation flag: no
+/// row when the lease is lost (see [`JobLease::from_returned`]).
+fn guarded_update(job: LeasedJob, set: &str) -> String {
+    format!(
+        "UPDATE {} SET {set} WHERE id = ?1 AND lease_owner = ?2 AND state = 'running' RETURNING {}",
+        job.table(),
+        job.cancel_flag()
+    )
+}
+
+/// The [`guarded_update`] that ends a leased job and releases its lease:
+/// `?3` the final state, `?4` the time; `set` writes the kind's own
+/// columns, its parameters numbered from `?5`.
+fn finish_update(job: LeasedJob, set: &str) -> String {
+    guarded_update(
+        job,
+        &format!("state = ?3, lease_owner = NULL, lease_until = NULL, updated_at = ?4, finished_at = ?4, {set}"),
+    )
+}
 
 fn job_from_row(row: &SqliteRow) -> StorageResult<BulkJobRecord> {
     let id: String = row.try_get("id").map_err(db_err)?;
@@ -805,6 +820,65 @@ impl SqliteStorage {
 
     async fn begin_write(&self) -> StorageResult<sqlx::Transaction<'static, sqlx::Sqlite>> {
         self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)
+    }
+
+    /// Reads one leased job, as `from_row` makes it.
+    async fn job<T>(
+        &self,
+        job: LeasedJob,
+        which: JobRow,
+        from_row: fn(&SqliteRow) -> StorageResult<T>,
+    ) -> StorageResult<Option<T>> {
+        let filter = match which {
+            JobRow::Id(_) => "WHERE id = ?",
+            JobRow::Running => "WHERE state = 'running' LIMIT 1",
+            JobRow::Latest => "ORDER BY started_at DESC, id LIMIT 1",
+        };
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {} FROM {} {filter}",
+            job.columns(),
+            job.table()
+        )));
+        if let JobRow::Id(id) = which {
+            query = query.bind(id.to_string());
+        }
+        let row = query.fetch_optional(&self.pool).await.map_err(db_err)?;
+        row.as_ref().map(from_row).transpose()
+    }
+
+    /// Creates a job with `insert` (the row, leased to its runner) and its
+    /// audit event, in one transaction; the kind's [`Conflict`] while
+    /// another job of the kind is unfinished.
+    async fn create_job(
+        &self,
+        job: LeasedJob,
+        insert: sqlx::query::Query<'_, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<()> {
+        let mut tx = self.begin_write().await?;
+        insert
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| classify(e, Some(job.conflict())))?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    /// Ends a job with `end` (a [`finish_update`]) and appends its audit
+    /// event, in one transaction; false, and nothing written, when the
+    /// runner no longer holds the job.
+    async fn end_job(
+        &self,
+        end: sqlx::query::Query<'_, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+        audit: &NewAuditEvent,
+    ) -> StorageResult<bool> {
+        let mut tx = self.begin_write().await?;
+        if end.execute(&mut *tx).await.map_err(db_err)?.rows_affected() != 1 {
+            return Ok(false);
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(true)
     }
 
     async fn find_user_once(&self, key: &UserKey) -> StorageResult<Option<UserRecord>> {
@@ -1285,8 +1359,7 @@ impl Storage for SqliteStorage {
         audit: &NewAuditEvent,
     ) -> StorageResult<()> {
         let now = micros(Utc::now());
-        let mut tx = self.begin_write().await?;
-        sqlx::query(
+        let insert = sqlx::query(
             "INSERT INTO identity_bulk_jobs (id, state, params, total, started_by, lease_owner, lease_until, started_at, updated_at)
              VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?)",
         )
@@ -1297,57 +1370,61 @@ impl Storage for SqliteStorage {
         .bind(job.lease_owner.as_deref())
         .bind(micros(lease_until))
         .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| classify(e, Some(Conflict::BulkJobRunning)))?;
-        insert_audit(&mut tx, audit).await?;
-        tx.commit().await.map_err(db_err)
+        .bind(now);
+        self.create_job(LeasedJob::Bulk, insert, audit).await
     }
 
     async fn get_bulk_job(&self, id: Uuid) -> StorageResult<Option<BulkJobRecord>> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {JOB_COLUMNS} FROM identity_bulk_jobs WHERE id = ?"
-        )))
-        .bind(id.to_string())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err)?;
-        row.as_ref().map(job_from_row).transpose()
+        self.job(LeasedJob::Bulk, JobRow::Id(id), job_from_row).await
     }
 
     async fn running_bulk_job(&self) -> StorageResult<Option<BulkJobRecord>> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {JOB_COLUMNS} FROM identity_bulk_jobs WHERE state = 'running' LIMIT 1"
-        )))
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err)?;
-        row.as_ref().map(job_from_row).transpose()
+        self.job(LeasedJob::Bulk, JobRow::Running, job_from_row).await
     }
 
-    async fn claim_bulk_job(
+    async fn claim_job(
         &self,
+        job: LeasedJob,
         id: Uuid,
         owner: &str,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
     ) -> StorageResult<bool> {
-        let done = sqlx::query(
-            "UPDATE identity_bulk_jobs SET state = 'running', lease_owner = ?, lease_until = ?, updated_at = ?,
-                 finished_at = NULL
-             WHERE id = ? AND state IN ('running', 'failed')
-               AND (lease_until IS NULL OR lease_until < ?)",
-        )
+        let done = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE {} SET state = 'running', lease_owner = ?1, lease_until = ?2, updated_at = ?3, finished_at = NULL
+             WHERE id = ?4 AND state IN ('running', 'failed') AND (lease_until IS NULL OR lease_until < ?5)",
+            job.table()
+        )))
         .bind(owner)
         .bind(micros(lease_until))
-        .bind(micros(now))
+        .bind(micros(Utc::now()))
         .bind(id.to_string())
         .bind(micros(now))
         .execute(&self.pool)
         .await
-        .map_err(|e| classify(e, Some(Conflict::BulkJobRunning)))?;
+        .map_err(|e| classify(e, Some(job.conflict())))?;
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn renew_lease(
+        &self,
+        job: LeasedJob,
+        id: Uuid,
+        owner: &str,
+        lease_until: DateTime<Utc>,
+    ) -> StorageResult<JobLease> {
+        let cancel: Option<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(guarded_update(
+            job,
+            "lease_until = ?3, updated_at = ?4",
+        )))
+        .bind(id.to_string())
+        .bind(owner)
+        .bind(micros(lease_until))
+        .bind(micros(Utc::now()))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(JobLease::from_returned(cancel))
     }
 
     async fn save_bulk_progress(
@@ -1357,43 +1434,26 @@ impl Storage for SqliteStorage {
         cursor: Option<UserId>,
         counters: &BulkCounters,
         lease_until: DateTime<Utc>,
-    ) -> StorageResult<BulkLease> {
-        let cancel: Option<bool> = sqlx::query_scalar(
-            "UPDATE identity_bulk_jobs SET cursor_user_id = ?, processed = ?, created = ?, linked_existing = ?,
-                 skipped = ?, failed = ?, lease_until = ?, updated_at = ?
-             WHERE id = ? AND lease_owner = ? AND state = 'running'
-             RETURNING cancel_requested",
-        )
+    ) -> StorageResult<JobLease> {
+        let cancel: Option<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(guarded_update(
+            LeasedJob::Bulk,
+            "lease_until = ?3, updated_at = ?4, cursor_user_id = ?5, processed = ?6, created = ?7,
+             linked_existing = ?8, skipped = ?9, failed = ?10",
+        )))
+        .bind(id.to_string())
+        .bind(owner)
+        .bind(micros(lease_until))
+        .bind(micros(Utc::now()))
         .bind(cursor.map(|c| c.to_string()))
         .bind(counters.processed)
         .bind(counters.created)
         .bind(counters.linked_existing)
         .bind(counters.skipped)
         .bind(counters.failed)
-        .bind(micros(lease_until))
-        .bind(micros(Utc::now()))
-        .bind(id.to_string())
-        .bind(owner)
         .fetch_optional(&self.pool)
         .await
         .map_err(db_err)?;
-        Ok(BulkLease::from_returned(cancel))
-    }
-
-    async fn renew_bulk_lease(&self, id: Uuid, owner: &str, lease_until: DateTime<Utc>) -> StorageResult<BulkLease> {
-        let cancel: Option<bool> = sqlx::query_scalar(
-            "UPDATE identity_bulk_jobs SET lease_until = ?, updated_at = ?
-             WHERE id = ? AND lease_owner = ? AND state = 'running'
-             RETURNING cancel_requested",
-        )
-        .bind(micros(lease_until))
-        .bind(micros(Utc::now()))
-        .bind(id.to_string())
-        .bind(owner)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err)?;
-        Ok(BulkLease::from_returned(cancel))
+        Ok(JobLease::from_returned(cancel))
     }
 
     async fn record_bulk_failure(&self, id: Uuid, owner: &str, user_id: UserId, reason: &str) -> StorageResult<bool> {
@@ -1435,32 +1495,20 @@ impl Storage for SqliteStorage {
         counters: &BulkCounters,
         audit: &NewAuditEvent,
     ) -> StorageResult<bool> {
-        let now = micros(Utc::now());
-        let mut tx = self.begin_write().await?;
-        let done = sqlx::query(
-            "UPDATE identity_bulk_jobs SET state = ?, processed = ?, created = ?, linked_existing = ?, skipped = ?,
-                 failed = ?, lease_owner = NULL, lease_until = NULL, updated_at = ?, finished_at = ?
-             WHERE id = ? AND lease_owner = ? AND state = 'running'",
-        )
+        let end = sqlx::query(sqlx::AssertSqlSafe(finish_update(
+            LeasedJob::Bulk,
+            "processed = ?5, created = ?6, linked_existing = ?7, skipped = ?8, failed = ?9",
+        )))
+        .bind(id.to_string())
+        .bind(owner)
         .bind(state.as_db())
+        .bind(micros(Utc::now()))
         .bind(counters.processed)
         .bind(counters.created)
         .bind(counters.linked_existing)
         .bind(counters.skipped)
-        .bind(counters.failed)
-        .bind(now)
-        .bind(now)
-        .bind(id.to_string())
-        .bind(owner)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        if done.rows_affected() != 1 {
-            return Ok(false);
-        }
-        insert_audit(&mut tx, audit).await?;
-        tx.commit().await.map_err(db_err)?;
-        Ok(true)
+        .bind(counters.failed);
+        self.end_job(end, audit).await
     }
 
     async fn request_bulk_cancel(
@@ -1479,7 +1527,8 @@ impl Storage for SqliteStorage {
                  lease_owner = CASE WHEN {ended} THEN NULL ELSE lease_owner END,
                  lease_until = CASE WHEN {ended} THEN NULL ELSE lease_until END,
                  updated_at = ?1
-             WHERE id = ?2 AND state IN ('running', 'failed') RETURNING {JOB_COLUMNS}"
+             WHERE id = ?2 AND state IN ('running', 'failed') RETURNING {}",
+            LeasedJob::Bulk.columns()
         )))
         .bind(micros(now))
         .bind(id.to_string())
@@ -1628,13 +1677,7 @@ impl Storage for SqliteStorage {
     }
 
     async fn latest_bulk_job(&self) -> StorageResult<Option<BulkJobRecord>> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {JOB_COLUMNS} FROM identity_bulk_jobs ORDER BY started_at DESC LIMIT 1"
-        )))
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err)?;
-        row.as_ref().map(job_from_row).transpose()
+        self.job(LeasedJob::Bulk, JobRow::Latest, job_from_row).await
     }
 
     async fn readiness(&self, since_day: i64) -> StorageResult<Readiness> {
@@ -1825,8 +1868,7 @@ impl Storage for SqliteStorage {
         audit: &NewAuditEvent,
     ) -> StorageResult<()> {
         let now = micros(Utc::now());
-        let mut tx = self.begin_write().await?;
-        sqlx::query(
+        let insert = sqlx::query(
             "INSERT INTO identity_reconcile_jobs (id, state, fix, params, cursor, summary, started_by, lease_owner,
                  lease_until, started_at, updated_at)
              VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -1840,68 +1882,21 @@ impl Storage for SqliteStorage {
         .bind(job.lease_owner.as_deref())
         .bind(micros(lease_until))
         .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| classify(e, Some(Conflict::ReconcileRunning)))?;
-        insert_audit(&mut tx, audit).await?;
-        tx.commit().await.map_err(db_err)
+        .bind(now);
+        self.create_job(LeasedJob::Reconcile, insert, audit).await
     }
 
     async fn get_reconcile_job(&self, id: Uuid) -> StorageResult<Option<ReconcileJobRecord>> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {RECONCILE_COLUMNS} FROM identity_reconcile_jobs WHERE id = ?"
-        )))
-        .bind(id.to_string())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err)?;
-        row.as_ref().map(reconcile_from_row).transpose()
+        self.job(LeasedJob::Reconcile, JobRow::Id(id), reconcile_from_row).await
     }
 
     async fn latest_reconcile_job(&self) -> StorageResult<Option<ReconcileJobRecord>> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {RECONCILE_COLUMNS} FROM identity_reconcile_jobs ORDER BY started_at DESC, id LIMIT 1"
-        )))
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err)?;
-        row.as_ref().map(reconcile_from_row).transpose()
+        self.job(LeasedJob::Reconcile, JobRow::Latest, reconcile_from_row).await
     }
 
     async fn running_reconcile_job(&self) -> StorageResult<Option<ReconcileJobRecord>> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {RECONCILE_COLUMNS} FROM identity_reconcile_jobs WHERE state = 'running' LIMIT 1"
-        )))
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err)?;
-        row.as_ref().map(reconcile_from_row).transpose()
-    }
-
-    async fn claim_reconcile_job(
-        &self,
-        id: Uuid,
-        owner: &str,
-        now: DateTime<Utc>,
-        lease_until: DateTime<Utc>,
-    ) -> StorageResult<bool> {
-        let mut tx = self.begin_write().await?;
-        let done = sqlx::query(
-            "UPDATE identity_reconcile_jobs SET state = 'running', lease_owner = ?, lease_until = ?, updated_at = ?,
-                 finished_at = NULL
-             WHERE id = ? AND state IN ('running', 'failed') AND (lease_until IS NULL OR lease_until < ?)",
-        )
-        .bind(owner)
-        .bind(micros(lease_until))
-        .bind(micros(Utc::now()))
-        .bind(id.to_string())
-        .bind(micros(now))
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| classify(e, Some(Conflict::ReconcileRunning)))?;
-        tx.commit().await.map_err(db_err)?;
-        Ok(done.rows_affected() == 1)
+        self.job(LeasedJob::Reconcile, JobRow::Running, reconcile_from_row)
+            .await
     }
 
     async fn save_reconcile_progress(
@@ -1912,35 +1907,20 @@ impl Storage for SqliteStorage {
         summary: &str,
         lease_until: DateTime<Utc>,
     ) -> StorageResult<bool> {
-        let done = sqlx::query(
-            "UPDATE identity_reconcile_jobs SET cursor = ?, summary = ?, lease_until = ?, updated_at = ?
-             WHERE id = ? AND lease_owner = ? AND state = 'running'",
-        )
+        let held: Option<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(guarded_update(
+            LeasedJob::Reconcile,
+            "lease_until = ?3, updated_at = ?4, cursor = ?5, summary = ?6",
+        )))
+        .bind(id.to_string())
+        .bind(owner)
+        .bind(micros(lease_until))
+        .bind(micros(Utc::now()))
         .bind(cursor)
         .bind(summary)
-        .bind(micros(lease_until))
-        .bind(micros(Utc::now()))
-        .bind(id.to_string())
-        .bind(owner)
-        .execute(&self.pool)
+        .fetch_optional(&self.pool)
         .await
         .map_err(db_err)?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn renew_reconcile_lease(&self, id: Uuid, owner: &str, lease_until: DateTime<Utc>) -> StorageResult<bool> {
-        let done = sqlx::query(
-            "UPDATE identity_reconcile_jobs SET lease_until = ?, updated_at = ?
-             WHERE id = ? AND lease_owner = ? AND state = 'running'",
-        )
-        .bind(micros(lease_until))
-        .bind(micros(Utc::now()))
-        .bind(id.to_string())
-        .bind(owner)
-        .execute(&self.pool)
-        .await
-        .map_err(db_err)?;
-        Ok(done.rows_affected() == 1)
+        Ok(held.is_some())
     }
 
     async fn finish_reconcile_job(
@@ -1951,28 +1931,13 @@ impl Storage for SqliteStorage {
         summary: &str,
         audit: &NewAuditEvent,
     ) -> StorageResult<bool> {
-        let now = micros(Utc::now());
-        let mut tx = self.begin_write().await?;
-        let done = sqlx::query(
-            "UPDATE identity_reconcile_jobs SET state = ?, summary = ?, lease_owner = NULL, lease_until = NULL,
-                 updated_at = ?, finished_at = ?
-             WHERE id = ? AND lease_owner = ? AND state = 'running'",
-        )
-        .bind(state.as_db())
-        .bind(summary)
-        .bind(now)
-        .bind(now)
-        .bind(id.to_string())
-        .bind(owner)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        if done.rows_affected() != 1 {
-            return Ok(false);
-        }
-        insert_audit(&mut tx, audit).await?;
-        tx.commit().await.map_err(db_err)?;
-        Ok(true)
+        let end = sqlx::query(sqlx::AssertSqlSafe(finish_update(LeasedJob::Reconcile, "summary = ?5")))
+            .bind(id.to_string())
+            .bind(owner)
+            .bind(state.as_db())
+            .bind(micros(Utc::now()))
+            .bind(summary);
+        self.end_job(end, audit).await
     }
 
     async fn get_setting(&self, key: &str) -> StorageResult<Option<SettingRecord>> {

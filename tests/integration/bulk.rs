@@ -4,33 +4,15 @@
 
 use std::{collections::HashSet, sync::atomic::Ordering, time::Duration};
 
-use identity::{
-    config::VerificationConfig,
-    domain::BulkConfig,
-    pb::{self, BulkJobState, StartBulkMigrationRequest},
-};
+use identity::pb::{self, BulkJobState, StartBulkMigrationRequest};
 use tokio_stream::StreamExt;
 use tonic::Code;
 
 use crate::common::{
-    TestApp, TestDb, assert_invalid, clerk_config,
+    TestApp, TestDb, assert_invalid, crash_and_wait_out_leases,
     fake_clerk::{FakeClerk, fake_user},
-    strings, test_config,
+    run_to_end, spawn_for_jobs, strings,
 };
-
-async fn spawn(db: TestDb, fake: &FakeClerk) -> TestApp {
-    let (mut config, keys) = test_config(&db);
-    config.verification = VerificationConfig {
-        clerk: Some(clerk_config(fake)),
-        ..VerificationConfig::default()
-    };
-    config.bulk = BulkConfig {
-        default_rate: 1000.0,
-        max_rate: 10_000.0,
-        lease: Duration::from_secs(2),
-    };
-    TestApp::spawn_with(db, config, keys).await
-}
 
 /// Inserts `n` legacy users with bcrypt digests; returns their ids in insertion order.
 async fn seed(app: &TestApp, n: usize, prefix: &str) -> Vec<identity::domain::UserId> {
@@ -41,20 +23,9 @@ async fn seed(app: &TestApp, n: usize, prefix: &str) -> Vec<identity::domain::Us
     ids
 }
 
-async fn run_to_end(stream: &mut tonic::Streaming<pb::BulkMigrationProgress>) -> pb::BulkMigrationProgress {
-    let mut last = None;
-    while let Some(progress) = tokio::time::timeout(Duration::from_secs(120), stream.next())
-        .await
-        .expect("progress")
-    {
-        last = Some(progress.unwrap());
-    }
-    last.expect("at least one snapshot")
-}
-
 async fn every_user_is_created_once_through_faults_and_a_crash(db: TestDb) {
     let fake = FakeClerk::start(&["clerk_a"]).await;
-    let app = spawn(db, &fake).await;
+    let app = spawn_for_jobs(db, &fake).await;
     let ids = seed(&app, 500, "bulk").await;
     // Already in Clerk: two with our external id (a create whose link was lost),
     // three by email without an external id, one by email with someone else's.
@@ -100,10 +71,9 @@ async fn every_user_is_created_once_through_faults_and_a_crash(db: TestDb) {
         }
     }
     // The server dies mid-run.
-    let db = app.shutdown().await;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let db = crash_and_wait_out_leases(app).await;
 
-    let app = spawn(db, &fake).await;
+    let app = spawn_for_jobs(db, &fake).await;
     let mut stream = app
         .admin()
         .start_bulk_migration(StartBulkMigrationRequest {
@@ -177,7 +147,7 @@ async fn every_user_is_created_once_through_faults_and_a_crash(db: TestDb) {
 
 async fn dry_run_reports_and_writes_nothing(db: TestDb) {
     let fake = FakeClerk::start(&["clerk_a"]).await;
-    let app = spawn(db, &fake).await;
+    let app = spawn_for_jobs(db, &fake).await;
     let ids = seed(&app, 10, "dry").await;
     fake.state
         .directory
@@ -225,7 +195,7 @@ async fn dry_run_reports_and_writes_nothing(db: TestDb) {
 
 async fn jobs_can_be_cancelled_and_bad_requests_refused(db: TestDb) {
     let fake = FakeClerk::start(&["clerk_a"]).await;
-    let app = spawn(db, &fake).await;
+    let app = spawn_for_jobs(db, &fake).await;
     seed(&app, 40, "slow").await;
     let mut admin = app.admin();
     let mut stream = admin
@@ -343,7 +313,7 @@ async fn jobs_can_be_cancelled_and_bad_requests_refused(db: TestDb) {
 /// One runner per job: resuming the job on the replica that runs it is refused.
 async fn resuming_a_job_running_here_is_refused(db: TestDb) {
     let fake = FakeClerk::start(&["clerk_a"]).await;
-    let app = spawn(db, &fake).await;
+    let app = spawn_for_jobs(db, &fake).await;
     seed(&app, 30, "here").await;
     let mut admin = app.admin();
     let mut stream = admin
@@ -388,20 +358,18 @@ async fn job_whose_runner_died(app: TestApp) -> (String, TestDb) {
         .unwrap()
         .into_inner();
     let job_id = stream.next().await.unwrap().unwrap().job_id;
-    let db = app.shutdown().await;
-    // The lease (2 s here) lapses.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let db = crash_and_wait_out_leases(app).await;
     (job_id, db)
 }
 
 /// A job whose runner died can be cancelled, and a resume keeps a requested cancellation.
 async fn a_job_whose_runner_died_can_be_cancelled(db: TestDb) {
     let fake = FakeClerk::start(&["clerk_a"]).await;
-    let app = spawn(db, &fake).await;
+    let app = spawn_for_jobs(db, &fake).await;
     seed(&app, 30, "dead").await;
 
     let (job_id, db) = job_whose_runner_died(app).await;
-    let app = spawn(db, &fake).await;
+    let app = spawn_for_jobs(db, &fake).await;
     let cancelled = app
         .admin()
         .cancel_bulk_migration(pb::CancelBulkMigrationRequest { job_id: job_id.clone() })
@@ -426,7 +394,7 @@ async fn a_job_whose_runner_died_can_be_cancelled(db: TestDb) {
         &format!("UPDATE identity_bulk_jobs SET cancel_requested = true WHERE id = '{job_id}'"),
     )
     .await;
-    let app = spawn(db, &fake).await;
+    let app = spawn_for_jobs(db, &fake).await;
     let resumed = app
         .admin()
         .start_bulk_migration(StartBulkMigrationRequest {
@@ -460,7 +428,7 @@ async fn a_job_whose_runner_died_can_be_cancelled(db: TestDb) {
 async fn a_runner_keeps_its_lease_while_clerk_makes_it_wait(db: TestDb) {
     let fake = FakeClerk::start(&["clerk_a"]).await;
     let other_db = db.share();
-    let app = spawn(db, &fake).await;
+    let app = spawn_for_jobs(db, &fake).await;
     seed(&app, 5, "wait").await;
     // The third Backend API request waits a minute (the client's cap) before its retry.
     *fake.state.throttle_at.lock().unwrap() = vec![3];
@@ -481,7 +449,7 @@ async fn a_runner_keeps_its_lease_while_clerk_makes_it_wait(db: TestDb) {
     .expect("the runner reaches the throttled request");
     // Longer than the lease (2 s): without renewal it would have lapsed.
     tokio::time::sleep(Duration::from_millis(3000)).await;
-    let replica = spawn(other_db, &fake).await;
+    let replica = spawn_for_jobs(other_db, &fake).await;
     let taken = replica
         .admin()
         .start_bulk_migration(StartBulkMigrationRequest {
@@ -525,7 +493,7 @@ async fn a_runner_keeps_its_lease_while_clerk_makes_it_wait(db: TestDb) {
 /// email is linked only when that address is its verified primary one.
 async fn bulk_links_by_email_only_a_verified_primary_address(db: TestDb) {
     let fake = FakeClerk::start(&["clerk_a"]).await;
-    let app = spawn(db, &fake).await;
+    let app = spawn_for_jobs(db, &fake).await;
     let ids = seed(&app, 3, "claim").await;
     {
         let mut directory = fake.state.directory.lock().unwrap();

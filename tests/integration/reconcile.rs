@@ -3,33 +3,15 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use identity::{
-    config::VerificationConfig,
-    domain::BulkConfig,
-    pb::{self, BulkJobState, ReconcileMappingsRequest},
-};
+use identity::pb::{self, BulkJobState, ReconcileMappingsRequest};
 use tokio_stream::StreamExt;
 use tonic::Code;
 
 use crate::common::{
-    TestApp, TestDb, clerk_config,
+    TestApp, TestDb, crash_and_wait_out_leases,
     fake_clerk::{FakeClerk, fake_user},
-    test_config,
+    run_to_end, spawn_for_jobs,
 };
-
-async fn spawn(db: TestDb, fake: &FakeClerk) -> TestApp {
-    let (mut config, keys) = test_config(&db);
-    config.verification = VerificationConfig {
-        clerk: Some(clerk_config(fake)),
-        ..VerificationConfig::default()
-    };
-    config.bulk = BulkConfig {
-        default_rate: 1000.0,
-        max_rate: 10_000.0,
-        lease: Duration::from_secs(2),
-    };
-    TestApp::spawn_with(db, config, keys).await
-}
 
 async fn link(app: &TestApp, user: &str, clerk_id: &str) {
     app.admin()
@@ -62,7 +44,7 @@ fn drift(progress: &pb::ReconcileProgress) -> HashMap<String, (i64, i64, Vec<Str
 
 async fn every_drift_kind_is_found_through_faults_and_a_restart(db: TestDb) {
     let fake = FakeClerk::start(&["clerk_a"]).await;
-    let app = spawn(db, &fake).await;
+    let app = spawn_for_jobs(db, &fake).await;
     let ann = app.legacy_user("ann@example.com").await.to_string();
     let bob = app.legacy_user("bob@example.com").await.to_string();
     let cat = app.legacy_user("cat@example.com").await.to_string();
@@ -126,9 +108,8 @@ async fn every_drift_kind_is_found_through_faults_and_a_restart(db: TestDb) {
         }
     }
     // The server stops mid-pass; the pass resumes from where it was saved.
-    let db = app.shutdown().await;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let app = spawn(db, &fake).await;
+    let db = crash_and_wait_out_leases(app).await;
+    let app = spawn_for_jobs(db, &fake).await;
     let mut stream = app
         .admin()
         .reconcile_mappings(ReconcileMappingsRequest {
@@ -138,14 +119,7 @@ async fn every_drift_kind_is_found_through_faults_and_a_restart(db: TestDb) {
         .await
         .unwrap()
         .into_inner();
-    let mut last = None;
-    while let Some(progress) = tokio::time::timeout(Duration::from_secs(120), stream.next())
-        .await
-        .expect("progress")
-    {
-        last = Some(progress.unwrap());
-    }
-    let last = last.unwrap();
+    let last = run_to_end(&mut stream).await;
     assert_eq!(last.state(), BulkJobState::Completed, "{last:?}");
     assert_eq!(last.clerk_users_seen, 2000, "every Clerk user once, across the restart");
     let found = drift(&last);

@@ -1733,10 +1733,9 @@ async fn concurrent_deliveries_of_one_event_apply_once(db: TestDb) {
     assert_eq!(audit_count(replicas[0].as_ref(), "clerk.session.ended").await, 1);
 }
 
-async fn a_reconcile_job_is_leased_and_one_runs_at_a_time(db: TestDb) {
-    use identity::storage::ReconcileJobRecord;
-    let storage = db.storage().await;
-    let job = |owner: &str| ReconcileJobRecord {
+/// A new reconciliation pass (fixing) leased to `owner`.
+fn reconcile_job(owner: &str) -> identity::storage::ReconcileJobRecord {
+    identity::storage::ReconcileJobRecord {
         id: uuid::Uuid::new_v4(),
         state: BulkJobState::Running,
         fix: true,
@@ -1748,15 +1747,63 @@ async fn a_reconcile_job_is_leased_and_one_runs_at_a_time(db: TestDb) {
         lease_until: None,
         started_at: Utc::now(),
         finished_at: None,
+    }
+}
+
+/// Both kinds of job share one lease, through the kind-generic calls.
+async fn every_kind_of_job_is_leased_alike(db: TestDb) {
+    use identity::storage::{JobLease, LeasedJob};
+    let storage = db.storage().await;
+    let now = Utc::now();
+    let lease = now + ChronoDuration::seconds(30);
+    let bulk = bulk_job(storage.as_ref(), "runner-a", lease).await;
+    let reconcile = reconcile_job("runner-a");
+    storage
+        .create_reconcile_job(&reconcile, lease, &audit("reconcile.start", None))
+        .await
+        .unwrap();
+    let held = JobLease {
+        held: true,
+        cancel_requested: false,
     };
-    let first = job("a");
+    let later = now + ChronoDuration::seconds(31);
+    let relet = later + ChronoDuration::seconds(30);
+    for (job, id) in [(LeasedJob::Bulk, bulk), (LeasedJob::Reconcile, reconcile.id)] {
+        assert_eq!(
+            storage.renew_lease(job, id, "runner-a", lease).await.unwrap(),
+            held,
+            "{job:?}"
+        );
+        assert!(
+            !storage.claim_job(job, id, "runner-b", now, lease).await.unwrap(),
+            "{job:?}"
+        );
+        assert!(
+            storage.claim_job(job, id, "runner-b", later, relet).await.unwrap(),
+            "{job:?}"
+        );
+        assert!(
+            !storage.renew_lease(job, id, "runner-a", relet).await.unwrap().held,
+            "{job:?}"
+        );
+        assert_eq!(
+            storage.renew_lease(job, id, "runner-b", relet).await.unwrap(),
+            held,
+            "{job:?}"
+        );
+    }
+}
+
+async fn a_reconcile_job_is_leased_and_one_runs_at_a_time(db: TestDb) {
+    let storage = db.storage().await;
+    let first = reconcile_job("a");
     let lease = Utc::now() + ChronoDuration::seconds(30);
     storage
         .create_reconcile_job(&first, lease, &audit("reconcile.start", None))
         .await
         .unwrap();
     match storage
-        .create_reconcile_job(&job("b"), lease, &audit("reconcile.start", None))
+        .create_reconcile_job(&reconcile_job("b"), lease, &audit("reconcile.start", None))
         .await
     {
         Err(StorageError::Conflict(Conflict::ReconcileRunning)) => {}
@@ -1858,6 +1905,7 @@ crate::backend_tests!(
     clerk_events_apply_once_in_order_with_their_audit,
     concurrent_deliveries_of_one_event_apply_once,
     a_reconcile_job_is_leased_and_one_runs_at_a_time,
+    every_kind_of_job_is_leased_alike,
     outbox_and_invitation_counts_stay_exact,
     a_bulk_job_is_claimed_by_one_runner_at_a_time,
     only_the_lease_owner_writes_to_a_bulk_job,

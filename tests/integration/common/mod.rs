@@ -14,7 +14,7 @@ use std::{sync::Arc, time::Duration};
 
 use identity::{
     config::{ClerkConfig, ClerkKeySource, Config, LegacyJwtConfig, UnmappedPolicy, VerificationConfig},
-    domain::{ApiKeyRegistry, Email, Scope, UserId, generate_api_key},
+    domain::{ApiKeyRegistry, BulkConfig, Email, Scope, UserId, generate_api_key},
     pb::{identity_service_client::IdentityServiceClient, migration_service_client::MigrationServiceClient},
     server::{self, RunningServer},
     storage::{self, DatabaseOptions, NewLegacyUser, Storage},
@@ -22,6 +22,7 @@ use identity::{
 use secrecy::SecretString;
 use sqlx::Connection;
 use tokio::sync::OnceCell;
+use tokio_stream::StreamExt;
 use tonic::{
     Request, Status,
     service::{Interceptor, interceptor::InterceptedService},
@@ -447,6 +448,47 @@ impl TestApp {
         }
         self.db
     }
+}
+
+/// How long a job's lease lasts in the tests that run jobs (bulk jobs,
+/// reconciliation passes): short, so that a job whose server died can be
+/// taken over within the test.
+pub const JOB_LEASE: Duration = Duration::from_secs(2);
+
+/// A server that runs jobs against `fake` Clerk, at a fast pace and with
+/// a [`JOB_LEASE`].
+pub async fn spawn_for_jobs(db: TestDb, fake: &fake_clerk::FakeClerk) -> TestApp {
+    let (mut config, keys) = test_config(&db);
+    config.verification = VerificationConfig {
+        clerk: Some(clerk_config(fake)),
+        ..VerificationConfig::default()
+    };
+    config.bulk = BulkConfig {
+        default_rate: 1000.0,
+        max_rate: 10_000.0,
+        lease: JOB_LEASE,
+    };
+    TestApp::spawn_with(db, config, keys).await
+}
+
+/// Stops the server as a crash would (its runners stop where they are) and
+/// waits until the leases of its jobs have lapsed.
+pub async fn crash_and_wait_out_leases(app: TestApp) -> TestDb {
+    let db = app.shutdown().await;
+    tokio::time::sleep(JOB_LEASE + Duration::from_millis(500)).await;
+    db
+}
+
+/// The last snapshot a job streams (a bulk job or a reconciliation pass).
+pub async fn run_to_end<T>(stream: &mut tonic::Streaming<T>) -> T {
+    let mut last = None;
+    while let Some(progress) = tokio::time::timeout(Duration::from_secs(120), stream.next())
+        .await
+        .expect("progress")
+    {
+        last = Some(progress.unwrap());
+    }
+    last.expect("at least one snapshot")
 }
 
 /// The field named by a status's google.rpc.BadRequest details.
