@@ -542,11 +542,25 @@ impl UserSql {
             Some(app) => format!("(SELECT count(*) FROM {} a WHERE {})", app.table, app.live(pg)),
             None => "0".to_owned(),
         };
+        // Migrated: mappings of users counted in `legacy_total`. A mapping
+        // whose user the application deleted (soft or hard) is no user: it
+        // counted as migrated before, and so made `legacy_total - migrated`
+        // (the legacy-only figure) too small by one.
+        let app_mapped = match a {
+            Some(app) => format!(
+                " OR EXISTS (SELECT 1 FROM {} a WHERE {} AND {})",
+                app.table,
+                app.id_eq("m.user_id", pg),
+                app.live(pg)
+            ),
+            None => String::new(),
+        };
         let counts = format!(
             "SELECT {app_count}
                     + (SELECT count(*) FROM identity_users WHERE NOT clerk_native AND merged_into IS NULL) AS legacy_total,
-                    (SELECT count(*) FROM identity_user_mappings m WHERE NOT EXISTS (
-                        SELECT 1 FROM identity_users d WHERE d.id = m.user_id AND d.clerk_native)) AS migrated,
+                    (SELECT count(*) FROM identity_user_mappings m WHERE EXISTS (
+                        SELECT 1 FROM identity_users d WHERE d.id = m.user_id AND NOT d.clerk_native AND d.merged_into IS NULL)
+                        {app_mapped}) AS migrated,
                     (SELECT count(*) FROM identity_users WHERE clerk_native AND merged_into IS NULL) AS clerk_native"
         );
         let mirror = a.and_then(|app| {

@@ -34,13 +34,13 @@ fn no_redirects() -> reqwest::Client {
 }
 
 /// A server-sent event stream, read event by event.
-struct Events {
+pub(crate) struct Events {
     response: reqwest::Response,
     buffer: String,
 }
 
 impl Events {
-    async fn open(url: &str) -> Result<Self, reqwest::Response> {
+    pub(crate) async fn open(url: &str) -> Result<Self, reqwest::Response> {
         let response = reqwest::get(url).await.unwrap();
         if response.status() != 200 {
             return Err(response);
@@ -52,7 +52,7 @@ impl Events {
     }
 
     /// The next event's name and data (comments and keep-alives skipped).
-    async fn next(&mut self) -> (String, Value) {
+    pub(crate) async fn next(&mut self) -> (String, Value) {
         loop {
             if let Some(end) = self.buffer.find("\n\n") {
                 let block: String = self.buffer.drain(..end + 2).collect();
@@ -337,7 +337,7 @@ fn expected(s: &pb::MigrationStats) -> Value {
 }
 
 /// Numbers equal (floats to 1e-9), the rest identical.
-fn same(shown: &Value, wanted: &Value) -> bool {
+pub(crate) fn same(shown: &Value, wanted: &Value) -> bool {
     match (shown, wanted) {
         (Value::Number(a), Value::Number(b)) => (a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-9,
         (Value::Object(a), Value::Object(b)) => {

@@ -125,7 +125,7 @@ impl Setup {
     }
 }
 
-fn envoy_config(setup: &Setup) -> String {
+pub(crate) fn envoy_config(setup: &Setup) -> String {
     fill(
         &example("envoy.yaml"),
         &[
@@ -139,7 +139,7 @@ fn envoy_config(setup: &Setup) -> String {
     )
 }
 
-fn bearer(token: &str) -> String {
+pub(crate) fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
 

@@ -14,7 +14,7 @@ use crate::{
     gateway_envoy::{Setup, common_cases},
 };
 
-fn nginx_config(setup: &Setup, port: u16) -> String {
+pub(crate) fn nginx_config(setup: &Setup, port: u16) -> String {
     fill(
         &example("nginx.conf"),
         &[
@@ -66,7 +66,7 @@ async fn nginx_auth_request_allows_denies_and_strips(backend: Backend) {
     assert_eq!(upstream.hits(), hits);
 }
 
-async fn forward_auth(
+pub(crate) async fn forward_auth(
     setup: &Setup,
     query: &str,
     authorization: Option<&str>,

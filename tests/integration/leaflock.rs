@@ -39,7 +39,7 @@ use crate::common::{
 };
 
 /// LeafLock's tables, written from the facts of its schema.
-const LEAFLOCK: &str = r#"
+pub(crate) const LEAFLOCK: &str = r#"
     CREATE EXTENSION IF NOT EXISTS "uuid-ossp";
     CREATE TABLE _migrations (version TEXT PRIMARY KEY, applied_at TIMESTAMPTZ DEFAULT NOW());
     CREATE TABLE users (
@@ -66,10 +66,10 @@ const LEAFLOCK: &str = r#"
         body_encrypted BYTEA NOT NULL
     );"#;
 
-const ARGON: &str = "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNo";
+pub(crate) const ARGON: &str = "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNo";
 
 /// The application's own INSERT of a new user, with its own columns.
-fn app_insert(id: UserId) -> String {
+pub(crate) fn app_insert(id: UserId) -> String {
     format!(
         "INSERT INTO users (id, email_hash, email_encrypted, password_hash, salt, master_key_encrypted)
          VALUES ('{id}', sha256('{id}'::bytea), '\\x00ff', '{ARGON}', '\\x01', '\\x02')"
@@ -77,7 +77,7 @@ fn app_insert(id: UserId) -> String {
 }
 
 /// The mapping a LeafLock operator configures.
-fn leaflock_users() -> UsersTableConfig {
+pub(crate) fn leaflock_users() -> UsersTableConfig {
     let mut users = UsersTableConfig::default();
     for (variable, value) in [
         ("IDENTITY_USERS_EMAIL_COLUMN", ""),
@@ -91,7 +91,7 @@ fn leaflock_users() -> UsersTableConfig {
 }
 
 /// A LeafLock session token: `{user_id, exp, iat}`, HS512, nothing else.
-fn leaflock_token(user: UserId) -> String {
+pub(crate) fn leaflock_token(user: UserId) -> String {
     legacy_with(
         Algorithm::HS512,
         LEGACY_SECRET.as_bytes(),
@@ -99,17 +99,24 @@ fn leaflock_token(user: UserId) -> String {
     )
 }
 
-fn config(db: &TestDb, fake: &FakeClerk, smtp: &FakeSmtp) -> (identity::config::Config, [String; 3]) {
-    let (mut config, keys) = test_config(db);
+/// LeafLock's session tokens (HS512, `user_id`) and Clerk (the fake), as a
+/// LeafLock operator configures them; users cached briefly, so that the
+/// application's soft deletes are seen soon.
+pub(crate) fn leaflock_verification(fake: &FakeClerk) -> VerificationConfig {
     let mut legacy = legacy_config();
     legacy.algorithm = Algorithm::HS512;
     legacy.user_claim = "user_id".into();
-    config.verification = VerificationConfig {
+    VerificationConfig {
         legacy: Some(legacy),
         clerk: Some(clerk_config(fake)),
         user_cache_ttl: Duration::from_millis(200),
         ..VerificationConfig::default()
-    };
+    }
+}
+
+fn config(db: &TestDb, fake: &FakeClerk, smtp: &FakeSmtp) -> (identity::config::Config, [String; 3]) {
+    let (mut config, keys) = test_config(db);
+    config.verification = leaflock_verification(fake);
     config.database.users = leaflock_users();
     config.invitations = InvitationConfig {
         frontend_url: url::Url::parse("https://app.example.com/").unwrap(),
@@ -128,7 +135,7 @@ fn config(db: &TestDb, fake: &FakeClerk, smtp: &FakeSmtp) -> (identity::config::
 }
 
 /// The shape of `users` and everything attached to it, to compare before and after.
-async fn users_schema(db: &TestDb) -> Vec<Option<String>> {
+pub(crate) async fn users_schema(db: &TestDb) -> Vec<Option<String>> {
     strings(
         db,
         "SELECT kind || ' ' || detail FROM (
@@ -144,7 +151,7 @@ async fn users_schema(db: &TestDb) -> Vec<Option<String>> {
 
 /// The application, writing as it does in production until told to stop:
 /// sign-ups with its own columns, the login UPDATE, soft deletes.
-fn application(db: &TestDb, stop: Arc<AtomicBool>, writes: Arc<AtomicU64>) -> tokio::task::JoinHandle<()> {
+pub(crate) fn application(db: &TestDb, stop: Arc<AtomicBool>, writes: Arc<AtomicU64>) -> tokio::task::JoinHandle<()> {
     let url = db.url.clone();
     tokio::spawn(async move {
         let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();

@@ -17,6 +17,7 @@ mod gateway_nginx;
 mod health_and_reflection;
 mod invitations;
 mod leaflock;
+mod leaflock_features;
 mod metrics_api;
 mod monitoring;
 mod postgres_schema;

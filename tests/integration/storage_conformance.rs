@@ -1073,6 +1073,83 @@ async fn user_counts_stay_exact_through_every_change(db: TestDb) {
     );
 }
 
+/// Counts over an application table with soft delete (LeafLock's layout,
+/// reduced): a linked user the application deletes, softly or not, is no
+/// longer a user, so it is not counted as migrated either.
+async fn deleted_application_users_are_not_counted(backend: crate::common::Backend) {
+    use identity::storage::{DatabaseOptions, UserCounts, UsersTableConfig};
+
+    use crate::common::{Backend, exec};
+    let Some(db) = TestDb::bare(backend).await else {
+        return;
+    };
+    exec(
+        &db,
+        match backend {
+            Backend::Sqlite => "CREATE TABLE members (id TEXT PRIMARY KEY, deleted_at TEXT)",
+            Backend::Postgres => "CREATE TABLE members (id UUID PRIMARY KEY, deleted_at TIMESTAMPTZ)",
+        },
+    )
+    .await;
+    let ids: Vec<UserId> = (0..3).map(|_| UserId::new_random()).collect();
+    for id in &ids {
+        exec(&db, &format!("INSERT INTO members (id) VALUES ('{id}')")).await;
+    }
+    let mut users = UsersTableConfig {
+        table: identity::storage::Ident::parse("members", true).unwrap(),
+        table_explicit: true,
+        ..UsersTableConfig::default()
+    };
+    for (variable, value) in [
+        ("IDENTITY_USERS_EMAIL_COLUMN", ""),
+        ("IDENTITY_USERS_PASSWORD_HASH_COLUMN", ""),
+        ("IDENTITY_USERS_CREATED_AT_COLUMN", ""),
+        ("IDENTITY_USERS_DELETED_AT_COLUMN", "deleted_at"),
+        ("IDENTITY_USERS_CLERK_ID_COLUMN", ""),
+    ] {
+        users.set_column(variable, value).unwrap();
+    }
+    let options = DatabaseOptions {
+        users,
+        ..DatabaseOptions::default()
+    };
+    let storage = identity::storage::connect(&db.url, &options, true).await.unwrap();
+    let counts = |legacy_only, migrated| UserCounts {
+        legacy_only,
+        migrated,
+        clerk_native: 0,
+    };
+    for (n, id) in ids[..2].iter().enumerate() {
+        storage
+            .link_user(*id, &clerk(&format!("user_{n}")), &audit("user.link", Some(*id)))
+            .await
+            .unwrap();
+    }
+    assert_eq!(storage.user_counts().await.unwrap(), counts(1, 2));
+    let now = match backend {
+        Backend::Sqlite => "datetime('now')",
+        Backend::Postgres => "now()",
+    };
+    exec(
+        &db,
+        &format!("UPDATE members SET deleted_at = {now} WHERE id = '{}'", ids[1]),
+    )
+    .await;
+    assert_eq!(storage.user_counts().await.unwrap(), counts(1, 1), "soft-deleted");
+    exec(&db, &format!("DELETE FROM members WHERE id = '{}'", ids[0])).await;
+    assert_eq!(storage.user_counts().await.unwrap(), counts(1, 0), "deleted");
+}
+
+#[tokio::test]
+async fn deleted_application_users_are_not_counted_sqlite() {
+    deleted_application_users_are_not_counted(crate::common::Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn deleted_application_users_are_not_counted_postgres() {
+    deleted_application_users_are_not_counted(crate::common::Backend::Postgres).await;
+}
+
 async fn auth_figures_add_up_across_flushes(db: TestDb) {
     use identity::storage::AuthFlush;
     let storage = db.storage().await;

@@ -22,7 +22,7 @@ use crate::common::{
 };
 
 /// The secret in force, and the one it replaces during a rotation.
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+pub(crate) const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const OLD_SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
 const WRONG_SECRET: &str = "whsec_dGhpcyBpcyBub3QgdGhlIHNlY3JldCEhIQ==";
 
@@ -80,11 +80,11 @@ async fn deliver_with(app: &TestApp, secret: &str, id: &str, body: &Value) -> (u
     .await
 }
 
-async fn deliver(app: &TestApp, id: &str, body: &Value) -> (u16, String) {
+pub(crate) async fn deliver(app: &TestApp, id: &str, body: &Value) -> (u16, String) {
     deliver_with(app, SECRET, id, body).await
 }
 
-fn user_event(kind: &str, clerk_id: &str, external_id: Option<&str>, email: &str, updated_at: i64) -> Value {
+pub(crate) fn user_event(kind: &str, clerk_id: &str, external_id: Option<&str>, email: &str, updated_at: i64) -> Value {
     json!({
         "type": kind,
         "object": "event",
@@ -101,12 +101,12 @@ fn user_event(kind: &str, clerk_id: &str, external_id: Option<&str>, email: &str
     })
 }
 
-fn deleted_event(clerk_id: &str) -> Value {
+pub(crate) fn deleted_event(clerk_id: &str) -> Value {
     json!({"type": "user.deleted", "object": "event", "timestamp": chrono::Utc::now().timestamp_millis(),
            "data": {"id": clerk_id, "object": "user", "deleted": true}})
 }
 
-fn session_event(kind: &str, session_id: &str, clerk_id: &str) -> Value {
+pub(crate) fn session_event(kind: &str, session_id: &str, clerk_id: &str) -> Value {
     json!({"type": kind, "object": "event", "timestamp": chrono::Utc::now().timestamp_millis(),
            "data": {"id": session_id, "object": "session", "user_id": clerk_id, "status": "revoked"}})
 }
@@ -124,7 +124,7 @@ async fn recorded(app: &TestApp) -> Vec<Option<String>> {
     strings(&app.db, "SELECT svix_id FROM identity_webhook_events ORDER BY svix_id").await
 }
 
-async fn mapping_of(app: &TestApp, clerk_id: &str) -> Option<pb::UserMapping> {
+pub(crate) async fn mapping_of(app: &TestApp, clerk_id: &str) -> Option<pb::UserMapping> {
     app.admin()
         .get_mapping(pb::GetMappingRequest {
             lookup: Some(pb::get_mapping_request::Lookup::ClerkUserId(clerk_id.into())),
@@ -264,7 +264,7 @@ async fn duplicates_and_older_events_change_nothing(db: TestDb) {
 }
 
 /// Polls VerifyToken on `app` until the token is refused as revoked.
-async fn refused_within_bound(app: &TestApp, token: &str) {
+pub(crate) async fn refused_within_bound(app: &TestApp, token: &str) {
     // The documented bound is the revocation reload interval (1 s in these
     // tests); the loop gives it ample room and fails past it.
     for _ in 0..100 {
