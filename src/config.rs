@@ -79,6 +79,7 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "IDENTITY_FORWARD_AUTH",
     "IDENTITY_EXT_AUTHZ",
     "IDENTITY_CLERK_WEBHOOK_SECRET",
+    "IDENTITY_CLERK_WEBHOOK_RETENTION_DAYS",
 ];
 
 /// The standard OpenTelemetry variables the binary reads (the exporter reads
@@ -116,6 +117,9 @@ const SEED_FALLBACKS: &[(&str, &str)] = &[
 
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://identity.db";
 pub const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:50051";
+/// `IDENTITY_CLERK_WEBHOOK_RETENTION_DAYS`: more than Svix retries a
+/// delivery for (about 3 days), at most ten years.
+const RETENTION_DAYS: std::ops::RangeInclusive<u64> = 4..=3650;
 /// Verified tokens cached at most (the cache reserves its table up front).
 const MAX_TOKEN_CACHE_SIZE: u64 = 10_000_000;
 
@@ -173,6 +177,9 @@ pub struct Config {
     /// Clerk's webhook endpoint (`POST /webhooks/clerk` on the HTTP listener),
     /// when a signing secret is configured.
     pub clerk_webhook: Option<ClerkWebhookConfig>,
+    /// How long a processed Clerk event's row is kept (duplicate detection
+    /// for Svix's retries); each Clerk object's newest version stays longer.
+    pub clerk_webhook_retention: Duration,
     /// Unknown `IDENTITY_*` names seen at load time (likely typos), to warn about.
     pub unknown_variables: Vec<String>,
 }
@@ -200,6 +207,7 @@ impl fmt::Debug for Config {
             .field("dashboard", &self.dashboard)
             .field("gateway", &self.gateway)
             .field("stats_flush", &self.stats_flush)
+            .field("clerk_webhook_retention", &self.clerk_webhook_retention)
             .finish()
     }
 }
@@ -383,6 +391,19 @@ impl Config {
             None => Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
         };
 
+        let retention_days: u64 = vars.parse("IDENTITY_CLERK_WEBHOOK_RETENTION_DAYS", 30, "a whole number of days")?;
+        if !RETENTION_DAYS.contains(&retention_days) {
+            return Err(ConfigError::new(
+                "IDENTITY_CLERK_WEBHOOK_RETENTION_DAYS",
+                format!(
+                    "{retention_days} is out of range: expected {} to {} days (longer than Svix's retries of about \
+                     3 days, so a retried delivery is still recognised)",
+                    RETENTION_DAYS.start(),
+                    RETENTION_DAYS.end()
+                ),
+            ));
+        }
+
         let mut unknown_variables: Vec<String> = vars
             .0
             .keys()
@@ -423,6 +444,7 @@ impl Config {
             gateway: gateway_config(&vars)?,
             stats_flush: vars.seconds("IDENTITY_STATS_FLUSH_SECONDS", 10, 1..=300)?,
             clerk_webhook: ClerkWebhookConfig::load(&vars)?,
+            clerk_webhook_retention: Duration::from_secs(retention_days * 24 * 3600),
             unknown_variables,
         })
     }
@@ -1257,6 +1279,19 @@ mod tests {
         assert_eq!(config.listen_addr.to_string(), DEFAULT_LISTEN_ADDR);
         assert_eq!(config.database_url.expose_secret(), DEFAULT_DATABASE_URL);
         assert!(config.api_keys.is_empty());
+    }
+
+    #[test]
+    fn clerk_events_are_kept_longer_than_svix_retries() {
+        let day = Duration::from_secs(86_400);
+        assert_eq!(load(&[]).unwrap().clerk_webhook_retention, 30 * day);
+        let set = |days: &str| load(&[("IDENTITY_CLERK_WEBHOOK_RETENTION_DAYS", days)]);
+        assert_eq!(set("4").unwrap().clerk_webhook_retention, 4 * day);
+        assert_eq!(set(" 90 ").unwrap().clerk_webhook_retention, 90 * day);
+        for bad in ["3", "0", "3651", "-1", "1.5", "a week"] {
+            let err = set(bad).unwrap_err();
+            assert_eq!(err.variable, "IDENTITY_CLERK_WEBHOOK_RETENTION_DAYS", "{bad}");
+        }
     }
 
     #[test]

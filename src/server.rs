@@ -166,7 +166,7 @@ pub async fn start_with_storage(config: Config, storage: Arc<dyn Storage>) -> Re
         config.settings_refresh,
         stop_rx.clone(),
     ));
-    verifier.spawn_background(config.settings_refresh, stop_rx.clone());
+    verifier.spawn_background(config.settings_refresh, config.clerk_webhook_retention, stop_rx.clone());
     tokio::spawn(health::watch_clerk_keys(
         reporter.clone(),
         verifier.clone(),

@@ -58,6 +58,10 @@ pub const CALLER: &str = "clerk-webhook";
 /// The longest `svix-id` accepted.
 const MAX_ID_LEN: usize = 256;
 
+/// Rows one statement of the retention purge deletes at most: each batch is
+/// a short transaction of its own, so deliveries are never held up long.
+pub const PURGE_BATCH: u32 = 500;
+
 /// Event types the service acts on.
 const KNOWN_TYPES: &[&str] = &[
     "user.created",
@@ -404,6 +408,25 @@ impl ClerkWebhooks {
             change,
             caller: CALLER.to_owned(),
         }
+    }
+}
+
+/// The retention purge: deletes the recorded deliveries (and
+/// reconciliation repairs) received before `before`, in batches of `batch`
+/// rows, except each Clerk object's newest version, which orders later
+/// events; returns how many went. A delivery Svix retries within the
+/// retention is still found and answered as a duplicate.
+pub async fn purge_events(storage: &dyn Storage, before: DateTime<Utc>, batch: u32) -> Result<u64, StorageError> {
+    let batch = batch.max(1);
+    let mut purged = 0;
+    loop {
+        let deleted = storage.purge_clerk_events(before, batch).await?;
+        purged += deleted;
+        if deleted < u64::from(batch) {
+            return Ok(purged);
+        }
+        // Lets waiting writers (SQLite has one at a time) in between batches.
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

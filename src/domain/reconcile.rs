@@ -8,7 +8,10 @@
 //! - `external_id_unknown`: a Clerk user's `external_id` names no known user;
 //! - `email_mismatch`: a mapped user whose email differs from Clerk's;
 //! - `missing_mapping`: a Clerk user whose `external_id` names an unlinked
-//!   user it is not mapped to.
+//!   user it is not mapped to;
+//! - `invalid_clerk_user_id`: a Clerk user whose id is not one this service
+//!   accepts (`user_` and letters or digits): it is checked no further, and
+//!   its id is reported escaped, at most [`MAX_SHOWN_ID`] characters.
 //!
 //! A dry run is the default. With `fix`, the safe repairs go through the
 //! same transactional path as webhooks (mappings of deleted Clerk users
@@ -46,13 +49,17 @@ use crate::{
 };
 
 /// Every drift kind, in report order.
-pub const DRIFT_KINDS: [&str; 5] = [
+pub const DRIFT_KINDS: [&str; 6] = [
     "external_id_mapped_elsewhere",
     "clerk_user_missing",
     "external_id_unknown",
     "email_mismatch",
     "missing_mapping",
+    "invalid_clerk_user_id",
 ];
+
+/// The most characters of a malformed Clerk user id a report shows.
+pub const MAX_SHOWN_ID: usize = 128;
 
 /// Ids kept per kind in a report (the count goes on).
 const MAX_IDS: usize = 1000;
@@ -544,6 +551,15 @@ impl Runner {
     async fn examine(&mut self, user: &ClerkUser) -> Result<(), Abort> {
         let db = |e: StorageError| Abort(format!("database unavailable: {e}"));
         let Ok(clerk_user_id) = ClerkUserId::parse("id", &user.id) else {
+            // Hostile or garbled: shown escaped and bounded, never as sent.
+            let shown: String = user
+                .id
+                .chars()
+                .flat_map(char::escape_debug)
+                .take(MAX_SHOWN_ID)
+                .collect();
+            tracing::warn!(clerk_user_id = %shown, "a Clerk user's id is malformed; it is not reconciled");
+            self.progress.summary.found("invalid_clerk_user_id", &shown, false);
             return Ok(());
         };
         let storage = self.jobs.storage.clone();

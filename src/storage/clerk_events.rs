@@ -317,6 +317,23 @@ pub(crate) fn is_stale(version: Option<i64>, latest: Option<i64>) -> bool {
     }
 }
 
+/// The ids of at most `limit` recorded events received before `before`,
+/// oldest first, that the out-of-order check no longer needs: those of no
+/// object or of no version (`max(object_version)` skips them), and those
+/// of a version older than another row of their object. Each object's
+/// newest version stays (both if two rows share it). Placeholders are the
+/// backend's (`?1`, `$1`...); `received_at` is indexed.
+pub(crate) fn purgeable_events(before: &str, limit: &str) -> String {
+    format!(
+        "SELECT e.svix_id FROM identity_webhook_events e
+         WHERE e.received_at < {before}
+           AND (e.object_id IS NULL OR e.object_version IS NULL OR EXISTS (
+               SELECT 1 FROM identity_webhook_events newer
+               WHERE newer.object_id = e.object_id AND newer.object_version > e.object_version))
+         ORDER BY e.received_at LIMIT {limit}"
+    )
+}
+
 /// The audit action of an event type.
 pub(crate) fn audit_action(event_type: &str) -> String {
     format!("clerk.{event_type}")

@@ -642,6 +642,13 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// writes nothing, so the delivery can be retried.
     async fn apply_clerk_event(&self, event: &ClerkEvent) -> StorageResult<ClerkEventResult>;
 
+    /// Deletes at most `limit` recorded Clerk events received before
+    /// `before`, oldest first, in one short statement; returns how many.
+    /// Each object's newest version is kept however old it is (the
+    /// out-of-order check of [`Storage::apply_clerk_event`] reads it); rows
+    /// that carry no version, or no object, do not count for it and go.
+    async fn purge_clerk_events(&self, before: DateTime<Utc>, limit: u32) -> StorageResult<u64>;
+
     /// Whether this user once lost a Clerk link (unlinked by an admin, or
     /// its Clerk user deleted) and was not linked since.
     async fn user_was_unlinked(&self, user_id: UserId) -> StorageResult<bool>;

@@ -1991,6 +1991,20 @@ impl Storage for PostgresStorage {
         Ok(result)
     }
 
+    async fn purge_clerk_events(&self, before: chrono::DateTime<chrono::Utc>, limit: u32) -> StorageResult<u64> {
+        // Rows another replica's purge is deleting are skipped, not waited for.
+        let done = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM identity_webhook_events WHERE svix_id IN ({} FOR UPDATE SKIP LOCKED)",
+            clerk_events::purgeable_events("$1", "$2")
+        )))
+        .bind(before)
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected())
+    }
+
     async fn user_was_unlinked(&self, user_id: UserId) -> StorageResult<bool> {
         let found: Option<i32> =
             sqlx::query_scalar("SELECT 1 FROM identity_unlinked_clerk_users WHERE user_id = $1 LIMIT 1")

@@ -1838,6 +1838,19 @@ impl Storage for SqliteStorage {
         Ok(result)
     }
 
+    async fn purge_clerk_events(&self, before: DateTime<Utc>, limit: u32) -> StorageResult<u64> {
+        let done = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM identity_webhook_events WHERE svix_id IN ({})",
+            clerk_events::purgeable_events("?1", "?2")
+        )))
+        .bind(micros(before))
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected())
+    }
+
     async fn user_was_unlinked(&self, user_id: UserId) -> StorageResult<bool> {
         let found: Option<i64> =
             sqlx::query_scalar("SELECT 1 FROM identity_unlinked_clerk_users WHERE user_id = ? LIMIT 1")

@@ -317,20 +317,26 @@ impl Verifier {
         }
     }
 
-    /// Starts the background work: JWKS refresh, revocation reload and purge.
-    pub fn spawn_background(&self, reload_every: Duration, stop: watch::Receiver<bool>) {
+    /// Starts the background work: JWKS refresh, revocation reload and
+    /// purge, and with the purge the Clerk events older than `event_retention`.
+    pub fn spawn_background(&self, reload_every: Duration, event_retention: Duration, stop: watch::Receiver<bool>) {
         if let Some(KeyStore::Remote(remote)) = self.inner.clerk.as_ref().map(|c| &c.keys) {
             tokio::spawn(refresh_jwks(remote.clone(), stop.clone()));
         }
         let revocations = self.inner.revocations.clone();
+        let storage = self.inner.principals.users.storage().clone();
+        let event_retention = chrono::Duration::from_std(event_retention).unwrap_or(chrono::Duration::MAX);
         let mut stop = stop;
         tokio::spawn(async move {
             // Each tick reads only what changed (see revocation.rs); expired
-            // entries leave memory every minute and the table every ten.
+            // entries leave memory every minute and the table every ten, as
+            // do Clerk events past their retention (in short batches, in a
+            // task of their own: a large first purge does not hold up reloads).
             let prune_every = Duration::from_secs(60);
             let purge_every = Duration::from_secs(600);
             let mut since_prune = Duration::ZERO;
             let mut since_purge = Duration::ZERO;
+            let mut event_purge: Option<tokio::task::JoinHandle<()>> = None;
             loop {
                 match revocations.reload().await {
                     Ok(stats) if stats.full => {
@@ -350,13 +356,33 @@ impl Verifier {
                         Ok(_) => {}
                         Err(err) => tracing::warn!(error = %err, "cannot purge expired revocations"),
                     }
+                    // Beside the reloads, never delaying them; one at a time.
+                    let idle = event_purge.as_ref().is_none_or(|purge| purge.is_finished());
+                    if let Some(before) = Utc::now().checked_sub_signed(event_retention).filter(|_| idle) {
+                        let storage = storage.clone();
+                        event_purge = Some(tokio::spawn(async move {
+                            let batch = crate::webhooks::PURGE_BATCH;
+                            match crate::webhooks::purge_events(storage.as_ref(), before, batch).await {
+                                Ok(n) if n > 0 => {
+                                    tracing::info!(purged = n, "purged Clerk events past their retention")
+                                }
+                                Ok(_) => {}
+                                Err(err) => tracing::warn!(error = %err, "cannot purge old Clerk events"),
+                            }
+                        }));
+                    }
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(reload_every) => {
                         since_prune += reload_every;
                         since_purge += reload_every;
                     }
-                    _ = stop.changed() => return,
+                    _ = stop.changed() => {
+                        if let Some(purge) = event_purge {
+                            purge.abort();
+                        }
+                        return;
+                    }
                 }
             }
         });

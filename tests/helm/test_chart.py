@@ -280,7 +280,9 @@ class ChartTest(unittest.TestCase):
                 "HorizontalPodAutoscaler", "NetworkPolicy", "ServiceMonitor", "PrometheusRule",
             },
             "secret-files.yaml": {"ConfigMap", "Deployment", "Secret", "Service", "ServiceAccount"},
-            "full.yaml": {"ConfigMap", "Deployment", "Job", "PodDisruptionBudget", "Secret", "Service", "ServiceAccount"},
+            "full.yaml": {
+                "ConfigMap", "Deployment", "Job", "PodDisruptionBudget", "Secret", "Service", "ServiceAccount", "Ingress",
+            },
             "leaflock.yaml": {"ConfigMap", "Deployment", "Job", "PodDisruptionBudget", "Secret", "Service", "ServiceAccount"},
         }
         for label, values in value_sets():
@@ -660,6 +662,94 @@ class ChartTest(unittest.TestCase):
         self.assertEqual(config["OTEL_SERVICE_NAME"], "identity")
         self.assertNotIn("OTEL_EXPORTER_OTLP_HEADERS", env)
 
+    def test_webhook_ingress_routes_only_the_exact_webhook_path(self):
+        def ports(render: Rendered) -> tuple[dict[str, Any], dict[str, int]]:
+            container = render.one("Deployment")["spec"]["template"]["spec"]["containers"][0]
+            service = {p["name"]: p for p in render.one("Service")["spec"]["ports"]}
+            return service, {p["name"]: p["containerPort"] for p in container["ports"]}
+
+        def validate(render: Rendered, label: str) -> None:
+            for kube in KUBE_VERSIONS:
+                with self.subTest(ingress=label, kube=kube):
+                    try:
+                        kubernetes_validate.validate(render.one("Ingress"), kube, strict=True)
+                    except kubernetes_validate.ValidationError as e:
+                        self.fail(f"Ingress ({label}) invalid for Kubernetes {e.version}: {e.message}")
+
+        # Off by default: no Ingress, no webhooks port.
+        for label, values in value_sets():
+            if label == "full.yaml":
+                continue
+            with self.subTest(values=label):
+                render = rendered(label, values)
+                self.assertEqual(render.all("Ingress"), [])
+                self.assertNotIn("webhooks", ports(render)[0])
+        with open(CHART / "values.yaml", encoding="utf-8") as f:
+            self.assertFalse(yaml.safe_load(f)["ingress"]["enabled"])
+
+        # full.yaml: every ingress value.
+        render = rendered("full.yaml", load_values("full.yaml"))
+        ingress = render.one("Ingress")
+        service = render.one("Service")
+        spec = ingress["spec"]
+        self.assertEqual(spec["ingressClassName"], "nginx")
+        self.assertEqual(spec["tls"], [{"secretName": "identity-webhooks-tls", "hosts": ["identity.example.com"]}])
+        self.assertEqual(ingress["metadata"]["annotations"], {"cert-manager.io/cluster-issuer": "letsencrypt"})
+        self.assertEqual(len(spec["rules"]), 1, "one rule")
+        self.assertEqual(spec["rules"][0]["host"], "identity.example.com")
+        self.assertEqual(
+            spec["rules"][0]["http"]["paths"],
+            [{
+                "path": "/webhooks/clerk",
+                "pathType": "Exact",
+                "backend": {"service": {"name": service["metadata"]["name"], "port": {"name": "webhooks"}}},
+            }],
+            "exactly Clerk's webhook path, nothing else of the HTTP listener",
+        )
+        self.assertNotIn("defaultBackend", spec)
+        service_ports, container_ports = ports(render)
+        self.assertEqual(
+            (service_ports["webhooks"]["port"], service_ports["webhooks"]["targetPort"]), (8080, "metrics")
+        )
+        self.assertIn("metrics", container_ports, "the webhooks port targets the HTTP listener")
+        self.assertIn("IDENTITY_CLERK_WEBHOOK_SECRET_FILE", container_env_names(render, render.one("Deployment")))
+        validate(render, "full.yaml")
+
+        # The least: no host, class or TLS; the HTTP listener on with metrics and forward-auth off.
+        least = Rendered(deep_merge(REQUIRED, {
+            "ingress": {"enabled": True},
+            "metrics": {"enabled": False},
+            "secrets": {"clerkWebhookSecret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"},
+        }))
+        spec = least.one("Ingress")["spec"]
+        self.assertEqual(set(spec), {"rules"})
+        self.assertEqual(list(spec["rules"][0]), ["http"], "any host")
+        self.assertEqual([p["path"] for p in spec["rules"][0]["http"]["paths"]], ["/webhooks/clerk"])
+        self.assertNotIn("annotations", least.one("Ingress")["metadata"])
+        self.assertEqual(least.one("ConfigMap")["data"]["IDENTITY_METRICS_ADDR"], "0.0.0.0:9464")
+        service_ports, container_ports = ports(least)
+        self.assertEqual(set(service_ports), {"grpc", "webhooks"}, "no metrics port on the Service")
+        self.assertEqual(container_ports["metrics"], 9464)
+        validate(least, "least")
+        # An existing Secret naming the webhook key is enough.
+        existing = Rendered({
+            "secrets": {"existingSecret": "creds", "keys": {"clerkWebhookSecret": "clerk-webhook"}},
+            "ingress": {"enabled": True, "host": "hooks.example.com"},
+        })
+        self.assertEqual(existing.one("Ingress")["spec"]["rules"][0]["host"], "hooks.example.com")
+
+        # With a NetworkPolicy, the ingress controller reaches the HTTP listener.
+        policy = Rendered(deep_merge(REQUIRED, {
+            "ingress": {"enabled": True},
+            "metrics": {"enabled": False},
+            "networkPolicy": {"enabled": True},
+            "secrets": {"clerkWebhookSecret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"},
+        })).one("NetworkPolicy")["spec"]["ingress"]
+        self.assertEqual([[p["port"] for p in rule["ports"]] for rule in policy], [["grpc"], ["metrics"]])
+        self.assertEqual(
+            policy[1]["from"][0]["podSelector"]["matchLabels"], {"app.kubernetes.io/name": "ingress-nginx"}
+        )
+
     # --- the binary's configuration contract ------------------------------
 
     def test_env_names_are_known_to_the_binary(self):
@@ -881,6 +971,12 @@ class ChartTest(unittest.TestCase):
         ("SMTP egress needs ports", {"networkPolicy": {"egress": {"smtp": {"ports": []}}}}, "/networkPolicy/egress/smtp/ports"),
         ("stats flush range", {"config": {"statsFlushSeconds": 301}}, "/config/statsFlushSeconds"),
         ("metrics port range", {"metrics": {"port": 0}}, "/metrics/port"),
+        ("webhook retention below Svix's retries", {"config": {"clerkWebhookRetentionDays": 3}}, "/config/clerkWebhookRetentionDays"),
+        ("ingress host with a scheme", {"ingress": {"host": "https://identity.example.com"}}, "/ingress/host"),
+        ("ingress class name", {"ingress": {"className": "Nginx Public"}}, "/ingress/className"),
+        ("unknown ingress value", {"ingress": {"path": "/"}}, "path"),
+        ("ingress TLS entry", {"ingress": {"tls": [{"secret": "x"}]}}, "secret"),
+        ("ingress port range", {"ingress": {"servicePort": 70000}}, "/ingress/servicePort"),
         ("OTLP endpoint without a scheme", {"tracing": {"enabled": True, "endpoint": "otel.example.com:4317"}}, "/tracing/endpoint"),
         ("OTLP endpoint without scheme", {"tracing": {"enabled": True, "endpoint": "otel:4317"}}, "/tracing/endpoint"),
         ("trace sampler", {"tracing": {"sampler": {"type": "sometimes"}}}, "/tracing/sampler/type"),
@@ -915,6 +1011,19 @@ class ChartTest(unittest.TestCase):
         ("alerts without metrics", {"metrics": {"enabled": False}, "prometheusRule": {"enabled": True}}, "prometheusRule.enabled needs metrics.enabled"),
         ("Grafana dashboard without metrics", {"metrics": {"enabled": False}, "grafanaDashboard": {"enabled": True}}, "grafanaDashboard.enabled needs metrics.enabled"),
         ("metrics on the gRPC port", {"metrics": {"port": 50051}}, "must differ from config.port"),
+        ("ingress without the webhook secret", {"ingress": {"enabled": True}}, "needs secrets.clerkWebhookSecret"),
+        ("ingress, existing Secret without the webhook key",
+         {"secrets": {"existingSecret": "creds", "clerkWebhookSecret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"},
+          "ingress": {"enabled": True}},
+         "needs secrets.clerkWebhookSecret"),
+        ("ingress on the metrics Service port",
+         {"ingress": {"enabled": True, "servicePort": 9464},
+          "secrets": {"clerkWebhookSecret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}},
+         "ingress.servicePort (9464) must differ"),
+        ("ingress on the gRPC Service port",
+         {"ingress": {"enabled": True, "servicePort": 50051},
+          "secrets": {"clerkWebhookSecret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}},
+         "ingress.servicePort (50051) must differ"),
         ("tracing without an endpoint", {"tracing": {"enabled": True}}, "needs tracing.endpoint"),
         ("ratio sampler without a ratio",
          {"tracing": {"enabled": True, "endpoint": "http://otel:4317", "sampler": {"type": "traceidratio"}}},

@@ -131,7 +131,8 @@ async fn every_drift_kind_is_found_through_faults_and_a_restart(db: TestDb) {
     one("external_id_unknown", "user_stranger", 0);
     one("email_mismatch", "user_cat", 0);
     one("missing_mapping", "user_dan", 1);
-    assert_eq!(found.len(), 5);
+    assert_eq!(found["invalid_clerk_user_id"], (0, 0, vec![]));
+    assert_eq!(found.len(), 6);
     // The injected 429 and 5xx answers were met and retried.
     use std::sync::atomic::Ordering::SeqCst;
     assert!(fake.state.api_requests.load(SeqCst) >= fake.state.list_requests.load(SeqCst) + 3);
@@ -215,4 +216,75 @@ async fn every_drift_kind_is_found_through_faults_and_a_restart(db: TestDb) {
     app.shutdown().await;
 }
 
-crate::backend_tests!(every_drift_kind_is_found_through_faults_and_a_restart);
+async fn clerk_users_with_malformed_ids_are_reported_not_skipped(db: TestDb) {
+    let fake = FakeClerk::start(&["clerk_a"]).await;
+    let app = spawn_for_jobs(db, &fake).await;
+    let dan = app.legacy_user("dan@example.com").await.to_string();
+    let hostile = format!("user_\u{1b}[31mred\n{}", "x".repeat(300));
+    {
+        let mut directory = fake.state.directory.lock().unwrap();
+        // Would fill dan's missing mapping if its id were one.
+        directory.push(fake_user("user_bad-id", Some(&dan), "dan@example.com"));
+        directory.push(fake_user(&hostile, None, "h@example.com"));
+        directory.push(fake_user("", None, "empty@example.com"));
+        // The pass goes on past them.
+        directory.push(fake_user(
+            "user_stranger",
+            Some(&uuid::Uuid::new_v4().to_string()),
+            "x@example.com",
+        ));
+    }
+    let mut stream = app
+        .admin()
+        .reconcile_mappings(ReconcileMappingsRequest {
+            fix: true,
+            page_size: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let last = run_to_end(&mut stream).await;
+    assert_eq!(last.state(), BulkJobState::Completed, "{last:?}");
+    assert_eq!(last.clerk_users_seen, 4);
+    let found = drift(&last);
+    let (count, fixed, ids) = &found["invalid_clerk_user_id"];
+    assert_eq!((*count, *fixed), (3, 0), "{found:?}");
+    assert_eq!(ids[0], "user_bad-id");
+    assert!(ids[1].starts_with("user_\\u{1b}[31mred\\nxxx"), "{:?}", ids[1]);
+    assert_eq!(ids[1].chars().count(), 128, "{:?}", ids[1]);
+    assert!(ids.iter().all(|id| !id.chars().any(char::is_control)), "{ids:?}");
+    assert_eq!(ids[2], "");
+    assert_eq!(found["external_id_unknown"].0, 1, "{found:?}");
+    assert_eq!(found["missing_mapping"].0, 0, "{found:?}");
+    // Nothing was linked to a Clerk id this service does not accept.
+    assert_eq!(mapping_of(&app, &dan).await, None);
+
+    // The same counts in the stats, and the kind among the drift gauges.
+    let stats = app
+        .admin()
+        .get_migration_stats(pb::GetMigrationStatsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap();
+    assert_eq!(drift(&stats.last_reconciliation.unwrap()), found);
+    let origin = format!("http://{}", app.metrics_addr.expect("HTTP listener"));
+    let metrics = reqwest::get(format!("{origin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("identity_reconcile_drift{kind=\"invalid_clerk_user_id\"}"),
+        "{metrics}"
+    );
+    app.shutdown().await;
+}
+
+crate::backend_tests!(
+    every_drift_kind_is_found_through_faults_and_a_restart,
+    clerk_users_with_malformed_ids_are_reported_not_skipped
+);

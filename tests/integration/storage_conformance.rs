@@ -1810,6 +1810,104 @@ async fn concurrent_deliveries_of_one_event_apply_once(db: TestDb) {
     assert_eq!(audit_count(replicas[0].as_ref(), "clerk.session.ended").await, 1);
 }
 
+async fn old_clerk_events_are_purged_but_each_objects_newest_version_stays(db: TestDb) {
+    use identity::{
+        config::UnmappedPolicy::Reject,
+        storage::{ClerkChange, ClerkEventOutcome as O, DELETED_VERSION},
+    };
+    let storage = db.storage().await;
+    let apply = |event| {
+        let storage = storage.clone();
+        async move { storage.apply_clerk_event(&event).await.unwrap().outcome }
+    };
+    let user = |id: &str, version: i64, object: &str| {
+        clerk_event(
+            id,
+            "user.updated",
+            Some(version),
+            clerk_user_change(object, None, None, Reject),
+        )
+    };
+    let until = Utc::now() + ChronoDuration::hours(1);
+    let session = |id: &str| {
+        clerk_event(
+            id,
+            "session.ended",
+            None,
+            ClerkChange::SessionEnded {
+                session_id: "sess_old".into(),
+                refuse_until: until,
+            },
+        )
+    };
+    let deleted = clerk_event(
+        "old_deleted",
+        "user.deleted",
+        Some(DELETED_VERSION),
+        ClerkChange::UserDeleted {
+            clerk_user_id: clerk("user_gone"),
+            refuse_until: until,
+        },
+    );
+    let ignored = clerk_event("old_ignored", "organization.created", None, ClerkChange::Ignored);
+
+    // Past the retention: three versions of user_a (one of them applied late),
+    // a deleted user_gone, an ended session, an ignored type.
+    assert_eq!(apply(user("old_a100", 100, "user_a")).await, O::Unchanged);
+    assert_eq!(apply(user("old_a300", 300, "user_a")).await, O::Unchanged);
+    assert_eq!(apply(user("old_a200", 200, "user_a")).await, O::Stale);
+    assert_eq!(apply(user("old_gone100", 100, "user_gone")).await, O::Unchanged);
+    assert_eq!(apply(deleted.clone()).await, O::Applied);
+    assert_eq!(apply(session("old_session")).await, O::Applied);
+    assert_eq!(apply(ignored.clone()).await, O::Ignored);
+    // Both backends stamp `received_at` with this machine's clock.
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let cutoff = Utc::now();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    // Within the retention: an older version of user_b, then its newest.
+    assert_eq!(apply(user("new_b10", 10, "user_b")).await, O::Unchanged);
+    assert_eq!(apply(user("new_b20", 20, "user_b")).await, O::Unchanged);
+
+    // Bounded batches: old_a100, old_a200, old_gone100, old_session and
+    // old_ignored go; old_a300 and old_deleted (their objects' newest) stay.
+    assert_eq!(storage.purge_clerk_events(cutoff, 2).await.unwrap(), 2);
+    assert_eq!(storage.purge_clerk_events(cutoff, 2).await.unwrap(), 2);
+    assert_eq!(storage.purge_clerk_events(cutoff, 2).await.unwrap(), 1);
+    assert_eq!(storage.purge_clerk_events(cutoff, 2).await.unwrap(), 0);
+    // The domain's loop finds nothing left either.
+    assert_eq!(
+        identity::webhooks::purge_events(storage.as_ref(), cutoff, 1)
+            .await
+            .unwrap(),
+        0
+    );
+
+    // Kept ids are still duplicates, recent and old alike.
+    assert_eq!(apply(user("new_b10", 10, "user_b")).await, O::Duplicate);
+    assert_eq!(apply(user("new_b20", 20, "user_b")).await, O::Duplicate);
+    assert_eq!(apply(user("old_a300", 300, "user_a")).await, O::Duplicate);
+    assert_eq!(apply(deleted).await, O::Duplicate);
+    // A purged id is recorded again, and still ordered by the kept newest version.
+    assert_eq!(apply(user("old_a100", 100, "user_a")).await, O::Stale);
+    assert_eq!(apply(user("old_gone100", 100, "user_gone")).await, O::Stale);
+    assert_eq!(apply(user("old_a200", 200, "user_a")).await, O::Stale);
+    assert_eq!(apply(ignored).await, O::Ignored);
+    assert_eq!(apply(user("next_a400", 400, "user_a")).await, O::Unchanged);
+
+    // Later: everything before now goes but the newest version of each object.
+    let now = Utc::now() + ChronoDuration::seconds(1);
+    let purged = identity::webhooks::purge_events(storage.as_ref(), now, 1)
+        .await
+        .unwrap();
+    // new_b10, old_a300, old_a100, old_gone100, old_a200, old_ignored.
+    assert_eq!(purged, 6);
+    for (id, version, object) in [("next_a400", 400, "user_a"), ("new_b20", 20, "user_b")] {
+        assert_eq!(apply(user(id, version, object)).await, O::Duplicate, "{id}");
+    }
+    assert_eq!(apply(user("late_b15", 15, "user_b")).await, O::Stale);
+    assert_eq!(apply(user("late_gone", 900, "user_gone")).await, O::Stale);
+}
+
 /// A new reconciliation pass (fixing) leased to `owner`.
 fn reconcile_job(owner: &str) -> identity::storage::ReconcileJobRecord {
     identity::storage::ReconcileJobRecord {
@@ -1981,6 +2079,7 @@ crate::backend_tests!(
     concurrent_cache_misses_each_get_their_own_user,
     clerk_events_apply_once_in_order_with_their_audit,
     concurrent_deliveries_of_one_event_apply_once,
+    old_clerk_events_are_purged_but_each_objects_newest_version_stays,
     a_reconcile_job_is_leased_and_one_runs_at_a_time,
     every_kind_of_job_is_leased_alike,
     outbox_and_invitation_counts_stay_exact,

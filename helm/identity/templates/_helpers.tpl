@@ -156,6 +156,11 @@ the binary) smtp when the SMTP URL is wired, else log.
 {{- if contains ":" $host }}{{ printf "[%s]:%d" $host (int64 .Values.config.port) }}{{ else }}{{ printf "%s:%d" $host (int64 .Values.config.port) }}{{ end -}}
 {{- end }}
 
+{{/* Whether the HTTP listener is on: "true", or "" when nothing needs it. */}}
+{{- define "identity.httpListener" -}}
+{{- if or .Values.metrics.enabled .Values.forwardAuth.enabled .Values.ingress.enabled }}true{{ end -}}
+{{- end }}
+
 {{/* Metrics listen address: config.listenHost (all interfaces) and metrics.port. */}}
 {{- define "identity.metricsAddr" -}}
 {{- $host := .Values.config.listenHost -}}
@@ -267,6 +272,7 @@ Non-secret configuration as a YAML map NAME: "value" (the ConfigMap's data).
   "IDENTITY_OUTBOX_SEND_TIMEOUT_SECONDS" $c.mail.outbox.sendTimeoutSeconds
   "IDENTITY_BULK_LEASE_SECONDS" $c.bulk.leaseSeconds
   "IDENTITY_STATS_FLUSH_SECONDS" $c.statsFlushSeconds
+  "IDENTITY_CLERK_WEBHOOK_RETENTION_DAYS" $c.clerkWebhookRetentionDays
   "IDENTITY_DASHBOARD" $c.dashboard
   "IDENTITY_GATEWAY_HEADER_PREFIX" $c.gateway.headerPrefix
   "IDENTITY_GATEWAY_HEADERS" (join "," (default (list) $c.gateway.headers))
@@ -291,8 +297,8 @@ Non-secret configuration as a YAML map NAME: "value" (the ConfigMap's data).
 {{- if not (kindIs "invalid" $c.bulk.clerkRequestsPerSecond) }}
 {{- $_ := set $d "IDENTITY_CLERK_API_RATE" (toString $c.bulk.clerkRequestsPerSecond) }}
 {{- end }}
-{{- /* The HTTP listener (/metrics, /forward-auth) on its own port (the binary's default is loopback only), or off. */ -}}
-{{- if or .Values.metrics.enabled .Values.forwardAuth.enabled }}
+{{- /* The HTTP listener (/metrics, /forward-auth, /webhooks/clerk) on its own port (the binary's default is loopback only), or off. */ -}}
+{{- if include "identity.httpListener" . }}
 {{- $_ := set $d "IDENTITY_METRICS_ADDR" (include "identity.metricsAddr" .) }}
 {{- else }}
 {{- $_ := set $d "IDENTITY_METRICS_ADDR" "off" }}
@@ -465,7 +471,16 @@ as shipped, while install and template stop here, naming what is missing.
 {{- if and $v.forwardAuth.enabled (eq (toString $v.config.gateway.forwardAuth) "off") }}
 {{- fail "forwardAuth.enabled exposes /forward-auth, which config.gateway.forwardAuth off turns off" }}
 {{- end }}
-{{- if and (or $v.metrics.enabled $v.forwardAuth.enabled) (eq (int64 $v.metrics.port) (int64 $v.config.port)) }}
+{{- if $v.ingress.enabled }}
+{{- if not (include "identity.wiredSecrets" . | contains "IDENTITY_CLERK_WEBHOOK_SECRET") }}
+{{- fail "ingress.enabled routes /webhooks/clerk, which needs secrets.clerkWebhookSecret (or secrets.keys.clerkWebhookSecret with existingSecret)" }}
+{{- end }}
+{{- $port := int64 $v.ingress.servicePort }}
+{{- if or (eq $port (int64 $v.service.port)) (and $v.metrics.enabled (eq $port (int64 $v.metrics.port))) (and $v.forwardAuth.enabled (eq $port (int64 $v.forwardAuth.port))) }}
+{{- fail (printf "ingress.servicePort (%d) must differ from service.port and from the metrics and forward-auth Service ports" $port) }}
+{{- end }}
+{{- end }}
+{{- if and (include "identity.httpListener" .) (eq (int64 $v.metrics.port) (int64 $v.config.port)) }}
 {{- fail (printf "metrics.port (%d) must differ from config.port: the metrics endpoint has its own listener" (int64 $v.metrics.port)) }}
 {{- end }}
 {{- $t := $v.tracing }}
