@@ -415,8 +415,16 @@ for r in $(seq 1 "$ROUNDS"); do
     s=$(slice "$db" "$r")
     bt "$db/legacy-fresh@high#$r" "$(addr_of "$db")" "$VERIFY_PATH" "$WORK/legacy_cold.bin" $((s * N_COLD_LEGACY)) "$N_COLD_LEGACY" $C $M
   done
-  bt "raw-rs256/benchtool@high#$r" "$ADDR_RAW_RS" "$RAW_PATH" "$WORK/clerk_cold.bin" 0 "$N_COLD_RS" $C $M
-  for db in "${DBS[@]}"; do
+  # The new-RS256-token runs: the control and each database, in an order that
+  # rotates every round, so that no case always runs right after another
+  # (whose server may still be flushing what its run recorded).
+  cold_rs=(raw "${DBS[@]}")
+  for ((k = 0; k < ${#cold_rs[@]}; k++)); do
+    db=${cold_rs[$(( (k + r - 1) % ${#cold_rs[@]} ))]}
+    if [ "$db" = raw ]; then
+      bt "raw-rs256/benchtool@high#$r" "$ADDR_RAW_RS" "$RAW_PATH" "$WORK/clerk_cold.bin" 0 "$N_COLD_RS" $C $M
+      continue
+    fi
     s=$(slice "$db" "$r")
     [ "$db" = postgres ] && x0=$(pg_xacts) && t0=$(date +%s.%N)
     bt "$db/clerk-cold@high#$r" "$(addr_of "$db")" "$VERIFY_PATH" "$WORK/clerk_cold.bin" $((s * N_COLD_RS)) "$N_COLD_RS" $C $M

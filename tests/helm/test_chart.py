@@ -480,6 +480,7 @@ class ChartTest(unittest.TestCase):
                 ports = {p["name"]: p["containerPort"] for p in container["ports"]}
                 for port in service["spec"]["ports"]:
                     self.assertIn(port["targetPort"], ports)
+                self.assert_service_ports_unique(service)
                 for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                     self.assertEqual(container[probe]["grpc"]["port"], ports["grpc"], probe)
                 for kind in ("PodDisruptionBudget", "NetworkPolicy"):
@@ -502,6 +503,36 @@ class ChartTest(unittest.TestCase):
                 self.assertGreater(pod["spec"]["terminationGracePeriodSeconds"], grace + pre_stop)
                 annotations = pod["metadata"]["annotations"]
                 self.assertIn("checksum/config", annotations)
+
+    def assert_service_ports_unique(self, service: dict[str, Any]) -> None:
+        # The API server refuses a Service with two entries of one port and protocol.
+        numbers = [(p["port"], p.get("protocol", "TCP")) for p in service["spec"]["ports"]]
+        self.assertEqual(len(numbers), len(set(numbers)), f"duplicate Service ports: {numbers}")
+        names = [p["name"] for p in service["spec"]["ports"]]
+        self.assertEqual(len(names), len(set(names)), f"duplicate Service port names: {names}")
+
+    def test_forward_auth_on_the_metrics_port_declares_it_once(self):
+        # forwardAuth.port defaults to metrics.port: the same listener, one Service port.
+        values = deep_merge(REQUIRED, {"forwardAuth": {"enabled": True}})
+        service = rendered("forward-auth-default-port", values).one("Service")
+        self.assert_service_ports_unique(service)
+        ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
+        self.assertEqual(ports.get("metrics"), 9464)
+        self.assertNotIn("forward-auth", ports)
+        # Another number: a port of its own, to the same container port.
+        values = deep_merge(REQUIRED, {"forwardAuth": {"enabled": True, "port": 8081}})
+        service = rendered("forward-auth-own-port", values).one("Service")
+        self.assert_service_ports_unique(service)
+        by_name = {p["name"]: p for p in service["spec"]["ports"]}
+        self.assertEqual(by_name["forward-auth"]["port"], 8081)
+        self.assertEqual(by_name["forward-auth"]["targetPort"], "metrics")
+        # Metrics off: forward-auth keeps its port on the Service.
+        values = deep_merge(REQUIRED, {"forwardAuth": {"enabled": True}, "metrics": {"enabled": False}})
+        service = rendered("forward-auth-no-metrics", values).one("Service")
+        self.assertEqual({p["name"]: p["port"] for p in service["spec"]["ports"]}.get("forward-auth"), 9464)
+        for kube in KUBE_VERSIONS:
+            with self.subTest(kube=kube):
+                kubernetes_validate.validate(service, kube, strict=True)
 
     def test_pods_are_locked_down(self):
         for label, values in value_sets():
