@@ -118,7 +118,7 @@ const SEED_FALLBACKS: &[(&str, &str)] = &[
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://identity.db";
 pub const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:50051";
 /// `IDENTITY_CLERK_WEBHOOK_RETENTION_DAYS`: more than Svix retries a
-/// delivery for (about 3 days), at most ten years.
+/// delivery for (about 28 hours after the first attempt), at most ten years.
 const RETENTION_DAYS: std::ops::RangeInclusive<u64> = 4..=3650;
 /// Verified tokens cached at most (the cache reserves its table up front).
 const MAX_TOKEN_CACHE_SIZE: u64 = 10_000_000;
@@ -397,7 +397,7 @@ impl Config {
                 "IDENTITY_CLERK_WEBHOOK_RETENTION_DAYS",
                 format!(
                     "{retention_days} is out of range: expected {} to {} days (longer than Svix's retries of about \
-                     3 days, so a retried delivery is still recognised)",
+                     28 hours, so a retried delivery is still recognised)",
                     RETENTION_DAYS.start(),
                     RETENTION_DAYS.end()
                 ),
