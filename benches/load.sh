@@ -385,26 +385,39 @@ SAMPLER=$!
 
 for r in $(seq 1 "$ROUNDS"); do
   say "round $r of $ROUNDS: high load (-c $C -m $M)"
-  h2 "echo/h2load@high#$r" "$ADDR_ECHO" "$ECHO_PATH" "$WORK/legacy_one.bin" "$N_HOT" $C $M
-  for db in "${DBS[@]}"; do
+  # The repeated-token runs: echo, each database, the trace-export servers,
+  # in an order that rotates every round (as the new-token runs below).
+  hot=(echo "${DBS[@]}" "${TRACED[@]}")
+  for ((k = 0; k < ${#hot[@]}; k++)); do
+    db=${hot[$(( (k + r - 1) % ${#hot[@]} ))]}
     a=$(addr_of "$db")
-    if [ "$db" = postgres ] && [ "$r" = 1 ]; then
-      # Database transactions while the hot cases run, against the idle background rate.
-      sleep 2; x0=$(pg_xacts); t0=$(date +%s.%N); sleep 10; sleep 2; x1=$(pg_xacts); t1=$(date +%s.%N)
-      idle_rate=$(python3 -c "print(($x1 - $x0) / ($t1 - $t0))")
-      x0=$(pg_xacts); t0=$(date +%s.%N)
-      h2 "$db/legacy-repeated@high#$r" "$a" "$VERIFY_PATH" "$WORK/legacy_one.bin" "$N_HOT" $C $M
-      h2 "$db/clerk-repeated@high#$r" "$a" "$VERIFY_PATH" "$WORK/clerk_one.bin" "$N_HOT" $C $M
-      sleep 2; x1=$(pg_xacts); t1=$(date +%s.%N)
-      python3 -c "import json; print(json.dumps({'kind': 'queries', 'what': 'the repeated-token runs (legacy + Clerk, one round) and 2 s after', 'during': $x1 - $x0, 'seconds': $t1 - $t0, 'requests': 2 * $N_HOT, 'idle_rate': $idle_rate}))" >>"$RESULTS"
-      echo "PostgreSQL transactions during the repeated-token runs: $((x1 - x0)) in $(python3 -c "print(round($t1 - $t0, 1))") s (idle background: $(python3 -c "print(round($idle_rate, 2))")/s)"
-    else
-      h2 "$db/legacy-repeated@high#$r" "$a" "$VERIFY_PATH" "$WORK/legacy_one.bin" "$N_HOT" $C $M
-      h2 "$db/clerk-repeated@high#$r" "$a" "$VERIFY_PATH" "$WORK/clerk_one.bin" "$N_HOT" $C $M
-    fi
-  done
-  for db in "${TRACED[@]}"; do
-    h2 "$db/legacy-repeated@high#$r" "$(addr_of "$db")" "$VERIFY_PATH" "$WORK/legacy_one.bin" "$N_HOT" $C $M
+    case "$db" in
+      echo)
+        h2 "echo/h2load@high#$r" "$ADDR_ECHO" "$ECHO_PATH" "$WORK/legacy_one.bin" "$N_HOT" $C $M
+        ;;
+      sqlite-otlp1 | sqlite-always)
+        h2 "$db/legacy-repeated@high#$r" "$a" "$VERIFY_PATH" "$WORK/legacy_one.bin" "$N_HOT" $C $M
+        ;;
+      postgres)
+        if [ "$r" = 1 ]; then
+          # Database transactions while the hot cases run, against the idle background rate.
+          sleep 2; x0=$(pg_xacts); t0=$(date +%s.%N); sleep 10; sleep 2; x1=$(pg_xacts); t1=$(date +%s.%N)
+          idle_rate=$(python3 -c "print(($x1 - $x0) / ($t1 - $t0))")
+          x0=$(pg_xacts); t0=$(date +%s.%N)
+        fi
+        h2 "$db/legacy-repeated@high#$r" "$a" "$VERIFY_PATH" "$WORK/legacy_one.bin" "$N_HOT" $C $M
+        h2 "$db/clerk-repeated@high#$r" "$a" "$VERIFY_PATH" "$WORK/clerk_one.bin" "$N_HOT" $C $M
+        if [ "$r" = 1 ]; then
+          sleep 2; x1=$(pg_xacts); t1=$(date +%s.%N)
+          python3 -c "import json; print(json.dumps({'kind': 'queries', 'what': 'the repeated-token runs (legacy + Clerk, one round) and 2 s after', 'during': $x1 - $x0, 'seconds': $t1 - $t0, 'requests': 2 * $N_HOT, 'idle_rate': $idle_rate}))" >>"$RESULTS"
+          echo "PostgreSQL transactions during the repeated-token runs: $((x1 - x0)) in $(python3 -c "print(round($t1 - $t0, 1))") s (idle background: $(python3 -c "print(round($idle_rate, 2))")/s)"
+        fi
+        ;;
+      *)
+        h2 "$db/legacy-repeated@high#$r" "$a" "$VERIFY_PATH" "$WORK/legacy_one.bin" "$N_HOT" $C $M
+        h2 "$db/clerk-repeated@high#$r" "$a" "$VERIFY_PATH" "$WORK/clerk_one.bin" "$N_HOT" $C $M
+        ;;
+    esac
   done
   h2 "raw-rs256/h2load@high#$r" "$ADDR_RAW_RS" "$RAW_PATH" "$WORK/clerk_one.bin" "$N_RAW" $C $M
   h2 "raw-hs256/h2load@high#$r" "$ADDR_RAW_HS" "$RAW_PATH" "$WORK/legacy_one.bin" "$N_RAW" $C $M
