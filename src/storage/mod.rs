@@ -369,14 +369,16 @@ pub struct InvitationCounts {
     pub expired: i64,
 }
 
-/// Who would be locked out by `clerk_only`, from recorded activity.
+/// Who would be locked out by `clerk_only`, from recorded activity. Only
+/// users that are still users count: activity of a user the application
+/// has since deleted (soft or hard), or merged away, is left out.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Readiness {
-    /// Users who authenticated in the window.
+    /// Users who authenticated in the window and are still users.
     pub active_users: i64,
     /// Of them, users who only used legacy tokens and have no Clerk link.
     pub legacy_only_unlinked: i64,
-    /// Legacy-token verifications by users who were already migrated.
+    /// Legacy-token verifications by them while they were already migrated.
     pub legacy_verifications_by_migrated: i64,
 }
 

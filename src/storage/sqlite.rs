@@ -928,6 +928,20 @@ impl SqliteStorage {
         })
     }
 
+    async fn readiness_once(&self, since_day: i64) -> StorageResult<Readiness> {
+        let sql = self.sql();
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql.readiness.as_str()))
+            .bind(since_day)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(Readiness {
+            active_users: row.try_get("active_users").map_err(db_err)?,
+            legacy_only_unlinked: row.try_get("legacy_only_unlinked").map_err(db_err)?,
+            legacy_verifications_by_migrated: row.try_get("lwm").map_err(db_err)?,
+        })
+    }
+
     async fn bulk_candidates_once(
         &self,
         filter: &BulkFilter,
@@ -1681,24 +1695,10 @@ impl Storage for SqliteStorage {
     }
 
     async fn readiness(&self, since_day: i64) -> StorageResult<Readiness> {
-        let row = sqlx::query(
-            "WITH active AS (
-                 SELECT user_id, SUM(legacy) AS legacy, SUM(clerk) AS clerk, SUM(legacy_while_migrated) AS lwm
-                 FROM identity_auth_activity WHERE day >= ? GROUP BY user_id)
-             SELECT count(*) AS active_users,
-                    COALESCE(SUM(a.legacy > 0 AND a.clerk = 0 AND m.user_id IS NULL), 0) AS legacy_only_unlinked,
-                    COALESCE(SUM(a.lwm), 0) AS lwm
-             FROM active a LEFT JOIN identity_user_mappings m ON m.user_id = a.user_id",
-        )
-        .bind(since_day)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(db_err)?;
-        Ok(Readiness {
-            active_users: row.try_get("active_users").map_err(db_err)?,
-            legacy_only_unlinked: row.try_get("legacy_only_unlinked").map_err(db_err)?,
-            legacy_verifications_by_migrated: row.try_get("lwm").map_err(db_err)?,
-        })
+        match self.readiness_once(since_day).await {
+            Err(err) if self.recover(&err).await? => self.readiness_once(since_day).await,
+            other => other,
+        }
     }
 
     async fn revoke_token(&self, revocation: &NewRevocation, audit: &NewAuditEvent) -> StorageResult<()> {

@@ -404,6 +404,8 @@ pub(crate) struct UserSql {
     pub count_candidates: String,
     /// Columns `legacy_total`, `migrated`, `clerk_native`.
     pub counts: String,
+    /// `$1` = first day. Columns `active_users`, `legacy_only_unlinked`, `lwm`.
+    pub readiness: String,
     /// `$1` = Clerk id (or NULL), `$2` = user id: the mirror column, when there is one.
     pub mirror: Option<String>,
 }
@@ -449,6 +451,26 @@ fn user_rows(app: Option<&AppUsers>, dir_where: &str, app_where: Option<&str>, p
             live = app.live(pg),
         ));
     }
+    sql
+}
+
+/// `user_id` (an SQL expression holding a UUID) names a user still there:
+/// a row of the service's directory not merged into another (`directory`
+/// adds conditions on it, `d`), or a live row of the application's table
+/// (soft-deleted and hard-deleted users are neither). Every figure that
+/// counts users by an id it recorded (a mapping, an activity) applies it.
+fn still_a_user(app: Option<&AppUsers>, user_id: &str, directory: &str, pg: bool) -> String {
+    let mut sql =
+        format!("(EXISTS (SELECT 1 FROM identity_users d WHERE d.id = {user_id} AND d.merged_into IS NULL{directory})");
+    if let Some(app) = app {
+        sql.push_str(&format!(
+            " OR EXISTS (SELECT 1 FROM {} a WHERE {} AND {})",
+            app.table,
+            app.id_eq(user_id, pg),
+            app.live(pg)
+        ));
+    }
+    sql.push(')');
     sql
 }
 
@@ -546,22 +568,37 @@ impl UserSql {
         // whose user the application deleted (soft or hard) is no user: it
         // counted as migrated before, and so made `legacy_total - migrated`
         // (the legacy-only figure) too small by one.
-        let app_mapped = match a {
-            Some(app) => format!(
-                " OR EXISTS (SELECT 1 FROM {} a WHERE {} AND {})",
-                app.table,
-                app.id_eq("m.user_id", pg),
-                app.live(pg)
-            ),
-            None => String::new(),
-        };
+        let mapped = still_a_user(a, "m.user_id", " AND NOT d.clerk_native", pg);
         let counts = format!(
             "SELECT {app_count}
                     + (SELECT count(*) FROM identity_users WHERE NOT clerk_native AND merged_into IS NULL) AS legacy_total,
-                    (SELECT count(*) FROM identity_user_mappings m WHERE EXISTS (
-                        SELECT 1 FROM identity_users d WHERE d.id = m.user_id AND NOT d.clerk_native AND d.merged_into IS NULL)
-                        {app_mapped}) AS migrated,
+                    (SELECT count(*) FROM identity_user_mappings m WHERE {mapped}) AS migrated,
                     (SELECT count(*) FROM identity_users WHERE clerk_native AND merged_into IS NULL) AS clerk_native"
+        );
+        // Readiness: the users active since day `$1` who are still users.
+        // Activity is recorded per user id and outlives the user; a user
+        // the application deleted after signing in would otherwise still
+        // count as active, and as locked out by `clerk_only`. The check is
+        // at most two primary-key probes per active user, after grouping.
+        let (locked_out, by_migrated) = if pg {
+            (
+                "count(*) FILTER (WHERE u.legacy > 0 AND u.clerk = 0 AND m.user_id IS NULL)",
+                "COALESCE(SUM(u.lwm), 0)::bigint",
+            )
+        } else {
+            (
+                "COALESCE(SUM(u.legacy > 0 AND u.clerk = 0 AND m.user_id IS NULL), 0)",
+                "COALESCE(SUM(u.lwm), 0)",
+            )
+        };
+        let readiness = format!(
+            "WITH active AS (
+                 SELECT user_id, SUM(legacy) AS legacy, SUM(clerk) AS clerk, SUM(legacy_while_migrated) AS lwm
+                 FROM identity_auth_activity WHERE day >= $1 GROUP BY user_id)
+             SELECT count(*) AS active_users, {locked_out} AS legacy_only_unlinked, {by_migrated} AS lwm
+             FROM active u LEFT JOIN identity_user_mappings m ON m.user_id = u.user_id
+             WHERE {}",
+            still_a_user(a, "u.user_id", "", pg)
         );
         let mirror = a.and_then(|app| {
             app.clerk_id.as_ref().map(|column| {
@@ -581,6 +618,7 @@ impl UserSql {
             candidates,
             count_candidates,
             counts,
+            readiness,
             mirror,
         };
         if pg { statements } else { statements.for_sqlite() }
@@ -595,6 +633,7 @@ impl UserSql {
             candidates: sqlite_params(&self.candidates),
             count_candidates: sqlite_params(&self.count_candidates),
             counts: sqlite_params(&self.counts),
+            readiness: sqlite_params(&self.readiness),
             mirror: self.mirror.as_deref().map(sqlite_params),
             app: self.app,
         }

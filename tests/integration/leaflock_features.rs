@@ -8,7 +8,7 @@
 //! - Clerk webhooks: `external_id` links, deletions, and what an email can
 //!   and cannot do when the application's emails are unreadable.
 //! - The dashboard: its stream shows GetMigrationStats' figures, and those
-//!   figures leave soft-deleted users out.
+//!   figures leave soft-deleted users out, cutover readiness included.
 
 use std::time::Duration;
 
@@ -592,5 +592,53 @@ async fn leaflock_dashboard_shows_the_stats_without_soft_deleted_users() {
     stop.store(true, Ordering::SeqCst);
     writer.await.unwrap();
     assert!(writes.load(Ordering::SeqCst) > 0);
+    app.shutdown().await;
+}
+
+/// GetMigrationStats' cutover readiness over `days` (each look-back is
+/// cached apart, so a look-back not asked for before reads the database).
+async fn readiness(app: &TestApp, days: u32) -> (i64, i64, i64) {
+    let r = app
+        .migration(&app.verify_key)
+        .get_migration_stats(GetMigrationStatsRequest {
+            window: StatsWindow::LastHour as i32,
+            readiness_days: days,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap()
+        .readiness
+        .unwrap();
+    (
+        r.active_users,
+        r.would_be_locked_out,
+        r.legacy_verifications_by_migrated_users,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaflock_readiness_leaves_soft_deleted_users_out() {
+    init_logs();
+    let Some((db, users)) = leaflock_db().await else {
+        return;
+    };
+    let fake = FakeClerk::start(&["clerk_a"]).await;
+    let (app, _) = spawn(db, &fake, |_| {}).await;
+    // ann and dan sign in with LeafLock only; bob moves to Clerk and still
+    // uses his LeafLock token.
+    accepted(app.verify(&leaflock_token(users.ann)).await);
+    accepted(app.verify(&leaflock_token(users.dan)).await);
+    link(&app, users.bob, "user_bob").await;
+    accepted(app.verify(&leaflock_token(users.bob)).await);
+    // (active, would be locked out, legacy verifications by migrated users)
+    assert_eq!(readiness(&app, 7).await, (3, 2, 1));
+
+    // LeafLock soft-deletes dan and bob after they signed in: they are no
+    // longer users, so clerk_only would lock out ann alone.
+    soft_delete(&app.db, users.dan).await;
+    soft_delete(&app.db, users.bob).await;
+    assert_eq!(readiness(&app, 14).await, (1, 1, 0));
     app.shutdown().await;
 }

@@ -1073,16 +1073,14 @@ async fn user_counts_stay_exact_through_every_change(db: TestDb) {
     );
 }
 
-/// Counts over an application table with soft delete (LeafLock's layout,
-/// reduced): a linked user the application deletes, softly or not, is no
-/// longer a user, so it is not counted as migrated either.
-async fn deleted_application_users_are_not_counted(backend: crate::common::Backend) {
-    use identity::storage::{DatabaseOptions, UserCounts, UsersTableConfig};
+/// An application table with soft delete (LeafLock's layout, reduced):
+/// `members(id, deleted_at)` holding `n` live users, and the service
+/// mapped onto it. `None` when PostgreSQL is unreachable outside CI.
+async fn members(backend: crate::common::Backend, n: usize) -> Option<(TestDb, Arc<dyn Storage>, Vec<UserId>)> {
+    use identity::storage::{DatabaseOptions, UsersTableConfig};
 
     use crate::common::{Backend, exec};
-    let Some(db) = TestDb::bare(backend).await else {
-        return;
-    };
+    let db = TestDb::bare(backend).await?;
     exec(
         &db,
         match backend {
@@ -1091,7 +1089,7 @@ async fn deleted_application_users_are_not_counted(backend: crate::common::Backe
         },
     )
     .await;
-    let ids: Vec<UserId> = (0..3).map(|_| UserId::new_random()).collect();
+    let ids: Vec<UserId> = (0..n).map(|_| UserId::new_random()).collect();
     for id in &ids {
         exec(&db, &format!("INSERT INTO members (id) VALUES ('{id}')")).await;
     }
@@ -1114,6 +1112,27 @@ async fn deleted_application_users_are_not_counted(backend: crate::common::Backe
         ..DatabaseOptions::default()
     };
     let storage = identity::storage::connect(&db.url, &options, true).await.unwrap();
+    Some((db, storage, ids))
+}
+
+/// The application soft-deletes a member.
+async fn soft_delete_member(db: &TestDb, id: UserId) {
+    use crate::common::{Backend, exec};
+    let now = match db.backend {
+        Backend::Sqlite => "datetime('now')",
+        Backend::Postgres => "now()",
+    };
+    exec(db, &format!("UPDATE members SET deleted_at = {now} WHERE id = '{id}'")).await;
+}
+
+/// Counts over an application table with soft delete: a linked user the
+/// application deletes, softly or not, is no longer a user, so it is not
+/// counted as migrated either.
+async fn deleted_application_users_are_not_counted(backend: crate::common::Backend) {
+    use identity::storage::UserCounts;
+    let Some((db, storage, ids)) = members(backend, 3).await else {
+        return;
+    };
     let counts = |legacy_only, migrated| UserCounts {
         legacy_only,
         migrated,
@@ -1126,17 +1145,9 @@ async fn deleted_application_users_are_not_counted(backend: crate::common::Backe
             .unwrap();
     }
     assert_eq!(storage.user_counts().await.unwrap(), counts(1, 2));
-    let now = match backend {
-        Backend::Sqlite => "datetime('now')",
-        Backend::Postgres => "now()",
-    };
-    exec(
-        &db,
-        &format!("UPDATE members SET deleted_at = {now} WHERE id = '{}'", ids[1]),
-    )
-    .await;
+    soft_delete_member(&db, ids[1]).await;
     assert_eq!(storage.user_counts().await.unwrap(), counts(1, 1), "soft-deleted");
-    exec(&db, &format!("DELETE FROM members WHERE id = '{}'", ids[0])).await;
+    crate::common::exec(&db, &format!("DELETE FROM members WHERE id = '{}'", ids[0])).await;
     assert_eq!(storage.user_counts().await.unwrap(), counts(1, 0), "deleted");
 }
 
@@ -1148,6 +1159,111 @@ async fn deleted_application_users_are_not_counted_sqlite() {
 #[tokio::test]
 async fn deleted_application_users_are_not_counted_postgres() {
     deleted_application_users_are_not_counted(crate::common::Backend::Postgres).await;
+}
+
+/// Readiness over an application table with soft delete: activity outlives
+/// the user, and a user the application deleted after signing in (softly or
+/// not) is no longer active, nor would `clerk_only` lock it out.
+async fn readiness_leaves_deleted_application_users_out(backend: crate::common::Backend) {
+    use identity::storage::{AuthFlush, Readiness};
+    let Some((db, storage, ids)) = members(backend, 4).await else {
+        return;
+    };
+    let (ann, bob, cid, dan) = (ids[0], ids[1], ids[2], ids[3]);
+    // ann, bob and cid signed in with legacy tokens only, unlinked; dan is
+    // linked and used a legacy token after moving.
+    storage
+        .link_user(dan, &clerk("user_dan"), &audit("user.link", Some(dan)))
+        .await
+        .unwrap();
+    let day = Utc::now().timestamp() / 86_400;
+    let flush = AuthFlush {
+        activity: vec![
+            (ann, day, 2, 0, 0),
+            (bob, day, 1, 0, 0),
+            (cid, day, 1, 0, 0),
+            (dan, day, 3, 1, 2),
+        ],
+        ..AuthFlush::default()
+    };
+    storage.flush_auth_stats(&flush).await.unwrap();
+    let readiness = |active_users, legacy_only_unlinked, legacy_verifications_by_migrated| Readiness {
+        active_users,
+        legacy_only_unlinked,
+        legacy_verifications_by_migrated,
+    };
+    assert_eq!(storage.readiness(day).await.unwrap(), readiness(4, 3, 2));
+    soft_delete_member(&db, bob).await;
+    assert_eq!(
+        storage.readiness(day).await.unwrap(),
+        readiness(3, 2, 2),
+        "bob soft-deleted"
+    );
+    crate::common::exec(&db, &format!("DELETE FROM members WHERE id = '{cid}'")).await;
+    assert_eq!(storage.readiness(day).await.unwrap(), readiness(2, 1, 2), "cid deleted");
+    soft_delete_member(&db, dan).await;
+    assert_eq!(
+        storage.readiness(day).await.unwrap(),
+        readiness(1, 1, 0),
+        "dan soft-deleted, linked"
+    );
+}
+
+#[tokio::test]
+async fn readiness_leaves_deleted_application_users_out_sqlite() {
+    readiness_leaves_deleted_application_users_out(crate::common::Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn readiness_leaves_deleted_application_users_out_postgres() {
+    readiness_leaves_deleted_application_users_out(crate::common::Backend::Postgres).await;
+}
+
+/// Readiness counts the active users that are still users, whatever the
+/// layout: the service's directory and the application's `users` table
+/// (its rows deleted outright, the seed having no soft delete); an id that
+/// names nobody (a user deleted from wherever it was) is left out.
+async fn readiness_counts_only_users_that_still_exist(db: TestDb) {
+    use identity::storage::{AuthFlush, Readiness};
+    with_app_users(&db).await;
+    let storage = db.storage().await;
+    let ann = insert(storage.as_ref(), "ann@example.com", None).await;
+    let bob = app_user(&db, "bob@example.com").await;
+    let cid = app_user(&db, "cid@example.com").await;
+    storage
+        .link_user(cid, &clerk("user_cid"), &audit("user.link", Some(cid)))
+        .await
+        .unwrap();
+    let ghost = UserId::new_random();
+    let day = Utc::now().timestamp() / 86_400;
+    let flush = AuthFlush {
+        activity: vec![
+            (ann, day, 2, 0, 0),
+            (bob, day, 1, 0, 0),
+            (cid, day, 1, 1, 1),
+            (ghost, day, 4, 0, 0),
+        ],
+        ..AuthFlush::default()
+    };
+    storage.flush_auth_stats(&flush).await.unwrap();
+    let readiness = |active_users, legacy_only_unlinked, legacy_verifications_by_migrated| Readiness {
+        active_users,
+        legacy_only_unlinked,
+        legacy_verifications_by_migrated,
+    };
+    assert_eq!(
+        storage.readiness(day).await.unwrap(),
+        readiness(3, 2, 1),
+        "ghost is nobody"
+    );
+    crate::common::exec(&db, &format!("DELETE FROM users WHERE id = '{bob}'")).await;
+    assert_eq!(storage.readiness(day).await.unwrap(), readiness(2, 1, 1), "bob deleted");
+    crate::common::exec(&db, &format!("DELETE FROM users WHERE id = '{cid}'")).await;
+    assert_eq!(
+        storage.readiness(day).await.unwrap(),
+        readiness(1, 1, 0),
+        "cid deleted, linked"
+    );
 }
 
 async fn auth_figures_add_up_across_flushes(db: TestDb) {
@@ -2088,6 +2204,7 @@ crate::backend_tests!(
     cancelling_a_bulk_job_without_a_live_runner_ends_it,
     user_counts_stay_exact_through_every_change,
     auth_figures_add_up_across_flushes,
+    readiness_counts_only_users_that_still_exist,
     provisioning_creates_one_clerk_native_user,
     revocations_are_idempotent_listed_and_purged,
     revoking_again_keeps_the_later_expiry,
