@@ -422,6 +422,14 @@ impl BulkMigrations {
                 "bulk job {id} is running on another replica (its lease has not expired)"
             )));
         }
+        // Read again now that the lease is ours: a runner whose lease had
+        // run out may have saved progress between the first read and the
+        // claim (its guarded writes fail from the claim on).
+        let job = self
+            .storage
+            .get_bulk_job(id)
+            .await?
+            .ok_or_else(|| DomainError::NotFound("bulk job not found".into()))?;
         let params: JobParams = serde_json::from_str(&job.params).map_err(|e| DomainError::Internal(Box::new(e)))?;
         let event = audit::event(
             caller,

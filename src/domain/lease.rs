@@ -16,7 +16,7 @@ use std::{
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::storage::{LeasedJob, Storage};
+use crate::storage::{JobLease, LeasedJob, Storage, StorageResult};
 
 /// When a lease of length `lease` taken now runs out.
 pub(super) fn lease_until(lease: Duration) -> DateTime<Utc> {
@@ -58,7 +58,9 @@ impl LeaseKeeper {
     }
 
     /// Renews the lease every third of its length; returns once it is lost.
-    /// A failed renewal is retried until the lease would have run out.
+    /// A failed renewal is retried until the lease would have run out, and
+    /// never later: the runner stops when its lease ends, not at the next
+    /// renewal time after it.
     async fn keep(self) {
         let Self {
             storage,
@@ -69,36 +71,154 @@ impl LeaseKeeper {
             leased_at,
             cancel,
         } = self;
-        let mut held_until = leased_at + lease;
-        loop {
-            tokio::time::sleep(lease / 3).await;
-            let asked = Instant::now();
-            let renewal = tokio::time::timeout_at(
-                held_until.into(),
-                storage.renew_lease(job, id, &owner, lease_until(lease)),
-            )
-            .await;
-            match renewal {
-                Ok(Ok(now)) if now.held => {
-                    held_until = asked + lease;
-                    if now.cancel_requested
-                        && let Some(cancel) = &cancel
-                    {
-                        cancel.store(true, Ordering::SeqCst);
-                    }
-                }
-                Ok(Ok(_)) => {
-                    tracing::warn!(job_id = %id, ?job, "job taken over or ended elsewhere; this runner stops");
-                    return;
-                }
-                Ok(Err(err)) if Instant::now() < held_until => {
-                    tracing::warn!(job_id = %id, ?job, error = %err, "cannot renew the job's lease; retrying");
-                }
-                Ok(Err(_)) | Err(_) => {
-                    tracing::warn!(job_id = %id, ?job, "the job's lease expired before it could be renewed; this runner stops");
-                    return;
-                }
+        let renew = || storage.renew_lease(job, id, &owner, lease_until(lease));
+        let lost = keep_renewing(lease, tokio::time::Instant::from_std(leased_at), renew, |requested| {
+            if requested && let Some(cancel) = &cancel {
+                cancel.store(true, Ordering::SeqCst);
+            }
+        })
+        .await;
+        match lost {
+            Lost::Elsewhere => {
+                tracing::warn!(job_id = %id, ?job, "job taken over or ended elsewhere; this runner stops");
+            }
+            Lost::Expired => {
+                tracing::warn!(job_id = %id, ?job, "the job's lease expired before it could be renewed; this runner stops");
             }
         }
+    }
+}
+
+/// How a lease was lost.
+#[derive(Debug, PartialEq, Eq)]
+enum Lost {
+    /// A renewal found the job taken over or ended elsewhere.
+    Elsewhere,
+    /// No renewal succeeded before the lease ran out.
+    Expired,
+}
+
+/// The renewal loop of [`LeaseKeeper::keep`], apart from the storage: calls
+/// `renew` every third of `lease` (and at the latest when the lease ends),
+/// hands each successful renewal's cancellation request to `cancelled`, and
+/// returns when the lease is lost.
+async fn keep_renewing<F, Fut>(
+    lease: Duration,
+    leased_at: tokio::time::Instant,
+    mut renew: F,
+    mut cancelled: impl FnMut(bool),
+) -> Lost
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = StorageResult<JobLease>>,
+{
+    // Tokio's clock (the same instants as the standard one, and pausable in tests).
+    use tokio::time::Instant;
+    let mut held_until = leased_at + lease;
+    loop {
+        tokio::time::sleep_until((Instant::now() + lease / 3).min(held_until)).await;
+        if Instant::now() >= held_until {
+            return Lost::Expired;
+        }
+        let asked = Instant::now();
+        match tokio::time::timeout_at(held_until, renew()).await {
+            Ok(Ok(now)) if now.held => {
+                held_until = asked + lease;
+                cancelled(now.cancel_requested);
+            }
+            Ok(Ok(_)) => return Lost::Elsewhere,
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "cannot renew a job's lease; retrying until it runs out");
+            }
+            Err(_) => return Lost::Expired,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::storage::StorageError;
+
+    const LEASE: Duration = Duration::from_secs(30);
+
+    fn held() -> StorageResult<JobLease> {
+        Ok(JobLease {
+            held: true,
+            cancel_requested: false,
+        })
+    }
+
+    fn failed() -> StorageResult<JobLease> {
+        Err(StorageError::Unavailable("connection reset".into()))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_failing_late_stops_the_runner_when_its_lease_ends() {
+        // Renewed at 10 s; the renewal at 20 s hangs and fails at 39.9 s,
+        // just before the lease renewed at 10 s ends (at 40 s). The next
+        // renewal time (49.9 s) is past the lease: the runner stops at 40 s.
+        let start = tokio::time::Instant::now();
+        let calls = AtomicUsize::new(0);
+        let renew = || {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    held()
+                } else {
+                    tokio::time::sleep(Duration::from_millis(19_900)).await;
+                    failed()
+                }
+            }
+        };
+        let lost = keep_renewing(LEASE, start, renew, |_| {}).await;
+        assert_eq!(lost, Lost::Expired);
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_secs(40),
+            "stopped when the lease ended, not later"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quick_failure_is_retried_until_the_lease_ends() {
+        let start = tokio::time::Instant::now();
+        let calls = AtomicUsize::new(0);
+        let renew = || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { failed() }
+        };
+        let lost = keep_renewing(LEASE, start, renew, |_| {}).await;
+        assert_eq!(lost, Lost::Expired);
+        assert_eq!(start.elapsed(), LEASE);
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "at 10 s and 20 s");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renewals_keep_the_lease_and_pass_on_a_cancellation() {
+        let start = tokio::time::Instant::now();
+        let calls = AtomicUsize::new(0);
+        let renew = || {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                match n {
+                    0..=4 => Ok(JobLease {
+                        held: true,
+                        cancel_requested: n == 4,
+                    }),
+                    _ => Ok(JobLease {
+                        held: false,
+                        cancel_requested: false,
+                    }),
+                }
+            }
+        };
+        let mut requests = Vec::new();
+        let lost = keep_renewing(LEASE, start, renew, |requested| requests.push(requested)).await;
+        assert_eq!(lost, Lost::Elsewhere);
+        assert_eq!(start.elapsed(), Duration::from_secs(60), "six renewals, 10 s apart");
+        assert_eq!(requests, [false, false, false, false, true]);
     }
 }

@@ -354,6 +354,12 @@ impl Reconciliations {
                 "reconciliation {id} is running (its lease has not expired)"
             )));
         }
+        // Read again now that the lease is ours (see the bulk job's resume).
+        let job = self
+            .storage
+            .get_reconcile_job(id)
+            .await?
+            .ok_or_else(|| DomainError::NotFound("reconciliation not found".into()))?;
         let params: Params = serde_json::from_str(&job.params).map_err(|e| DomainError::Internal(Box::new(e)))?;
         let cursor = job
             .cursor
