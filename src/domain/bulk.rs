@@ -374,17 +374,21 @@ impl BulkMigrations {
         }
     }
 
+    /// A bulk job by id, or NOT_FOUND.
+    async fn job(&self, id: Uuid) -> Result<BulkJobRecord, DomainError> {
+        self.storage
+            .get_bulk_job(id)
+            .await?
+            .ok_or_else(|| DomainError::NotFound("bulk job not found".into()))
+    }
+
     async fn resume(
         &self,
         caller: &Caller,
         id: Uuid,
         owner: &str,
     ) -> Result<(Uuid, JobParams, Option<super::UserId>, BulkCounters, i64), DomainError> {
-        let job = self
-            .storage
-            .get_bulk_job(id)
-            .await?
-            .ok_or_else(|| DomainError::NotFound("bulk job not found".into()))?;
+        let job = self.job(id).await?;
         if matches!(job.state, BulkJobState::Completed | BulkJobState::Cancelled) {
             return Err(DomainError::FailedPrecondition(format!(
                 "bulk job {id} is {}",
@@ -425,11 +429,7 @@ impl BulkMigrations {
         // Read again now that the lease is ours: a runner whose lease had
         // run out may have saved progress between the first read and the
         // claim (its guarded writes fail from the claim on).
-        let job = self
-            .storage
-            .get_bulk_job(id)
-            .await?
-            .ok_or_else(|| DomainError::NotFound("bulk job not found".into()))?;
+        let job = self.job(id).await?;
         let params: JobParams = serde_json::from_str(&job.params).map_err(|e| DomainError::Internal(Box::new(e)))?;
         let event = audit::event(
             caller,

@@ -319,17 +319,21 @@ impl Reconciliations {
         }
     }
 
+    /// A reconciliation pass by id, or NOT_FOUND.
+    async fn job(&self, id: Uuid) -> Result<ReconcileJobRecord, DomainError> {
+        self.storage
+            .get_reconcile_job(id)
+            .await?
+            .ok_or_else(|| DomainError::NotFound("reconciliation not found".into()))
+    }
+
     async fn resume(
         &self,
         caller: &Caller,
         id: Uuid,
         owner: &str,
     ) -> Result<(ReconcileJobRecord, Params, Cursor), DomainError> {
-        let job = self
-            .storage
-            .get_reconcile_job(id)
-            .await?
-            .ok_or_else(|| DomainError::NotFound("reconciliation not found".into()))?;
+        let job = self.job(id).await?;
         if matches!(job.state, BulkJobState::Completed | BulkJobState::Cancelled) {
             return Err(DomainError::FailedPrecondition(format!(
                 "reconciliation {id} is {}",
@@ -355,11 +359,7 @@ impl Reconciliations {
             )));
         }
         // Read again now that the lease is ours (see the bulk job's resume).
-        let job = self
-            .storage
-            .get_reconcile_job(id)
-            .await?
-            .ok_or_else(|| DomainError::NotFound("reconciliation not found".into()))?;
+        let job = self.job(id).await?;
         let params: Params = serde_json::from_str(&job.params).map_err(|e| DomainError::Internal(Box::new(e)))?;
         let cursor = job
             .cursor
