@@ -11,7 +11,7 @@
 use std::{cell::Cell, sync::Arc};
 
 use opentelemetry::{
-    Context,
+    Context, KeyValue,
     trace::{SpanKind, TraceContextExt, TraceId, TracerProvider as _},
 };
 use opentelemetry_sdk::{
@@ -95,7 +95,9 @@ where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
     match format {
-        LogFormat::Text => fmt::layer().with_target(true).boxed(),
+        // Colours only for a person at a terminal: log collectors (`kubectl
+        // logs`, files) get plain text; `NO_COLOR` turns them off anywhere.
+        LogFormat::Text => fmt::layer().with_target(true).with_ansi(colour()).boxed(),
         // The span list carries the RPC span's trace id into every line inside it.
         LogFormat::Json => fmt::layer()
             .json()
@@ -104,6 +106,13 @@ where
             .with_span_list(true)
             .boxed(),
     }
+}
+
+/// Whether text logs are coloured: only when standard output (where they
+/// go) is a terminal and `NO_COLOR` is unset or empty (no-color.org).
+fn colour() -> bool {
+    use std::io::IsTerminal;
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// Holds the tracer provider so spans are flushed when the process ends.
@@ -198,8 +207,6 @@ macro_rules! rpc_span {
             rpc.system = "grpc",
             rpc.service = %$service,
             rpc.method = %$method,
-            rpc.grpc.status_code = tracing::field::Empty,
-            outcome = tracing::field::Empty,
             trace_id = tracing::field::Empty,
         )
     };
@@ -250,14 +257,23 @@ impl RpcTracing {
     }
 }
 
-/// Ends the exported span of an RPC once its status and outcome are recorded.
+/// Ends the exported span of an RPC with its gRPC status code (an integer,
+/// per OpenTelemetry's RPC conventions) and the handler's outcome, when there
+/// is one. These go to the exported span only: the call is over, so no log
+/// line will show them, and the log layer is not asked to format them.
 /// The tracing span itself closes only when every child span has closed too,
 /// and a child may outlive the call: sqlx's SQLite worker thread holds the
 /// current span of the commands it runs. Without this, such an RPC would be
 /// exported late, or never.
-pub fn end_rpc(span: &tracing::Span) {
+pub fn end_rpc(span: &tracing::Span, code: tonic::Code, outcome: Option<Outcome>) {
     if span.metadata().is_some_and(|m| m.target() == EXPORTED_TARGET) {
-        span.context().span().end();
+        let cx = span.context();
+        let exported = cx.span();
+        exported.set_attribute(KeyValue::new("rpc.grpc.status_code", code as i64));
+        if let Some(Outcome(outcome)) = outcome {
+            exported.set_attribute(KeyValue::new("outcome", outcome));
+        }
+        exported.end();
     }
 }
 

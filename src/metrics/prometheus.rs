@@ -316,11 +316,8 @@ where
                     .and_then(|v| v.parse::<i32>().ok())
                     .map_or(tonic::Code::Ok, tonic::Code::from_i32);
                 if !record_span.is_disabled() {
-                    record_span.record("rpc.grpc.status_code", format!("{code:?}").as_str());
-                    if let Some(outcome) = response.extensions().get::<crate::telemetry::Outcome>() {
-                        record_span.record("outcome", outcome.0);
-                    }
-                    crate::telemetry::end_rpc(&record_span);
+                    let outcome = response.extensions().get::<crate::telemetry::Outcome>().copied();
+                    crate::telemetry::end_rpc(&record_span, code, outcome);
                 }
                 metrics.record(code, started.elapsed());
                 Ok(response)

@@ -27,6 +27,8 @@ async fn serve_starts_on_sqlite_and_exits_cleanly_on_sigterm() {
     assert!(serving, "never SERVING: {logs}");
     assert_eq!(status.code(), Some(0), "{logs}");
     assert!(logs.contains("draining"), "{logs}");
+    // A pipe is not a terminal: plain text, no colour codes for a log collector.
+    assert!(!logs.contains('\u{1b}'), "colour codes in piped logs: {logs:?}");
 }
 
 #[test]
