@@ -71,8 +71,15 @@ pub fn otel_layer<S>(provider: &SdkTracerProvider) -> impl Layer<S>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
+    // Only what an RPC span is for: no source location, target, thread or
+    // busy/idle attributes (the same file, module and worker names on every
+    // span, and two clock reads at every poll of the call).
     tracing_opentelemetry::layer()
         .with_tracer(provider.tracer("identity"))
+        .with_location(false)
+        .with_target(false)
+        .with_threads(false)
+        .with_tracked_inactivity(false)
         .with_filter(Targets::new().with_target(EXPORTED_TARGET, tracing::Level::INFO))
 }
 

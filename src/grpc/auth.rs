@@ -79,11 +79,11 @@ pub fn bearer_key(value: &str) -> Option<&str> {
         .filter(|k| !k.is_empty())
 }
 
-/// The caller the interceptor admitted.
-pub fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
+/// The caller the interceptor admitted, taken out of the request (a
+/// handler reads it once).
+pub fn caller<T>(request: &mut Request<T>) -> Result<Caller, Status> {
     request
-        .extensions()
-        .get::<Caller>()
-        .cloned()
+        .extensions_mut()
+        .remove::<Caller>()
         .ok_or_else(|| Status::unauthenticated("missing API key"))
 }

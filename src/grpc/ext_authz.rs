@@ -146,8 +146,8 @@ impl ExtAuthzApi {
 #[tonic::async_trait]
 impl Authorization for ExtAuthzApi {
     #[tracing::instrument(name = "Authorization/Check", level = "debug", skip_all)]
-    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
-        let caller = caller(&request)?;
+    async fn check(&self, mut request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        let caller = caller(&mut request)?;
         let body = request.into_inner();
         let attributes = body.attributes.unwrap_or_default();
         let http = attributes.request.as_ref().and_then(|r| r.http.as_ref());

@@ -28,9 +28,9 @@ impl IdentityService for IdentityApi {
     #[tracing::instrument(name = "IdentityService/VerifyToken", level = "debug", skip_all)]
     async fn verify_token(
         &self,
-        request: Request<pb::VerifyTokenRequest>,
+        mut request: Request<pb::VerifyTokenRequest>,
     ) -> Result<Response<pb::VerifyTokenResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller(&mut request)?;
         let body = request.into_inner();
         let expected = (!body.expected_audience.is_empty()).then_some(body.expected_audience.as_str());
         let verdict = self
@@ -62,9 +62,9 @@ impl IdentityService for IdentityApi {
     #[tracing::instrument(name = "IdentityService/RevokeToken", level = "debug", skip_all)]
     async fn revoke_token(
         &self,
-        request: Request<pb::RevokeTokenRequest>,
+        mut request: Request<pb::RevokeTokenRequest>,
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller(&mut request)?;
         let body = request.into_inner();
         let target = match body.target {
             Some(pb::revoke_token_request::Target::Token(token)) => RevokeTarget::Token(token),
@@ -86,8 +86,11 @@ impl IdentityService for IdentityApi {
     }
 
     #[tracing::instrument(name = "IdentityService/GetUser", level = "debug", skip_all)]
-    async fn get_user(&self, request: Request<pb::GetUserRequest>) -> Result<Response<pb::GetUserResponse>, Status> {
-        let caller = caller(&request)?;
+    async fn get_user(
+        &self,
+        mut request: Request<pb::GetUserRequest>,
+    ) -> Result<Response<pb::GetUserResponse>, Status> {
+        let caller = caller(&mut request)?;
         let key = convert::user_key(request.into_inner().lookup).map_err(to_status)?;
         let user = self.users.get_user(&caller, &key).await.map_err(to_status)?;
         Ok(Response::new(pb::GetUserResponse {

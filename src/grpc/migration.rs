@@ -105,9 +105,9 @@ impl MigrationService for MigrationApi {
     #[tracing::instrument(name = "MigrationService/GetMigrationStats", skip_all)]
     async fn get_migration_stats(
         &self,
-        request: Request<pb::GetMigrationStatsRequest>,
+        mut request: Request<pb::GetMigrationStatsRequest>,
     ) -> Result<Response<pb::GetMigrationStatsResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller(&mut request)?;
         let body = request.into_inner();
         let window = convert::window(body.window).map_err(to_status)?;
         let snapshot = self
@@ -123,9 +123,9 @@ impl MigrationService for MigrationApi {
     #[tracing::instrument(name = "MigrationService/StreamMigrationMetrics", skip_all)]
     async fn stream_migration_metrics(
         &self,
-        request: Request<pb::StreamMigrationMetricsRequest>,
+        mut request: Request<pb::StreamMigrationMetricsRequest>,
     ) -> Result<Response<Self::StreamMigrationMetricsStream>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller(&mut request)?;
         let body = request.into_inner();
         let window = convert::window(body.window).map_err(to_status)?;
         let interval = match body.interval_seconds {
@@ -180,9 +180,9 @@ impl MigrationService for MigrationApi {
     #[tracing::instrument(name = "MigrationService/StartBulkMigration", skip_all)]
     async fn start_bulk_migration(
         &self,
-        request: Request<pb::StartBulkMigrationRequest>,
+        mut request: Request<pb::StartBulkMigrationRequest>,
     ) -> Result<Response<Self::StartBulkMigrationStream>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller(&mut request)?;
         let bulk_request = bulk_request(request.into_inner()).map_err(to_status)?;
         let mut progress = self.bulk.start(&caller, bulk_request).await.map_err(to_status)?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -207,9 +207,9 @@ impl MigrationService for MigrationApi {
     #[tracing::instrument(name = "MigrationService/ReconcileMappings", skip_all)]
     async fn reconcile_mappings(
         &self,
-        request: Request<pb::ReconcileMappingsRequest>,
+        mut request: Request<pb::ReconcileMappingsRequest>,
     ) -> Result<Response<Self::ReconcileMappingsStream>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller(&mut request)?;
         let body = request.into_inner();
         let reconcile_request = ReconcileRequest {
             fix: body.fix,
@@ -246,9 +246,9 @@ impl MigrationService for MigrationApi {
     #[tracing::instrument(name = "MigrationService/CancelBulkMigration", skip_all)]
     async fn cancel_bulk_migration(
         &self,
-        request: Request<pb::CancelBulkMigrationRequest>,
+        mut request: Request<pb::CancelBulkMigrationRequest>,
     ) -> Result<Response<pb::CancelBulkMigrationResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller(&mut request)?;
         let id = parse_job_id("job_id", &request.into_inner().job_id).map_err(to_status)?;
         let job = self.bulk.cancel(&caller, id).await.map_err(to_status)?;
         Ok(Response::new(pb::CancelBulkMigrationResponse {
@@ -258,8 +258,11 @@ impl MigrationService for MigrationApi {
     }
 
     #[tracing::instrument(name = "MigrationService/LinkUser", skip_all)]
-    async fn link_user(&self, request: Request<pb::LinkUserRequest>) -> Result<Response<pb::LinkUserResponse>, Status> {
-        let caller = caller(&request)?;
+    async fn link_user(
+        &self,
+        mut request: Request<pb::LinkUserRequest>,
+    ) -> Result<Response<pb::LinkUserResponse>, Status> {
+        let caller = caller(&mut request)?;
         let body = request.into_inner();
         let user_id = UserId::parse("user_id", &body.user_id).map_err(to_status)?;
         let clerk_user_id = ClerkUserId::parse("clerk_user_id", &body.clerk_user_id).map_err(to_status)?;
@@ -276,9 +279,9 @@ impl MigrationService for MigrationApi {
     #[tracing::instrument(name = "MigrationService/UnlinkUser", skip_all)]
     async fn unlink_user(
         &self,
-        request: Request<pb::UnlinkUserRequest>,
+        mut request: Request<pb::UnlinkUserRequest>,
     ) -> Result<Response<pb::UnlinkUserResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller(&mut request)?;
         let user_id = UserId::parse("user_id", &request.into_inner().user_id).map_err(to_status)?;
         let removed = self.users.unlink(&caller, user_id).await.map_err(to_status)?;
         Ok(Response::new(pb::UnlinkUserResponse {
@@ -289,10 +292,10 @@ impl MigrationService for MigrationApi {
     #[tracing::instrument(name = "MigrationService/InitiateMigration", skip_all)]
     async fn initiate_migration(
         &self,
-        request: Request<pb::InitiateMigrationRequest>,
+        mut request: Request<pb::InitiateMigrationRequest>,
     ) -> Result<Response<pb::InitiateMigrationResponse>, Status> {
         use pb::initiate_migration_request::Subject;
-        let caller = caller(&request)?;
+        let caller = caller(&mut request)?;
         let body = request.into_inner();
         let email = match body.email.trim() {
             "" => None,
@@ -320,9 +323,9 @@ impl MigrationService for MigrationApi {
     #[tracing::instrument(name = "MigrationService/CompleteMigration", skip_all)]
     async fn complete_migration(
         &self,
-        request: Request<pb::CompleteMigrationRequest>,
+        mut request: Request<pb::CompleteMigrationRequest>,
     ) -> Result<Response<pb::CompleteMigrationResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller(&mut request)?;
         let body = request.into_inner();
         let mapping = self
             .invitations
@@ -337,9 +340,9 @@ impl MigrationService for MigrationApi {
     #[tracing::instrument(name = "MigrationService/GetMapping", skip_all)]
     async fn get_mapping(
         &self,
-        request: Request<pb::GetMappingRequest>,
+        mut request: Request<pb::GetMappingRequest>,
     ) -> Result<Response<pb::GetMappingResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller(&mut request)?;
         let key = convert::mapping_key(request.into_inner().lookup).map_err(to_status)?;
         let mapping = self.users.get_mapping(&caller, &key).await.map_err(to_status)?;
         Ok(Response::new(pb::GetMappingResponse {
@@ -350,9 +353,9 @@ impl MigrationService for MigrationApi {
     #[tracing::instrument(name = "MigrationService/GetAuthMode", skip_all)]
     async fn get_auth_mode(
         &self,
-        request: Request<pb::GetAuthModeRequest>,
+        mut request: Request<pb::GetAuthModeRequest>,
     ) -> Result<Response<pb::GetAuthModeResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller(&mut request)?;
         let state = self.modes.get(&caller).await.map_err(to_status)?;
         Ok(Response::new(pb::GetAuthModeResponse {
             mode: convert::auth_mode(state.mode) as i32,
@@ -364,9 +367,9 @@ impl MigrationService for MigrationApi {
     #[tracing::instrument(name = "MigrationService/SetAuthMode", skip_all)]
     async fn set_auth_mode(
         &self,
-        request: Request<pb::SetAuthModeRequest>,
+        mut request: Request<pb::SetAuthModeRequest>,
     ) -> Result<Response<pb::SetAuthModeResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller(&mut request)?;
         let mode = convert::auth_mode_from("mode", request.into_inner().mode).map_err(to_status)?;
         let previous = self.modes.set(&caller, mode).await.map_err(to_status)?;
         Ok(Response::new(pb::SetAuthModeResponse {
@@ -378,9 +381,9 @@ impl MigrationService for MigrationApi {
     #[tracing::instrument(name = "MigrationService/ListAuditEvents", skip_all)]
     async fn list_audit_events(
         &self,
-        request: Request<pb::ListAuditEventsRequest>,
+        mut request: Request<pb::ListAuditEventsRequest>,
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller(&mut request)?;
         let page_request = audit_page_request(request.into_inner()).map_err(to_status)?;
         let page = self.audit.list(&caller, page_request).await.map_err(to_status)?;
         Ok(Response::new(pb::ListAuditEventsResponse {

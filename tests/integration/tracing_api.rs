@@ -204,6 +204,21 @@ async fn rpc_spans_continue_the_callers_trace_without_the_token() {
     // An integer, as OpenTelemetry's RPC semantic conventions define it (0: OK).
     assert_eq!(attribute(rpc, "rpc.grpc.status_code").as_deref(), Some("0"));
     assert_eq!(attribute(rpc, "outcome").as_deref(), Some("accepted"));
+    // What an RPC span is for, and nothing the same on every span (source
+    // location, target, thread, busy/idle time).
+    let mut keys: Vec<_> = rpc.attributes.iter().map(|kv| kv.key.as_str()).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "outcome",
+            "rpc.grpc.status_code",
+            "rpc.method",
+            "rpc.service",
+            "rpc.system",
+            "trace_id"
+        ]
+    );
     for kv in &rpc.attributes {
         assert!(!kv.value.as_str().contains(&token), "the token leaked into {}", kv.key);
     }
