@@ -8,7 +8,7 @@
 //! configuration pays nothing for tracing. Nothing logs or records a token or
 //! a secret.
 
-use std::{cell::Cell, sync::Arc};
+use std::{cell::Cell, io::IsTerminal, sync::Arc};
 
 use opentelemetry::{
     Context, KeyValue,
@@ -102,9 +102,17 @@ where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
     match format {
-        // Colours only for a person at a terminal: log collectors (`kubectl
-        // logs`, files) get plain text; `NO_COLOR` turns them off anywhere.
-        LogFormat::Text => fmt::layer().with_target(true).with_ansi(colour()).boxed(),
+        LogFormat::Text => {
+            // Colours only for a person at a terminal: log collectors
+            // (`kubectl logs`, files) get plain text. On a terminal the
+            // layer's default applies (colours unless `NO_COLOR` is set).
+            let layer = fmt::layer().with_target(true);
+            if std::io::stdout().is_terminal() {
+                layer.boxed()
+            } else {
+                layer.with_ansi(false).boxed()
+            }
+        }
         // The span list carries the RPC span's trace id into every line inside it.
         LogFormat::Json => fmt::layer()
             .json()
@@ -113,13 +121,6 @@ where
             .with_span_list(true)
             .boxed(),
     }
-}
-
-/// Whether text logs are coloured: only when standard output (where they
-/// go) is a terminal and `NO_COLOR` is unset or empty (no-color.org).
-fn colour() -> bool {
-    use std::io::IsTerminal;
-    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// Holds the tracer provider so spans are flushed when the process ends.
