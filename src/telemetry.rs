@@ -22,9 +22,15 @@ use opentelemetry_sdk::{
         TracerProviderBuilder,
     },
 };
+use tracing::field::{Field, Visit};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{
-    EnvFilter, Layer, Registry, filter::Targets, fmt, layer::SubscriberExt, util::SubscriberInitExt,
+    EnvFilter, Layer, Registry,
+    field::{MakeVisitor, VisitFmt, VisitOutput},
+    filter::Targets,
+    fmt,
+    layer::SubscriberExt,
+    util::SubscriberInitExt,
 };
 
 use crate::config::{LogFormat, TraceConfig};
@@ -106,7 +112,7 @@ where
             // Colours only for a person at a terminal: log collectors
             // (`kubectl logs`, files) get plain text. On a terminal the
             // layer's default applies (colours unless `NO_COLOR` is set).
-            let layer = fmt::layer().with_target(true);
+            let layer = text_layer();
             if std::io::stdout().is_terminal() {
                 layer.boxed()
             } else {
@@ -120,6 +126,92 @@ where
             .with_current_span(false)
             .with_span_list(true)
             .boxed(),
+    }
+}
+
+/// Human-readable logs: tracing-subscriber's full format, the RPC span's
+/// fields as [`LoggedFields`] has them.
+fn text_layer<S>() -> fmt::Layer<S, LoggedFields>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fmt::layer().with_target(true).fmt_fields(LoggedFields::default())
+}
+
+/// The fields of an RPC span that only the exported span needs: its name and
+/// kind (for the OpenTelemetry layer), the RPC system and service (the
+/// method's path says them). A log line shows `rpc{rpc.method=… trace_id=…}`,
+/// and a sampled span is not formatted for them at all.
+const EXPORT_ONLY_FIELDS: [&str; 4] = ["otel.name", "otel.kind", "rpc.system", "rpc.service"];
+
+/// tracing-subscriber's text field formatter, skipping [`EXPORT_ONLY_FIELDS`].
+#[derive(Debug, Default)]
+struct LoggedFields(fmt::format::DefaultFields);
+
+impl<'a> MakeVisitor<fmt::format::Writer<'a>> for LoggedFields {
+    type Visitor = Logged<<fmt::format::DefaultFields as MakeVisitor<fmt::format::Writer<'a>>>::Visitor>;
+
+    fn make_visitor(&self, target: fmt::format::Writer<'a>) -> Self::Visitor {
+        Logged(self.0.make_visitor(target))
+    }
+}
+
+/// A field visitor that passes every field on except [`EXPORT_ONLY_FIELDS`].
+struct Logged<V>(V);
+
+impl<V: Visit> Logged<V> {
+    fn logged(field: &Field) -> bool {
+        !EXPORT_ONLY_FIELDS.contains(&field.name())
+    }
+}
+
+impl<V: Visit> Visit for Logged<V> {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if Self::logged(field) {
+            self.0.record_debug(field, value);
+        }
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if Self::logged(field) {
+            self.0.record_str(field, value);
+        }
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        if Self::logged(field) {
+            self.0.record_i64(field, value);
+        }
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        if Self::logged(field) {
+            self.0.record_u64(field, value);
+        }
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        if Self::logged(field) {
+            self.0.record_bool(field, value);
+        }
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        if Self::logged(field) {
+            self.0.record_error(field, value);
+        }
+    }
+}
+
+impl<V: VisitOutput<std::fmt::Result>> VisitOutput<std::fmt::Result> for Logged<V> {
+    fn finish(self) -> std::fmt::Result {
+        self.0.finish()
+    }
+}
+
+impl<V: VisitFmt> VisitFmt for Logged<V> {
+    fn writer(&mut self) -> &mut dyn std::fmt::Write {
+        self.0.writer()
     }
 }
 
@@ -260,7 +352,7 @@ impl RpcTracing {
         let built = span.context().span().span_context().trace_id();
         SAMPLED_TRACE_ID.with(|next| next.set(None));
         let logged = if built == TraceId::INVALID { trace_id } else { built };
-        span.record("trace_id", logged.to_string().as_str());
+        record_trace_id(&span, logged);
         span
     }
 }
@@ -289,9 +381,21 @@ pub fn end_rpc(span: &tracing::Span, code: tonic::Code, outcome: Option<Outcome>
 fn log_span(name: &str, service: &str, method: &str, trace_id: TraceId) -> tracing::Span {
     let span = rpc_span!("identity::telemetry", name, service, method);
     if !span.is_disabled() {
-        span.record("trace_id", trace_id.to_string().as_str());
+        record_trace_id(&span, trace_id);
     }
     span
+}
+
+/// Records the trace id on an RPC span, as the 32 lowercase hex digits of
+/// W3C trace context (written straight from its bytes: `{:032x}` of a u128
+/// costs more than the rest of the record).
+fn record_trace_id(span: &tracing::Span, trace_id: TraceId) {
+    let mut hex = [0u8; 32];
+    if hex::encode_to_slice(trace_id.to_bytes(), &mut hex).is_ok()
+        && let Ok(hex) = std::str::from_utf8(&hex)
+    {
+        span.record("trace_id", tracing::field::display(hex));
+    }
 }
 
 /// The caller's W3C trace context, when it sent a valid one.
@@ -301,4 +405,56 @@ fn remote_context(headers: &http::HeaderMap) -> Option<Context> {
     }
     let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
     cx.span().span_context().is_valid().then_some(cx)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .map_err(|_| std::io::ErrorKind::Other)?
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn text_logs_show_an_rpc_span_by_its_method_and_trace_id() {
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = Registry::default().with(text_layer().with_ansi(false).with_writer(move || writer.clone()));
+        let trace_id = TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").unwrap_or(TraceId::INVALID);
+        tracing::subscriber::with_default(subscriber, || {
+            let span = log_span(
+                "identity.v1.IdentityService/VerifyToken",
+                "identity.v1.IdentityService",
+                "VerifyToken",
+                trace_id,
+            );
+            let _inside = span.enter();
+            tracing::info!(user = "u1", count = 2, "token verified");
+        });
+        let logged = String::from_utf8(buffer.0.lock().map(|b| b.clone()).unwrap_or_default()).unwrap_or_default();
+        assert!(
+            logged.contains(
+                "rpc{rpc.method=VerifyToken trace_id=0af7651916cd43dd8448eb211c80319c}: identity::telemetry::tests: token verified user=\"u1\" count=2"
+            ),
+            "{logged}"
+        );
+        for exported_only in EXPORT_ONLY_FIELDS {
+            assert!(!logged.contains(exported_only), "{exported_only} in {logged}");
+        }
+    }
 }
