@@ -84,7 +84,7 @@ async fn handle(State(state): State<ForwardAuth>, uri: Uri, headers: HeaderMap) 
             caller = %caller.name,
             method = forwarded("x-forwarded-method"),
             host = forwarded("x-forwarded-host"),
-            uri = forwarded("x-forwarded-uri"),
+            path = crate::gateway::without_query(forwarded("x-forwarded-uri")),
             outcome = decision.outcome(),
             "forward-auth decision"
         );

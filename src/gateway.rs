@@ -184,7 +184,8 @@ impl RoutePolicy {
                             "clerk" => methods.clerk = true,
                             other => {
                                 return Err(format!(
-                                    "methods: unknown method {other:?} (expected legacy and/or clerk, comma-separated)"
+                                    "methods: unknown method {:?} (expected legacy and/or clerk, comma-separated)",
+                                    shown(other)
                                 ));
                             }
                         }
@@ -195,7 +196,9 @@ impl RoutePolicy {
                     policy.allow_anonymous = match value.to_ascii_lowercase().as_str() {
                         "true" | "1" | "yes" => true,
                         "false" | "0" | "no" | "" => false,
-                        other => return Err(format!("allow_anonymous: {other:?} is not true or false")),
+                        other => {
+                            return Err(format!("allow_anonymous: {:?} is not true or false", shown(other)));
+                        }
                     }
                 }
                 _ => {}
@@ -203,6 +206,18 @@ impl RoutePolicy {
         }
         Ok(policy)
     }
+}
+
+/// A route parameter's value as a refusal repeats it: at most 40 characters
+/// (a request can carry any query string; an error line should not).
+fn shown(value: &str) -> &str {
+    value.char_indices().nth(40).map_or(value, |(at, _)| &value[..at])
+}
+
+/// A request path for a debug line, without its query string: a query can
+/// carry credentials (`?access_token=`, `?code=`, a magic link's `?token=`).
+pub fn without_query(path: &str) -> &str {
+    path.split_once('?').map_or(path, |(path, _)| path)
 }
 
 /// The bearer token of an `Authorization` value: any capitalisation of
@@ -530,6 +545,20 @@ mod tests {
                 .unwrap_err()
                 .contains("allow_anonymous")
         );
+        // A refusal repeats at most 40 characters of the value (cut on a character boundary).
+        let long = format!("{}{}", "é".repeat(39), "x".repeat(10_000));
+        for (name, value) in [("methods", long.as_str()), ("allow_anonymous", long.as_str())] {
+            let message = RoutePolicy::parse([(name, value)]).unwrap_err();
+            assert!(message.contains(&format!("{}x\"", "é".repeat(39))), "{message}");
+            assert!(message.len() < 200, "{message}");
+        }
+    }
+
+    #[test]
+    fn debug_paths_leave_the_query_out() {
+        assert_eq!(without_query("/callback?code=secret&state=1"), "/callback");
+        assert_eq!(without_query("/a/b"), "/a/b");
+        assert_eq!(without_query("?token=secret"), "");
     }
 
     #[test]

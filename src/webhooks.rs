@@ -116,9 +116,29 @@ struct Identified {
     id: String,
 }
 
+/// A JSON error without the values serde quotes in it (`invalid type:
+/// string "…"`): a missing field by name, anything else by kind and place.
+fn without_values(err: &serde_json::Error) -> String {
+    let text = err.to_string();
+    if text.starts_with("missing field") {
+        return text;
+    }
+    let kind = match err.classify() {
+        serde_json::error::Category::Io => "unreadable",
+        serde_json::error::Category::Syntax => "malformed JSON",
+        serde_json::error::Category::Data => "unexpected value",
+        serde_json::error::Category::Eof => "truncated JSON",
+    };
+    match (err.line(), err.column()) {
+        (0, _) => kind.to_owned(),
+        (line, column) => format!("{kind} at line {line}, column {column}"),
+    }
+}
+
 /// Reads a webhook body; the error says what is wrong with it (never echoing it).
 pub fn parse_event(body: &[u8]) -> Result<ParsedEvent, String> {
-    let envelope: Envelope = serde_json::from_slice(body).map_err(|e| format!("not a Clerk event: {e}"))?;
+    let envelope: Envelope =
+        serde_json::from_slice(body).map_err(|e| format!("not a Clerk event: {}", without_values(&e)))?;
     let event_type = envelope.event_type;
     if event_type.is_empty() || event_type.len() > 100 {
         return Err("the event type is empty or too long".into());
@@ -128,7 +148,8 @@ pub fn parse_event(body: &[u8]) -> Result<ParsedEvent, String> {
         |raw: &str| ClerkUserId::parse("data.id", raw).map_err(|_| "data.id is not a Clerk user id".to_owned());
     let payload = match event_type.as_str() {
         "user.created" | "user.updated" => {
-            let user: ClerkUser = serde_json::from_value(data()?).map_err(|e| format!("{event_type}: {e}"))?;
+            let user: ClerkUser =
+                serde_json::from_value(data()?).map_err(|e| format!("{event_type}: {}", without_values(&e)))?;
             Payload::User {
                 clerk_user_id: clerk_id(&user.id)?,
                 external_id: user.external_id.clone().filter(|e| !e.trim().is_empty()),
@@ -139,13 +160,15 @@ pub fn parse_event(body: &[u8]) -> Result<ParsedEvent, String> {
             }
         }
         "user.deleted" => {
-            let user: Identified = serde_json::from_value(data()?).map_err(|e| format!("{event_type}: {e}"))?;
+            let user: Identified =
+                serde_json::from_value(data()?).map_err(|e| format!("{event_type}: {}", without_values(&e)))?;
             Payload::UserDeleted {
                 clerk_user_id: clerk_id(&user.id)?,
             }
         }
         "session.revoked" | "session.ended" | "session.removed" => {
-            let session: Identified = serde_json::from_value(data()?).map_err(|e| format!("{event_type}: {e}"))?;
+            let session: Identified =
+                serde_json::from_value(data()?).map_err(|e| format!("{event_type}: {}", without_values(&e)))?;
             let id = session.id.trim();
             if id.is_empty() || id.len() > MAX_ID_LEN || !id.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err("data.id is not a session id".into());
@@ -162,6 +185,9 @@ pub fn parse_event(body: &[u8]) -> Result<ParsedEvent, String> {
         payload,
     })
 }
+
+/// How far `svix-timestamp` may be from the clock (Standard Webhooks' tolerance).
+const TIMESTAMP_TOLERANCE_SECONDS: u64 = 5 * 60;
 
 /// Why a delivery was refused before anything was recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -277,6 +303,16 @@ impl ClerkWebhooks {
             .filter(|id| !id.is_empty() && id.len() <= MAX_ID_LEN)
             .ok_or(Refusal::MissingHeaders)?
             .to_owned();
+        // standardwebhooks subtracts the timestamp from the clock unchecked
+        // (`svix-timestamp: -9223372036854775808` overflows it): a timestamp
+        // outside its tolerance is refused here, as it would refuse it.
+        let timestamp = mapped
+            .get(standardwebhooks::HEADER_WEBHOOK_TIMESTAMP)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|t| t.parse::<i64>().ok());
+        if timestamp.is_some_and(|ts| Utc::now().timestamp().abs_diff(ts) > TIMESTAMP_TOLERANCE_SECONDS) {
+            return Err(Refusal::StaleTimestamp);
+        }
         let mut refusal = Refusal::BadSignature;
         for secret in &self.inner.secrets {
             match secret.verify(body, &mapped) {
@@ -496,6 +532,32 @@ mod tests {
             br#"{"type":"","data":{}}"#,
         ] {
             assert!(parse_event(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn errors_name_what_is_wrong_without_quoting_the_body() {
+        for (body, expected) in [
+            (
+                &br#"{"type":"user.created","data":{"id":"secret-value-1","email_addresses":"secret-value-2"}}"#[..],
+                "user.created: unexpected value",
+            ),
+            (
+                br#"{"type":"secret-value-3"#,
+                "not a Clerk event: truncated JSON at line 1, column 23",
+            ),
+            (
+                br#"{"type":["secret-value-4"]}"#,
+                "not a Clerk event: unexpected value at line 1, column 8",
+            ),
+            (
+                br#"{"data":{}}"#,
+                "not a Clerk event: missing field `type` at line 1 column 11",
+            ),
+        ] {
+            let err = parse_event(body).err().unwrap_or_default();
+            assert_eq!(err, expected, "{}", String::from_utf8_lossy(body));
+            assert!(!err.contains("secret-value"), "{err}");
         }
     }
 }

@@ -163,7 +163,7 @@ impl Authorization for ExtAuthzApi {
                 caller = %caller.name,
                 method = http.map(|h| h.method.as_str()),
                 host = http.map(|h| h.host.as_str()),
-                path = http.map(|h| h.path.as_str()),
+                path = http.map(|h| crate::gateway::without_query(&h.path)),
                 outcome,
                 "ext_authz decision"
             );
