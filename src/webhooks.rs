@@ -135,6 +135,12 @@ fn without_values(err: &serde_json::Error) -> String {
     }
 }
 
+/// An event's `data` as the type its event type names (read in place).
+fn read_data<T: serde::de::DeserializeOwned>(event_type: &str, data: Option<&serde_json::Value>) -> Result<T, String> {
+    let data = data.ok_or_else(|| format!("{event_type} has no data"))?;
+    T::deserialize(data).map_err(|e| format!("{event_type}: {}", without_values(&e)))
+}
+
 /// Reads a webhook body; the error says what is wrong with it (never echoing it).
 pub fn parse_event(body: &[u8]) -> Result<ParsedEvent, String> {
     let envelope: Envelope =
@@ -143,13 +149,12 @@ pub fn parse_event(body: &[u8]) -> Result<ParsedEvent, String> {
     if event_type.is_empty() || event_type.len() > 100 {
         return Err("the event type is empty or too long".into());
     }
-    let data = || envelope.data.clone().ok_or_else(|| format!("{event_type} has no data"));
+    let data = envelope.data.as_ref();
     let clerk_id =
         |raw: &str| ClerkUserId::parse("data.id", raw).map_err(|_| "data.id is not a Clerk user id".to_owned());
     let payload = match event_type.as_str() {
         "user.created" | "user.updated" => {
-            let user: ClerkUser =
-                serde_json::from_value(data()?).map_err(|e| format!("{event_type}: {}", without_values(&e)))?;
+            let user: ClerkUser = read_data(&event_type, data)?;
             Payload::User {
                 clerk_user_id: clerk_id(&user.id)?,
                 external_id: user.external_id.clone().filter(|e| !e.trim().is_empty()),
@@ -160,15 +165,13 @@ pub fn parse_event(body: &[u8]) -> Result<ParsedEvent, String> {
             }
         }
         "user.deleted" => {
-            let user: Identified =
-                serde_json::from_value(data()?).map_err(|e| format!("{event_type}: {}", without_values(&e)))?;
+            let user: Identified = read_data(&event_type, data)?;
             Payload::UserDeleted {
                 clerk_user_id: clerk_id(&user.id)?,
             }
         }
         "session.revoked" | "session.ended" | "session.removed" => {
-            let session: Identified =
-                serde_json::from_value(data()?).map_err(|e| format!("{event_type}: {}", without_values(&e)))?;
+            let session: Identified = read_data(&event_type, data)?;
             let id = session.id.trim();
             if id.is_empty() || id.len() > MAX_ID_LEN || !id.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err("data.id is not a session id".into());
