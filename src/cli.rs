@@ -107,20 +107,21 @@ pub async fn run(cli: Cli) -> ExitCode {
     if let Command::GenApiKey { name, scopes } = &cli.command {
         return gen_api_key(name, scopes);
     }
-    let config = match Config::from_env() {
+    let mut config = match Config::from_env() {
         Ok(config) => config,
         Err(err) => {
             eprintln!("configuration error: {err}");
             return ExitCode::from(78); // EX_CONFIG
         }
     };
-    let _telemetry = match telemetry::init(config.log_format, &config.log_level, &config.traces) {
+    let telemetry = match telemetry::init(config.log_format, &config.log_level, &config.traces) {
         Ok(guard) => guard,
         Err(err) => {
             eprintln!("configuration error: {err}");
             return ExitCode::from(78);
         }
     };
+    config.traces.tracer = telemetry.tracer();
     let result = match cli.command {
         Command::Serve => serve(config).await,
         Command::Migrate => migrate(config).await,

@@ -512,6 +512,10 @@ fn gateway_config(vars: &Vars) -> Result<crate::gateway::GatewayConfig, ConfigEr
 pub struct TraceConfig {
     pub otlp: bool,
     pub sampler: opentelemetry_sdk::trace::Sampler,
+    /// What sampled RPC spans are exported with, when `otlp` is on: not read
+    /// from the environment, but set from the tracer provider that
+    /// `telemetry::init` builds (a test sets its own).
+    pub tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
 }
 
 impl Default for TraceConfig {
@@ -521,6 +525,7 @@ impl Default for TraceConfig {
             sampler: opentelemetry_sdk::trace::Sampler::ParentBased(Box::new(
                 opentelemetry_sdk::trace::Sampler::AlwaysOn,
             )),
+            tracer: None,
         }
     }
 }
@@ -579,7 +584,11 @@ impl TraceConfig {
                 ));
             }
         };
-        Ok(Self { otlp, sampler })
+        Ok(Self {
+            otlp,
+            sampler,
+            tracer: None,
+        })
     }
 }
 

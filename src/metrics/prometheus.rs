@@ -299,11 +299,8 @@ where
         use tracing::Instrument;
         let metrics = self.registry.get(request.uri().path());
         let started = Instant::now();
-        let span = self.tracing.span(request.uri().path(), request.headers());
+        let crate::telemetry::RpcSpan { log, exported } = self.tracing.span(request.uri().path(), request.headers());
         let future = self.inner.call(request);
-        // The exported span ends when the response head is ready (see
-        // telemetry::end_rpc), not with the body nor with a lingering child.
-        let record_span = span.clone();
         Box::pin(
             async move {
                 let response = future.await?;
@@ -315,14 +312,14 @@ where
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse::<i32>().ok())
                     .map_or(tonic::Code::Ok, tonic::Code::from_i32);
-                if !record_span.is_disabled() {
+                if let Some(exported) = exported {
                     let outcome = response.extensions().get::<crate::telemetry::Outcome>().copied();
-                    crate::telemetry::end_rpc(&record_span, code, outcome);
+                    exported.end(code, outcome);
                 }
                 metrics.record(code, started.elapsed());
                 Ok(response)
             }
-            .instrument(span),
+            .instrument(log),
         )
     }
 }

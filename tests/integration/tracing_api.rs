@@ -106,18 +106,11 @@ impl Traced {
                 .with_simple_exporter(exporter.clone())
                 .build()
         });
-        let guard = match &provider {
-            Some(provider) => tracing::subscriber::set_default(
-                tracing_subscriber::registry()
-                    .with(json_logs(&logs).with_filter(LevelFilter::INFO))
-                    .with(identity::telemetry::otel_layer(provider)),
-            ),
-            None => tracing::subscriber::set_default(
-                tracing_subscriber::registry()
-                    .with(LevelFilter::INFO)
-                    .with(json_logs(&logs)),
-            ),
-        };
+        let guard = tracing::subscriber::set_default(
+            tracing_subscriber::registry()
+                .with(LevelFilter::INFO)
+                .with(json_logs(&logs)),
+        );
         let db = TestDb::new(Backend::Sqlite).await.unwrap();
         let (mut config, keys) = crate::common::test_config(&db);
         config.verification = VerificationConfig {
@@ -125,7 +118,13 @@ impl Traced {
             ..Default::default()
         };
         config.traces = match sampler {
-            Some(sampler) => TraceConfig { otlp: true, sampler },
+            Some(sampler) => TraceConfig {
+                otlp: true,
+                sampler,
+                tracer: provider
+                    .as_ref()
+                    .map(|p| opentelemetry::trace::TracerProvider::tracer(p, "identity")),
+            },
             None => TraceConfig::default(),
         };
         let app = TestApp::spawn_with(db, config, keys).await;
@@ -215,8 +214,7 @@ async fn rpc_spans_continue_the_callers_trace_without_the_token() {
             "rpc.grpc.status_code",
             "rpc.method",
             "rpc.service",
-            "rpc.system",
-            "trace_id"
+            "rpc.system"
         ]
     );
     for kv in &rpc.attributes {
@@ -286,6 +284,33 @@ async fn the_parent_based_ratio_sampler_follows_the_caller_and_samples_roots_by_
     assert_eq!(spans[0].span_context.trace_id().to_string(), TRACE_ID);
     assert_eq!(spans[0].parent_span_id.to_string(), PARENT_SPAN);
     assert_eq!(logs.trace_ids_of("auth mode changed"), [unsampled]);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_ratio_sampler_exports_every_rpc_it_decides_to_sample() {
+    // The service decides on a trace id before any span exists; the SDK must
+    // build the span with that id, or it samples again on another one and
+    // about a quarter of the RPCs are exported instead of a half.
+    let traced = Traced::spawn(Some(Sampler::TraceIdRatioBased(0.5))).await;
+    let user = traced.app.legacy_user("di@example.com").await;
+    let token = legacy(legacy_claims(&user.to_string()));
+    const CALLS: usize = 200;
+    for _ in 0..CALLS {
+        traced.verify(&token, None).await;
+    }
+    let (spans, _) = traced.finish().await;
+
+    // Binomial(200, 0.5): outside 70..=130 with a probability under 1e-4.
+    assert!(
+        (70..=130).contains(&spans.len()),
+        "{} of {CALLS} RPCs exported at ratio 0.5",
+        spans.len()
+    );
+    assert!(
+        spans
+            .iter()
+            .all(|s| s.span_context.is_sampled() && s.name == VERIFY_SPAN)
+    );
 }
 
 #[tokio::test(flavor = "current_thread")]
