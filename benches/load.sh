@@ -495,24 +495,34 @@ grep '"sqlite/distinct-1M@' "$RESULTS" > "$WORK/distinct.jsonl" || true
 
 # ------------------------------------------------ GetMigrationStats at scale
 STATS_LINE=""
-# The scale case adds rows to the application's users table; a PostgreSQL
-# database without one (the empty layout) skips it.
-if [ -n "$PG_URL" ] && [ "$(psql "$PG_URL" -qAtc "SELECT to_regclass('users') IS NOT NULL")" = t ]; then
+# The scale case adds rows to the table the users live in: the application's
+# `users` table when the database has one (the seed's layout), else the
+# service's own `identity_users` (the default: users imported from an export).
+USERS_TABLE=""
+if [ -n "$PG_URL" ]; then
+  USERS_TABLE=$(psql "$PG_URL" -qAtc "SELECT CASE WHEN to_regclass('users') IS NOT NULL THEN 'users' WHEN to_regclass('identity_users') IS NOT NULL THEN 'identity_users' ELSE '' END")
+fi
+if [ -n "$USERS_TABLE" ]; then
   STATS_PATH=/identity.v1.MigrationService/GetMigrationStats
   # GetMigrationStatsRequest { window: LAST_HOUR } as one gRPC frame.
   printf '\x00\x00\x00\x00\x02\x08\x02' > "$WORK/stats.bin"
   stats_run() { # label -> latency mean (ms) of a low-concurrency run
     "${TOOL[@]}" load --label "$1" --addr "$ADDR_PG" --path "$STATS_PATH" --frames "$WORK/stats.bin" \
-      -n 2000 -c 1 -m 1 --api-key "$API_KEY" | tee -a "$WORK/stats.jsonl" | summarize
+      -n 200 -c 1 -m 1 --api-key "$API_KEY" | tee -a "$WORK/stats.jsonl" | summarize
   }
-  say "GetMigrationStats on PostgreSQL at $(psql "$PG_URL" -qAtc 'SELECT count(*) FROM users') users"
+  say "GetMigrationStats on PostgreSQL at $(psql "$PG_URL" -qAtc "SELECT count(*) FROM $USERS_TABLE") users (table $USERS_TABLE)"
   stats_run "postgres/stats@1k"
-  say "adding 999,000 users (the counting trigger runs for each)"
-  psql "$PG_URL" -qAtc "INSERT INTO users (id, email, password_hash)
-    SELECT gen_random_uuid(), 'scale' || g || '@example.com', '\$2b\$12\$abcdefghijklmnopqrstuuNfXB6JvJrUxFZzS8sCnTFVSU5Ux7v8a'
+  say "adding 999,000 users to $USERS_TABLE"
+  if [ "$USERS_TABLE" = users ]; then
+    COLUMNS="id, email, password_hash" VALUES="gen_random_uuid(), 'scale' || g || '@example.com'"
+  else
+    COLUMNS="id, email, email_key, password_hash" VALUES="gen_random_uuid(), 'scale' || g || '@example.com', 'scale' || g || '@example.com'"
+  fi
+  psql "$PG_URL" -qAtc "INSERT INTO $USERS_TABLE ($COLUMNS)
+    SELECT $VALUES, '\$2b\$12\$abcdefghijklmnopqrstuuNfXB6JvJrUxFZzS8sCnTFVSU5Ux7v8a'
     FROM generate_series(1, 999000) AS g" >/dev/null
-  psql "$PG_URL" -qAtc "ANALYZE users" >/dev/null
-  say "GetMigrationStats on PostgreSQL at $(psql "$PG_URL" -qAtc 'SELECT count(*) FROM users') users"
+  psql "$PG_URL" -qAtc "ANALYZE $USERS_TABLE" >/dev/null
+  say "GetMigrationStats on PostgreSQL at $(psql "$PG_URL" -qAtc "SELECT count(*) FROM $USERS_TABLE") users"
   stats_run "postgres/stats@1M"
   STATS_LINE=$(python3 - "$WORK/stats.jsonl" <<'PY'
 import json, sys
