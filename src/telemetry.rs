@@ -154,8 +154,25 @@ pub fn init(format: LogFormat, level: &str, traces: &TraceConfig) -> Result<Tele
 /// Logs only (tests, commands that do not serve). The level filter is
 /// global: disabled spans and events cost nothing.
 pub fn init_logging(format: LogFormat, level: &str) {
+    let _ = Registry::default()
+        .with(log_filter(level))
+        .with(fmt_layer(format))
+        .try_init();
+}
+
+/// The filter `IDENTITY_LOG_LEVEL` names, with PostgreSQL's notices (which
+/// sqlx logs at INFO) shown from WARN only, unless the filter names sqlx: a
+/// migration's `DROP … IF EXISTS` on a new database answers "… does not
+/// exist, skipping", which reads like a fault to an operator at start-up.
+fn log_filter(level: &str) -> EnvFilter {
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = Registry::default().with(filter).with(fmt_layer(format)).try_init();
+    if level.contains("sqlx") {
+        return filter;
+    }
+    match "sqlx::postgres::notice=warn".parse() {
+        Ok(quiet) => filter.add_directive(quiet),
+        Err(_) => filter,
+    }
 }
 
 /// Reads W3C trace context from gRPC metadata.
