@@ -132,8 +132,13 @@ impl TelemetryGuard {
     /// The tracer sampled RPC spans are exported with, when OTLP export is
     /// on: for [`TraceConfig::tracer`].
     pub fn tracer(&self) -> Option<SdkTracer> {
-        self.provider.as_ref().map(|provider| provider.tracer("identity"))
+        self.provider.as_ref().map(rpc_tracer)
     }
+}
+
+/// The tracer of RPC spans from a provider (the OTLP one, or a test's).
+pub fn rpc_tracer(provider: &SdkTracerProvider) -> SdkTracer {
+    provider.tracer("identity")
 }
 
 /// Installs the global subscriber (a second call, as in tests, is a no-op)

@@ -121,9 +121,7 @@ impl Traced {
             Some(sampler) => TraceConfig {
                 otlp: true,
                 sampler,
-                tracer: provider
-                    .as_ref()
-                    .map(|p| opentelemetry::trace::TracerProvider::tracer(p, "identity")),
+                tracer: provider.as_ref().map(identity::telemetry::rpc_tracer),
             },
             None => TraceConfig::default(),
         };
